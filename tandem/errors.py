@@ -1,0 +1,21 @@
+"""Exceptions users catch. Every bad-input error is a ValueError, so `except ValueError` works.
+
+Services map these to gRPC status codes in one interceptor (INVALID_ARGUMENT for all of these).
+"""
+from __future__ import annotations
+
+
+class TandemError(Exception):
+    """Base class of tandem's own errors."""
+
+
+class InvalidRequestError(TandemError, ValueError):
+    """A request's values are out of range: bad sampling parameters, empty or too-long prompt."""
+
+
+class ConfigError(TandemError, ValueError):
+    """A configuration value (model config, engine config, CLI flag) is invalid."""
+
+
+class ModelLoadError(TandemError, ValueError):
+    """A model could not be found or its file is corrupt, truncated or unsupported."""

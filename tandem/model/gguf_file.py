@@ -1,0 +1,148 @@
+"""Reading GGUF files (llama.cpp's format) through the `gguf` package: metadata -> ModelConfig,
+tensors -> dequantized torch tensors under HF parameter names, and the tokenizer's fields.
+
+Any GGML tensor type the `gguf` package can dequantize loads (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+Q4_K, Q6_K, ...). llama.cpp's converter permutes Q/K rows for interleaved RoPE; we undo it here so
+the model runs one RoPE layout whatever the file format.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tandem.config import ModelConfig, RopeScaling
+from tandem.errors import ModelLoadError
+from tandem.model.rope import unpermute_qk
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """Map a GGUF tensor name to tandem's (HF) parameter name; None for tensors we do not load."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _BLOCK_RE.fullmatch(gguf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+    return None
+
+
+class GGUFFile:
+    """An opened GGUF file. Raises ModelLoadError for anything that is not a complete, valid file."""
+
+    def __init__(self, path: str | Path):
+        import gguf
+
+        self.path = Path(path)
+        try:
+            self._reader = gguf.GGUFReader(str(self.path))
+            self.metadata = {k: f.contents() for k, f in self._reader.fields.items()}
+            self.tensors = {t.name: t for t in self._reader.tensors}
+        except Exception as exc:  # the reader raises many types on corrupt input
+            raise ModelLoadError(f"{self.path}: not a valid GGUF file ({type(exc).__name__}: {exc})") from exc
+        self._check_complete()
+        self.architecture = self.metadata.get("general.architecture")
+        if not self.architecture:
+            raise ModelLoadError(f"{self.path}: GGUF metadata has no general.architecture")
+
+    def _check_complete(self) -> None:
+        import gguf
+
+        for t in self._reader.tensors:
+            block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+            expected = int(np.prod(t.shape)) // block * type_size
+            if t.data.nbytes != expected:
+                raise ModelLoadError(f"{self.path}: tensor {t.name} has {t.data.nbytes} bytes, expected "
+                                     f"{expected}: the file is truncated or corrupt")
+
+    def _get(self, key: str, default=None):
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+    def config(self) -> ModelConfig:
+        heads = self._get("attention.head_count")
+        embed = self.tensors.get("token_embd.weight")
+        try:
+            vocab = self._get("vocab_size") or len(self.metadata["tokenizer.ggml.tokens"])
+            return ModelConfig(
+                architecture=self.architecture,
+                vocab_size=int(vocab),
+                hidden_size=int(self._get("embedding_length")),
+                intermediate_size=int(self._get("feed_forward_length")),
+                num_layers=int(self._get("block_count")),
+                num_heads=int(heads),
+                num_kv_heads=int(self._get("attention.head_count_kv", heads)),
+                head_dim=int(self._get("attention.key_length", 0)),
+                max_position=int(self._get("context_length")),
+                rms_norm_eps=float(self._get("attention.layer_norm_rms_epsilon", 1e-5)),
+                rope_theta=float(self._get("rope.freq_base", 10000.0)),
+                rope_scaling=self._rope_scaling(),
+                tie_word_embeddings="output.weight" not in self.tensors,
+                attention_bias="blk.0.attn_q.bias" in self.tensors,
+                name=str(self.metadata.get("general.name", self.path.stem)),
+            )
+        except (TypeError, KeyError) as exc:
+            raise ModelLoadError(f"{self.path}: GGUF metadata lacks a required key ({exc}); "
+                                 f"embedding tensor present: {embed is not None}") from exc
+
+    def _rope_scaling(self) -> RopeScaling:
+        kind = self._get("rope.scaling.type", "none")
+        factor = self._get("rope.scaling.factor", 1.0)
+        if kind == "none" or factor in (0.0, 1.0):
+            return RopeScaling()
+        return RopeScaling(
+            kind=kind, factor=float(factor),
+            original_max_position=self._get("rope.scaling.original_context_length"),
+            beta_fast=float(self._get("rope.scaling.yarn_beta_fast", 32.0)),
+            beta_slow=float(self._get("rope.scaling.yarn_beta_slow", 1.0)),
+        )
+
+    def tensor_types(self) -> Counter:
+        return Counter(t.tensor_type.name for t in self.tensors.values())
+
+    def num_tensor_bytes(self) -> int:
+        return sum(int(t.n_bytes) for t in self.tensors.values())
+
+    def load_tensor(self, name: str) -> torch.Tensor:
+        import gguf
+
+        t = self.tensors[name]
+        array = gguf.quants.dequantize(t.data, t.tensor_type)
+        return torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=not array.flags.writeable))
+
+    def iter_state_dict(self, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) for every model weight, Q/K rows un-permuted to the neox layout."""
+        for gguf_name in self.tensors:
+            name = hf_name(gguf_name)
+            if name is None:
+                continue
+            tensor = self.load_tensor(gguf_name)
+            if ".q_proj." in name:
+                tensor = unpermute_qk(tensor, config.num_heads)
+            elif ".k_proj." in name:
+                tensor = unpermute_qk(tensor, config.num_kv_heads)
+            yield name, tensor.to(dtype)
+
+    def rope_freq_divisors(self) -> torch.Tensor | None:
+        return self.load_tensor(ROPE_FREQS) if ROPE_FREQS in self.tensors else None

@@ -1,0 +1,72 @@
+"""SamplingParams: how one request picks its tokens and when it stops. Validated on construction,
+so a bad value fails before any work starts, with a message that says what is allowed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tandem.errors import InvalidRequestError
+
+MAX_TOKENS_LIMIT = 1 << 20  # anything above is a typo, whatever the context window
+MAX_STOP_STRINGS = 16
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling and stopping rules (vLLM's names and defaults).
+
+    Order of application: repetition penalty -> temperature -> top-k -> top-p -> min-p -> draw.
+    temperature=0 means greedy (argmax); top_k=0, top_p=1, min_p=0 turn those filters off.
+    The output stops at max_tokens, an end-of-generation token (unless ignore_eos), a token in
+    stop_token_ids, or a stop string (which is not included in the text).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
+               and 1 <= self.max_tokens <= MAX_TOKENS_LIMIT,
+               f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens!r}")
+        _check(_is_number(self.temperature) and self.temperature >= 0,
+               f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        _check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0,
+               f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
+        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+               f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+        _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                     and 0 <= self.seed < 2**63),
+               f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        _check(len(self.stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in self.stop),
+               f"stop must be at most {MAX_STOP_STRINGS} non-empty strings, got {self.stop!r}")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
