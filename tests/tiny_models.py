@@ -1,0 +1,119 @@
+"""Builders of tiny random Llama models for unit tests: an HF directory written by transformers
+itself (the independent reference), and a GGUF file converted from it the way llama.cpp's
+converter does (Q/K rows permuted for interleaved RoPE, tokenizer in tokenizer.ggml.* fields)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+                 " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+                 "{{ '<|im_start|>assistant\n' }}{% endif %}")
+TRAINING_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare_train.txt"
+
+TINY_CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2)
+
+
+def train_tiny_tokenizer(vocab_size: int):
+    """A byte-level BPE (SmolLM2's pre-tokenizer) trained on a little Shakespeare; specials at ids 0-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = TRAINING_TEXT.read_text()[:50_000] if TRAINING_TEXT.exists() else "hello world " * 100
+    tok.train_from_iterator(text.splitlines(), trainer)
+    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+    return tok
+
+
+def write_tiny_hf_dir(directory: Path, config: dict, rope_scaling: dict | None = None, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_tiny_tokenizer(config["vocab_size"])
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "bos_token": None, "chat_template": CHAT_TEMPLATE}))
+    torch.manual_seed(seed)
+    hf_config = LlamaConfig(**config, rope_scaling=rope_scaling, eos_token_id=2, bos_token_id=None)
+    LlamaForCausalLM(hf_config).save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_GGUF_LAYER = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _gguf_name(hf: str) -> str:
+    if hf in _GGUF_NAMES:
+        return _GGUF_NAMES[hf]
+    _, _, layer, *rest = hf.split(".")
+    module, kind = ".".join(rest[:-1]), rest[-1]
+    return f"blk.{layer}.{_GGUF_LAYER[module]}.{kind}"
+
+
+def write_tiny_gguf(hf_dir: Path, path: Path, qtype: str = "F32") -> Path:
+    """Convert the tiny HF model to GGUF, 2-D weights stored as qtype (F32, F16, BF16, Q8_0, Q4_0, Q4_1)."""
+    import gguf
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    from tandem.model.rope import permute_qk
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    vocab = Tokenizer.from_file(str(hf_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    for name, array in load_file(str(hf_dir / "model.safetensors")).items():
+        array = array.astype(np.float32)
+        if ".q_proj." in name or ".k_proj." in name:
+            import torch
+
+            heads = cfg["num_attention_heads"] if ".q_proj." in name else cfg["num_key_value_heads"]
+            array = permute_qk(torch.from_numpy(array), heads).numpy()
+        if array.ndim == 2 and qtype != "F32":
+            w.add_tensor(_gguf_name(name), gguf.quants.quantize(array, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(_gguf_name(name), array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
