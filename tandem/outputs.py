@@ -49,22 +49,33 @@ class OutputBuilder:
         self._stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eog_ids))
         self._max_len = min(params.max_tokens, max_model_len - prompt_len)
         self._longest_stop = max((len(s) for s in params.stop), default=0)
+        self._streamed = 0  # characters of text already handed out by append()
 
     def append(self, token_id: int) -> str:
-        """Record a sampled token; return the text it adds (empty once finished)."""
+        """Record a sampled token; return the text now safe to stream. While a stop string could
+        still be forming, its possible beginning is held back; once finished, nothing is added."""
+        if self.finished:
+            return ""
         self.token_ids.append(token_id)
-        before = len(self.text)
         if token_id in self._stop_ids:
             self.finish_reason = "stop"
             self.text += self._detok.flush()
-            return self.text[before:]
-        self.text += self._detok.add(token_id)
-        if self.params.stop and self._truncate_at_stop(before):
-            self.finish_reason = "stop"
-        elif len(self.token_ids) >= self._max_len:
-            self.finish_reason = "length"
-            self.text += self._detok.flush()
-        return self.text[before:]
+        else:
+            before = len(self.text)
+            self.text += self._detok.add(token_id)
+            if self.params.stop and self._truncate_at_stop(before):
+                self.finish_reason = "stop"
+            elif len(self.token_ids) >= self._max_len:
+                self.finish_reason = "length"
+                self.text += self._detok.flush()
+        return self._streamable_delta()
+
+    def _streamable_delta(self) -> str:
+        end = len(self.text)
+        if not self.finished and self._longest_stop:
+            end = max(self._streamed, end - (self._longest_stop - 1))
+        delta, self._streamed = self.text[self._streamed:end], end
+        return delta
 
     def _truncate_at_stop(self, before: int) -> bool:
         start = max(0, before - self._longest_stop + 1)

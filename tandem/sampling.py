@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tandem.sampling_params import SamplingParams
+from tandem.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -36,8 +36,8 @@ def apply_repetition_penalty(logits: torch.Tensor, histories: Sequence[Sequence[
 
 
 def apply_temperature(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-    """Divide by temperature; rows with temperature 0 (greedy) are left as they are."""
-    safe = torch.where(temperatures > 0, temperatures, torch.ones_like(temperatures))
+    """Divide by temperature; greedy rows (temperature below GREEDY_TEMPERATURE) are left as they are."""
+    safe = torch.where(temperatures >= GREEDY_TEMPERATURE, temperatures, torch.ones_like(temperatures))
     return logits / safe.unsqueeze(1)
 
 
@@ -51,11 +51,13 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
 
 def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most likely tokens whose
-    probability mass reaches p. The most likely token always stays."""
+    probability mass reaches p. The most likely token always stays; rows with p = 1 are untouched
+    (fp32 cumulative sums reach 1.0 before the tail, so they must not be filtered at all)."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p.unsqueeze(1), float("-inf"))
+    drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 

@@ -10,6 +10,8 @@ from tandem.errors import InvalidRequestError
 
 MAX_TOKENS_LIMIT = 1 << 20  # anything above is a typo, whatever the context window
 MAX_STOP_STRINGS = 16
+# Temperatures below this are greedy: dividing fp32 logits by less overflows (vLLM's _SAMPLING_EPS).
+GREEDY_TEMPERATURE = 1e-5
 
 
 def _check(ok: bool, message: str) -> None:
@@ -26,7 +28,7 @@ class SamplingParams:
     """Per-request sampling and stopping rules (vLLM's names and defaults).
 
     Order of application: repetition penalty -> temperature -> top-k -> top-p -> min-p -> draw.
-    temperature=0 means greedy (argmax); top_k=0, top_p=1, min_p=0 turn those filters off.
+    temperature=0 (or below 1e-5) means greedy (argmax); top_k=0, top_p=1, min_p=0 turn those filters off.
     The output stops at max_tokens, an end-of-generation token (unless ignore_eos), a token in
     stop_token_ids, or a stop string (which is not included in the text).
     """
@@ -60,13 +62,17 @@ class SamplingParams:
                f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        _check(len(self.stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in self.stop),
-               f"stop must be at most {MAX_STOP_STRINGS} non-empty strings, got {self.stop!r}")
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        self.stop = [] if self.stop is None else self.stop
+        _check(isinstance(self.stop, (list, tuple)) and len(self.stop) <= MAX_STOP_STRINGS
+               and all(isinstance(s, str) and s for s in self.stop),
+               f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings, got {self.stop!r}")
+        self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else self.stop_token_ids
+        _check(isinstance(self.stop_token_ids, (list, tuple))
+               and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
+               f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
+        self.stop_token_ids = list(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
