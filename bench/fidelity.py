@@ -7,6 +7,10 @@ llama.cpp's figures come from running it in the same process when llama-cpp-pyth
 checked against llama.cpp's first.
 
     .venv/bin/python bench/fidelity.py [--model smollm2-135m] [--dtype float32] [--threads 2] [--json OUT]
+
+--emulate-q8-activations rounds every linear layer's input to 8 bits in blocks of 32, as llama.cpp's
+CPU path does before its quantized dot products (ggml's Q8_1/Q8_0 `vec_dot_type`). It is a
+diagnostic of where the remaining gap comes from, not a tandem feature.
 """
 from __future__ import annotations
 
@@ -54,6 +58,22 @@ def llamacpp_scores(model_path: Path, tokens: list[int], threads: int) -> tuple[
     return results, f"llama.cpp via llama-cpp-python {llama_cpp.__version__} (live, same run)"
 
 
+def round_activations_to_q8(x: torch.Tensor) -> torch.Tensor:
+    """ggml's quantize_row_q8_1 rounding: per block of 32, scale = amax / 127, round to int8."""
+    blocks = x.reshape(-1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(blocks / torch.where(scale == 0, torch.ones_like(scale), scale)).clamp(-127, 127)
+    return (q * scale).reshape(x.shape)
+
+
+def emulate_q8_activations(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(lambda _, args: (round_activations_to_q8(args[0]),))
+    model.compute_logits = lambda hidden, head=model.lm_head.weight: torch.nn.functional.linear(
+        round_activations_to_q8(hidden), head).float()
+
+
 def perplexity(logprobs: list[float]) -> float:
     return math.exp(-sum(logprobs) / len(logprobs))
 
@@ -65,15 +85,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--emulate-q8-activations", action="store_true",
+                        help="diagnostic: round linear-layer inputs to 8 bits as llama.cpp's CPU path does")
     args = parser.parse_args()
 
     llm = tandem.LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=False)
+    if args.emulate_q8_activations:
+        emulate_q8_activations(llm.model)
     tokens = llm.tokenize(TEXT.read_text()[:40_000])[:args.tokens]
     started = time.perf_counter()
     ours = llm.score(tokens)
     seconds = time.perf_counter() - started
     references, source = llamacpp_scores(llm.model_path, tokens, args.threads)
     result = {"model": args.model, "dtype": args.dtype, "tokens": len(tokens), "reference": source,
+              "emulate_q8_activations": args.emulate_q8_activations,
               "tandem_perplexity": round(ours.perplexity, 4), "tandem_score_seconds": round(seconds, 2)}
     for name, (ref_logprobs, ref_argmax) in references.items():
         ref_ppl = perplexity(ref_logprobs)
