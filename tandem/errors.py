@@ -19,3 +19,7 @@ class ConfigError(TandemError, ValueError):
 
 class ModelLoadError(TandemError, ValueError):
     """A model could not be found or its file is corrupt, truncated or unsupported."""
+
+
+class QueueFullError(TandemError):
+    """The engine's waiting queue is full: retry later (gRPC RESOURCE_EXHAUSTED, HTTP 429)."""

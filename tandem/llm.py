@@ -4,20 +4,20 @@ No Ray, no gRPC: the fastest path, and the reference the services are tested aga
 """
 from __future__ import annotations
 
-import time
+import itertools
 from collections.abc import Sequence
 
 import torch
 
+from tandem.engine import EngineConfig, LLMEngine
 from tandem.errors import ConfigError, InvalidRequestError
 from tandem.model.kv_cache import KVCache
 from tandem.model.loader import load_model
 from tandem.model.registry import DEFAULT_MODEL
-from tandem.outputs import OutputBuilder, RequestOutput, ScoreOutput
-from tandem.sampling import make_generator, sample
+from tandem.outputs import RequestOutput, ScoreOutput
 from tandem.sampling_params import SamplingParams
 
-# Prefill runs in chunks of this many tokens: it bounds the attention-score buffer to
+# score() runs in chunks of this many tokens: it bounds the attention-score buffer to
 # chunk x context x heads floats (512 x 8192 x 9 x 4 B = 150 MB for the default model).
 PREFILL_CHUNK = 512
 
@@ -33,7 +33,13 @@ class LLM:
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "float32", max_model_len: int | None = None,
-                 num_threads: int | None = None, progress: bool = True):
+                 num_threads: int | None = None, progress: bool = True, **engine_options):
+        """engine_options are EngineConfig's fields: block_size, num_kv_blocks, kv_cache_memory,
+        max_num_seqs, max_num_batched_tokens, max_waiting, enable_prefix_caching."""
+        try:
+            engine_config = EngineConfig(**engine_options)
+        except TypeError as exc:
+            raise ConfigError(f"unknown engine option: {exc}") from None
         if num_threads is not None:
             if not (isinstance(num_threads, int) and num_threads > 0):
                 raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
@@ -45,7 +51,9 @@ class LLM:
         limit = self.config.max_position
         if max_model_len is not None and not (isinstance(max_model_len, int) and 2 <= max_model_len <= limit):
             raise ConfigError(f"max_model_len must be an integer in [2, {limit}], got {max_model_len!r}")
-        self.max_model_len = max_model_len or limit
+        self.engine = LLMEngine(self.model, self.tokenizer, max_model_len or limit, engine_config)
+        self.max_model_len = self.engine.max_model_len
+        self._request_ids = itertools.count()
 
     # -- tokens ---------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True, parse_special: bool = False) -> list[int]:
@@ -60,12 +68,23 @@ class LLM:
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for one prompt or many. A prompt is a str or a list of token ids.
-        Returns one RequestOutput per prompt, in order."""
+        """Generate for one prompt or many, batched continuously. A prompt is a str or a list of
+        token ids. Returns one RequestOutput per prompt, in order (n samples in .outputs)."""
         prompt_list = self._prompt_list(prompts)
         param_list = self._param_list(params, len(prompt_list))
         token_lists = [self._prompt_ids(p) for p in prompt_list]  # validate all before any work
-        return [self._generate_one(ids, p) for ids, p in zip(token_lists, param_list)]
+        ids = [f"llm-{next(self._request_ids)}" for _ in token_lists]
+        results: dict[str, RequestOutput] = {}
+        try:
+            for request_id, tokens, p in zip(ids, token_lists, param_list):
+                self.engine.add_request(request_id, tokens, p)
+            while len(results) < len(ids):
+                for output in self.engine.step()[1]:
+                    results[output.request_id] = output
+        finally:  # an error mid-way must not leave requests holding KV blocks
+            for request_id in ids:
+                self.engine.abort(request_id)
+        return [results[i] for i in ids]
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         """Generate the assistant's reply to messages ([{"role": ..., "content": ...}, ...])."""
@@ -107,34 +126,10 @@ class LLM:
                                       "and at least one token must be left to generate")
         return ids
 
-    @torch.inference_mode()
-    def _generate_one(self, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:
-        started = time.perf_counter()
-        builder = OutputBuilder(self.tokenizer, params, len(prompt_ids), self.max_model_len)
-        cache = KVCache(self.config, 1, min(len(prompt_ids) + params.max_tokens, self.max_model_len), self.dtype)
-        generator = make_generator(params.seed)
-        hidden = self._prefill(prompt_ids, cache)
-        first_token_at = None
-        while True:
-            logits = self.model.compute_logits(hidden[:, -1])  # (1, V)
-            token = sample(logits, [params], [generator], [prompt_ids + builder.token_ids])[0]
-            first_token_at = first_token_at or time.perf_counter()
-            builder.append(token)
-            if builder.finished:
-                break
-            hidden = self._forward([token], cache)
-        done = time.perf_counter()
-        metrics = {"ttft_s": first_token_at - started, "e2e_s": done - started,
-                   "decode_tokens_per_s": (len(builder.token_ids) - 1) / max(done - first_token_at, 1e-9)}
-        return RequestOutput(prompt_ids, builder.token_ids, builder.text, builder.finish_reason, metrics)
-
     def _forward(self, token_ids: list[int], cache: KVCache) -> torch.Tensor:
         positions = torch.arange(cache.length, cache.length + len(token_ids)).unsqueeze(0)
-        return self.model(torch.tensor([token_ids]), positions, cache)
-
-    def _prefill(self, token_ids: list[int], cache: KVCache) -> torch.Tensor:
-        for start in range(0, len(token_ids), PREFILL_CHUNK):
-            hidden = self._forward(token_ids[start:start + PREFILL_CHUNK], cache)
+        hidden = self.model(torch.tensor([token_ids]), positions, cache)
+        cache.advance(len(token_ids))
         return hidden
 
     # -- scoring --------------------------------------------------------------------------------
@@ -145,7 +140,7 @@ class LLM:
         self.tokenizer.check_ids(ids)
         if not 2 <= len(ids) <= self.max_model_len:
             raise InvalidRequestError(f"score needs 2 to {self.max_model_len} tokens, got {len(ids)}")
-        cache = KVCache(self.config, 1, len(ids), self.dtype)
+        cache = KVCache(self.config, len(ids), self.dtype)
         logprobs, argmax = [], []
         for start in range(0, len(ids) - 1, PREFILL_CHUNK):
             chunk = ids[start:start + PREFILL_CHUNK]

@@ -14,14 +14,74 @@ from tandem.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @dataclass
-class RequestOutput:
-    """One prompt's result. finish_reason: "stop" (EOS, stop token or stop string) or "length"."""
+class CompletionOutput:
+    """One generated sample. finish_reason: "stop" (EOS, stop token or stop string), "length",
+    "abort", or None while it is still running."""
 
-    prompt_token_ids: list[int]
+    index: int
     token_ids: list[int]
     text: str
     finish_reason: str | None
-    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class RequestMetrics:
+    """Timings of one request (seconds, time.monotonic clock) and where its prompt came from."""
+
+    arrival_time: float
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    token_times: list[float] = field(default_factory=list)  # of sample 0, one per token
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    @property
+    def e2e_latency(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    """One prompt's result: `outputs` holds its n samples; .text, .token_ids and .finish_reason
+    are those of the first."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+
+@dataclass
+class StreamDelta:
+    """What one engine step added to one sample: new token ids and the text safe to show."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
 
 
 @dataclass

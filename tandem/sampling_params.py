@@ -10,6 +10,7 @@ from tandem.errors import InvalidRequestError
 
 MAX_TOKENS_LIMIT = 1 << 20  # anything above is a typo, whatever the context window
 MAX_STOP_STRINGS = 16
+MAX_N = 64  # samples per prompt
 # Temperatures below this are greedy: dividing fp32 logits by less overflows (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
 
@@ -29,11 +30,13 @@ class SamplingParams:
 
     Order of application: repetition penalty -> temperature -> top-k -> top-p -> min-p -> draw.
     temperature=0 (or below 1e-5) means greedy (argmax); top_k=0, top_p=1, min_p=0 turn those filters off.
-    The output stops at max_tokens, an end-of-generation token (unless ignore_eos), a token in
+    n samples are drawn per prompt, sharing the prompt's KV blocks; with a seed, sample i uses
+    seed + i. The output stops at max_tokens, an end-of-generation token (unless ignore_eos), a token in
     stop_token_ids, or a stop string (which is not included in the text).
     """
 
     max_tokens: int = 16
+    n: int = 1
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -49,6 +52,8 @@ class SamplingParams:
         _check(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
                and 1 <= self.max_tokens <= MAX_TOKENS_LIMIT,
                f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens!r}")
+        _check(isinstance(self.n, int) and not isinstance(self.n, bool) and 1 <= self.n <= MAX_N,
+               f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         _check(_is_number(self.temperature) and self.temperature >= 0,
                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         _check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.config import ModelConfig
-from tandem.model.kv_cache import KVCache, causal_mask
+from tandem.model.attention import AttentionContext
 from tandem.model.rope import RotaryEmbedding
 
 
@@ -39,22 +39,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                cache: KVCache | None) -> torch.Tensor:
+                attn: AttentionContext | None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
         q, k = rope(q, k, positions)
-        num_cached = 0
-        if cache is not None:
-            num_cached = cache.length
-            k, v = cache.update(self.layer_idx, k, v)
-        if num_cached == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq_len > 1, enable_gqa=True)
-        else:
-            mask = causal_mask(seq_len, num_cached, x.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
+        if attn is None:  # no cache: causal attention within each row
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=seq_len > 1, enable_gqa=True).transpose(1, 2)
+        else:  # the context holds the KV cache and knows where each sequence of the flat batch starts
+            out = attn.attend(self.layer_idx, q[0], k[0], v[0]).unsqueeze(0)
+        return self.o_proj(out.reshape(batch, seq_len, -1))
 
 
 class MLP(nn.Module):
@@ -76,8 +72,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, rope, cache):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
+    def forward(self, x, positions, rope, attn):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -90,7 +86,12 @@ class LlamaBody(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward(input_ids (B, T), positions (B, T), cache) -> final hidden states (B, T, d)."""
+    """forward(input_ids (B, T), positions (B, T), attn) -> final hidden states (B, T, d).
+
+    Without an attention context each row is one causal sequence (no cache). With one, the batch
+    is a single flat row (1, N) of tokens from many sequences; the context (a contiguous KVCache
+    or the engine's paged one) stores their keys/values and computes attention per sequence.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -107,12 +108,11 @@ class LlamaForCausalLM(nn.Module):
         with torch.device("cpu"):
             self.rope = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position, freq_divisors)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn: AttentionContext | None = None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, positions, self.rope, cache)
-        if cache is not None:
-            cache.advance(input_ids.shape[1])
+            x = layer(x, positions, self.rope, attn)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

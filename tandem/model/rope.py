@@ -67,7 +67,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling,
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Caches cos/sin for positions [0, max_position) and rotates q, k (B, H, T, D) in the neox layout."""
+    """Caches cos/sin for positions [0, max_position) and rotates q, k (B, T, H, D) in the neox layout."""
 
     def __init__(self, head_dim: int, theta: float, scaling: RopeScaling, max_position: int,
                  freq_divisors: torch.Tensor | None = None):
@@ -81,8 +81,8 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", angles.sin() * attention_factor, persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # (B, 1, T, D)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        cos = self.cos[positions].unsqueeze(-2).to(q.dtype)  # (B, T, 1, D): broadcast over heads
+        sin = self.sin[positions].unsqueeze(-2).to(q.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 

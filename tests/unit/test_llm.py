@@ -93,7 +93,7 @@ def test_prompt_longer_than_context(tiny_llm):
 
 def test_bad_prompt_fails_before_any_work(tiny_llm, monkeypatch):
     calls = []
-    monkeypatch.setattr(tiny_llm, "_generate_one", lambda *a: calls.append(a))
+    monkeypatch.setattr(tiny_llm.engine, "add_request", lambda *a: calls.append(a))
     with pytest.raises(InvalidRequestError):
         tiny_llm.generate(["fine", ""], GREEDY)
     assert calls == []

@@ -17,7 +17,10 @@ def hf_reference(tiny_hf_dir):
 
 def _logits(llm, ids: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
     positions = torch.arange(start, start + ids.shape[1]).expand(ids.shape[0], -1)
-    return llm.model.compute_logits(llm.model(ids, positions, cache))
+    logits = llm.model.compute_logits(llm.model(ids, positions, cache))
+    if cache is not None:
+        cache.advance(ids.shape[1])
+    return logits
 
 
 @torch.inference_mode()
@@ -50,9 +53,9 @@ def test_gguf_conversion_matches_transformers(tiny_gguf, hf_reference):
 @pytest.mark.parametrize("chunks", [[20], [1] * 20, [7, 1, 12], [13, 7]])
 def test_kv_cache_decode_equals_full_recompute(tiny_llm, chunks):
     torch.manual_seed(1)
-    ids = torch.randint(0, tiny_llm.config.vocab_size, (2, sum(chunks)))
+    ids = torch.randint(0, tiny_llm.config.vocab_size, (1, sum(chunks)))
     full = _logits(tiny_llm, ids)
-    cache = KVCache(tiny_llm.config, 2, ids.shape[1])
+    cache = KVCache(tiny_llm.config, ids.shape[1])
     pieces, start = [], 0
     for size in chunks:
         pieces.append(_logits(tiny_llm, ids[:, start:start + size], cache, start))
@@ -62,7 +65,7 @@ def test_kv_cache_decode_equals_full_recompute(tiny_llm, chunks):
 
 
 def test_kv_cache_overflow_is_an_error(tiny_llm):
-    cache = KVCache(tiny_llm.config, 1, 4)
+    cache = KVCache(tiny_llm.config, 4)
     with pytest.raises(ValueError, match="overflow"):
         _logits(tiny_llm, torch.zeros(1, 5, dtype=torch.long), cache)
 

@@ -1,0 +1,159 @@
+"""The KV block manager: PagedAttention's "virtual memory for the KV cache" (Kwon et al. 2023)
+with automatic prefix caching (vLLM / SGLang's RadixAttention idea, as a hash chain).
+
+The pool is `num_blocks` fixed-size blocks. Each sequence has a block table; blocks are
+reference-counted so sequences can share them. A full block whose KV has been computed is
+identified by a hash chained over its parent's hash and its token ids, so a later request with the
+same prefix reuses it. Freed blocks keep their content and stay findable until they are reused,
+least recently freed first. A shared block that must change is copied first (copy-on-write).
+Ids and counts only: the model runner carries out the copies this returns.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+
+from tandem.engine.sequence import Sequence
+
+
+def block_hash(parent: bytes | None, token_ids: list[int]) -> bytes:
+    """Content hash of a full block: stable across processes (the KV-cache store uses it too)."""
+    h = hashlib.blake2b(parent or b"", digest_size=16)
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return h.digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.hashes: list[bytes | None] = [None] * num_blocks  # hash of a computed full block
+        self.cached: dict[bytes, int] = {}  # hash -> block id
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evict first
+        self.num_queried_tokens = 0  # prefix-cache statistics, over admitted prompts
+        self.num_hit_tokens = 0
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _prefix_hits(self, seq: Sequence) -> list[tuple[int, bytes]]:
+        """Cached blocks matching the sequence's leading full blocks. The last token is never
+        a hit: its logits are needed, so at least one token is always computed."""
+        if not self.enable_prefix_caching:
+            return []
+        hits, parent = [], None
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
+            h = block_hash(parent, tokens)
+            block = self.cached.get(h)
+            if block is None:
+                break
+            hits.append((block, h))
+            parent = h
+        return hits
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._prefix_hits(seq)
+        revived = sum(1 for block, _ in hits if self.ref_counts[block] == 0)  # hits now on the free list
+        return self.blocks_for(seq.num_tokens) - len(hits) <= self.num_free_blocks - revived
+
+    def can_append(self, seq: Sequence, num_new: int) -> bool:
+        return self._new_blocks_needed(seq, num_new) <= self.num_free_blocks
+
+    def _new_blocks_needed(self, seq: Sequence, num_new: int) -> int:
+        grow = max(0, self.blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table))
+        first = seq.num_computed_tokens // self.block_size
+        copy = first < len(seq.block_table) and self.ref_counts[seq.block_table[first]] > 1
+        return grow + int(copy)
+
+    # -- changes ------------------------------------------------------------------------------
+    def _take_free(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        old = self.hashes[block]
+        if old is not None:  # its cached content is evicted now
+            if self.cached.get(old) == block:
+                del self.cached[old]
+            self.hashes[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+        assert not seq.block_table, "allocate() is for sequences that hold no blocks"
+        hits = self._prefix_hits(seq)
+        for block, h in hits:
+            if self.ref_counts[block] == 0:
+                del self.free[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+            seq.block_hashes.append(h)
+        for _ in range(self.blocks_for(seq.num_tokens) - len(hits)):
+            seq.block_table.append(self._take_free())
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if not seq.admitted:
+            seq.num_cached_tokens = seq.num_computed_tokens
+            self.num_queried_tokens += seq.num_prompt_tokens
+            self.num_hit_tokens += seq.num_computed_tokens
+        seq.admitted = True
+
+    def append_slots(self, seq: Sequence, num_new: int) -> list[tuple[int, int]]:
+        """Make room for the next num_new tokens; returns (src, dst) block copies to perform first."""
+        copies = []
+        first = seq.num_computed_tokens // self.block_size
+        if first < len(seq.block_table) and self.ref_counts[seq.block_table[first]] > 1:
+            shared = seq.block_table[first]
+            self.ref_counts[shared] -= 1
+            seq.block_table[first] = self._take_free()
+            copies.append((shared, seq.block_table[first]))
+        while len(seq.block_table) < self.blocks_for(seq.num_computed_tokens + num_new):
+            seq.block_table.append(self._take_free())
+        return copies
+
+    def commit(self, seq: Sequence) -> None:
+        """Register the sequence's newly computed full blocks in the prefix cache."""
+        num_full = seq.num_computed_tokens // self.block_size
+        while len(seq.block_hashes) < num_full:
+            i = len(seq.block_hashes)
+            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else None,
+                           seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            seq.block_hashes.append(h)
+            block = seq.block_table[i]
+            if self.enable_prefix_caching and h not in self.cached and self.hashes[block] is None:
+                self.cached[h] = block
+                self.hashes[block] = h
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        child.block_table = list(parent.block_table)
+        for block in child.block_table:
+            self.ref_counts[block] += 1
+
+    def release(self, seq: Sequence) -> None:
+        """Drop the sequence's blocks. Cached ones stay findable (evicted last, the tail of a
+        sequence before its head); uncached ones go to the front of the free list."""
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+                if self.hashes[block] is None:
+                    self.free.move_to_end(block, last=False)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def check_invariants(self, live: list[Sequence]) -> None:
+        """Accounting check for tests: ref counts equal table references; free list = unreferenced."""
+        counts = [0] * self.num_blocks
+        for seq in live:
+            for block in seq.block_table:
+                counts[block] += 1
+        assert counts == self.ref_counts, "reference counts disagree with block tables"
+        assert set(self.free) == {b for b in range(self.num_blocks) if counts[b] == 0}, "free list is wrong"
+        assert all(self.hashes[b] == h for h, b in self.cached.items()), "hash index is stale"

@@ -1,0 +1,66 @@
+"""EngineConfig: the knobs of the scheduler, the block manager and the KV pool, validated once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tandem.errors import ConfigError
+
+# Default share of the machine's available memory given to the KV pool when no size is set.
+DEFAULT_KV_MEMORY_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """block_size: tokens per KV block (PagedAttention's page). num_kv_blocks: pool size; when None
+    it comes from kv_cache_memory: bytes (int > 1) or a fraction (0, 1] of available memory.
+    max_num_seqs / max_num_batched_tokens: per-step limits (the latter is the chunked-prefill budget).
+    max_waiting: queue depth beyond which add_request is refused (admission control)."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: float | int = DEFAULT_KV_MEMORY_FRACTION
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_waiting: int = 4096
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
+            raise ConfigError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
+        memory = self.kv_cache_memory
+        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not (
+                0 < memory <= 1 or (isinstance(memory, int) and memory > 1)):
+            raise ConfigError(f"kv_cache_memory must be a fraction in (0, 1] or a byte count, got {memory!r}")
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); physical memory elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def num_kv_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int) -> int:
+    """Pool size in blocks: explicit, or from the memory budget, capped at what max_num_seqs
+    sequences of max_model_len tokens could ever use."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    memory = config.kv_cache_memory
+    budget = int(memory * available_memory_bytes()) if memory <= 1 else int(memory)
+    blocks = budget // (bytes_per_token * config.block_size)
+    ceiling = config.max_num_seqs * -(-max_model_len // config.block_size)
+    if blocks < 1:
+        raise ConfigError(f"kv_cache_memory={memory!r} leaves no room for one KV block "
+                          f"({bytes_per_token * config.block_size} bytes)")
+    return min(blocks, ceiling)

@@ -1,0 +1,174 @@
+"""LLMEngine: the one place that wires scheduler, block manager and model runner (nano-vllm's
+shape). `add_request`, then `step()` until nothing is left; each step schedules, runs one batched
+forward, samples, and reports what every sample gained. The prefill and decode workers and
+`tandem.LLM` all drive this same engine.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.config import EngineConfig, num_kv_blocks
+from tandem.engine.model_runner import ModelRunner
+from tandem.engine.scheduler import Scheduler
+from tandem.engine.sequence import Sequence
+from tandem.errors import InvalidRequestError, QueueFullError
+from tandem.outputs import CompletionOutput, OutputBuilder, RequestMetrics, RequestOutput, StreamDelta
+from tandem.sampling import make_generator, sample
+from tandem.sampling_params import SamplingParams
+from tandem.tokenizer import Tokenizer
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    seqs: list[Sequence] = field(default_factory=list)
+    builders: list[OutputBuilder] = field(default_factory=list)
+    generators: list[torch.Generator] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.builders) == self.params.n and all(b.finished for b in self.builders)
+
+
+class LLMEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_model_len: int,
+                 config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.tokenizer, self.model_config = tokenizer, model.config
+        dtype = next(model.parameters()).dtype
+        blocks = num_kv_blocks(self.config, self.model_config.kv_bytes_per_token(dtype.itemsize), max_model_len)
+        self.block_manager = BlockManager(blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.block_manager)
+        self.runner = ModelRunner(model, self.model_config, blocks, self.config.block_size, dtype)
+        # A sequence alone in the pool can always finish: cap its length at the pool's capacity.
+        self.max_model_len = min(max_model_len, blocks * self.config.block_size)
+        self.requests: dict[str, _Request] = {}
+        self.num_finished_requests = 0
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request. Raises InvalidRequestError for a bad prompt, QueueFullError when full."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty")
+        self.tokenizer.check_ids(prompt_ids)
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens; the context window is "
+                                      f"{self.max_model_len} and at least one token must be left to generate")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting requests)")
+        request = _Request(request_id, list(prompt_ids), params, RequestMetrics(time.monotonic(), len(prompt_ids)))
+        request.seqs.append(Sequence(request_id, list(prompt_ids), len(prompt_ids), params))
+        self.requests[request_id] = request
+        self.scheduler.add(request.seqs[0])
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks now. Unknown or finished ids are a no-op."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            self.scheduler.remove(seq)
+        for builder in request.builders:
+            if not builder.finished:
+                builder.finish_reason = "abort"
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- stepping -------------------------------------------------------------------------------
+    def step(self) -> tuple[list[StreamDelta], list[RequestOutput]]:
+        """One iteration. Returns the deltas of every sample that advanced and the outputs of the
+        requests that finished."""
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return [], []
+        to_sample = [i for i, (seq, num) in enumerate(plan.scheduled) if num == seq.num_uncomputed_tokens]
+        logits = self.runner.execute(plan.scheduled, plan.copies, to_sample)
+        for seq, num in plan.scheduled:
+            seq.num_computed_tokens += num
+            self.block_manager.commit(seq)
+        now = time.monotonic()
+        seqs, rows = self._expand_forks([plan.scheduled[i][0] for i in to_sample])
+        requests = [self.requests[s.request_id] for s in seqs]
+        tokens = sample(logits[rows], [s.params for s in seqs],
+                        [r.generators[s.index] for s, r in zip(seqs, requests)], [s.token_ids for s in seqs])
+        deltas = [self._append(r, s, t, now) for s, r, t in zip(seqs, requests, tokens)]
+        return deltas, self._collect_finished(requests, now)
+
+    def _expand_forks(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """A request's first sampling step: start its output and fork its n - 1 siblings, which
+        share the prompt's blocks and sample from the same logits row."""
+        out, rows = [], []
+        for row, seq in enumerate(seqs):
+            request = self.requests[seq.request_id]
+            family = [seq]
+            if not request.builders:
+                self._start_outputs(request)
+                for index in range(1, request.params.n):
+                    child = seq.fork(index)
+                    self.block_manager.fork(seq, child)
+                    self.scheduler.add_running(child)
+                    request.seqs.append(child)
+                    family.append(child)
+            out += family
+            rows += [row] * len(family)
+        return out, rows
+
+    def _start_outputs(self, request: _Request) -> None:
+        p = request.params
+        request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
+        for index in range(p.n):
+            request.builders.append(OutputBuilder(self.tokenizer, p, len(request.prompt_ids), self.max_model_len))
+            request.generators.append(make_generator(None if p.seed is None else p.seed + index))
+
+    def _append(self, request: _Request, seq: Sequence, token: int, now: float) -> StreamDelta:
+        seq.token_ids.append(token)
+        builder = request.builders[seq.index]
+        text = builder.append(token)
+        if seq.index == 0:
+            request.metrics.first_token_time = request.metrics.first_token_time or now
+            request.metrics.token_times.append(now)
+        if builder.finished:
+            self.scheduler.remove(seq)
+        return StreamDelta(request.request_id, seq.index, [token], text, builder.finish_reason)
+
+    def _collect_finished(self, requests: list[_Request], now: float) -> list[RequestOutput]:
+        done = []
+        for request in dict.fromkeys(requests):
+            if request.finished and request.request_id in self.requests:
+                del self.requests[request.request_id]
+                request.metrics.finished_time = now
+                self.num_finished_requests += 1
+                done.append(self.output_of(request))
+        return done
+
+    @staticmethod
+    def output_of(request: _Request) -> RequestOutput:
+        outputs = [CompletionOutput(i, list(b.token_ids), b.text, b.finish_reason)
+                   for i, b in enumerate(request.builders)]
+        return RequestOutput(request.request_id, request.prompt_ids, outputs, request.finished, request.metrics)
+
+    # -- observability --------------------------------------------------------------------------
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_free": bm.num_free_blocks,
+            "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
+            "prefix_cache_queried_tokens": bm.num_queried_tokens,
+            "prefix_cache_hit_tokens": bm.num_hit_tokens,
+            "prefix_cache_hit_rate": bm.num_hit_tokens / bm.num_queried_tokens if bm.num_queried_tokens else 0.0,
+            "preemptions": self.scheduler.num_preemptions,
+            "finished_requests": self.num_finished_requests,
+        }

@@ -1,0 +1,52 @@
+"""The model runner: owns the KV pool tensors, turns a scheduled step into one batched forward
+over a flat mix of prefill chunks and decode tokens, and returns logits only where a token is
+to be sampled (the LM head is the largest matmul of a small model: never run it on prompt rows).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tandem.config import ModelConfig
+from tandem.engine.paged_attention import PagedAttention, build_metadata
+from tandem.engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
+                 kv_dtype: torch.dtype):
+        self.model, self.config = model, config
+        self.block_size, self.num_blocks = block_size, num_blocks
+        slots = num_blocks * block_size
+        # One (slots, H_kv, D) tensor per layer for K and for V.
+        self.k_cache = [torch.zeros(slots, config.num_kv_heads, config.head_dim, dtype=kv_dtype)
+                        for _ in range(config.num_layers)]
+        self.v_cache = [torch.zeros_like(t) for t in self.k_cache]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks in every layer before the forward writes to them."""
+        if not copies:
+            return
+        bs = self.block_size
+        src = torch.cat([torch.arange(s * bs, (s + 1) * bs) for s, _ in copies])
+        dst = torch.cat([torch.arange(d * bs, (d + 1) * bs) for _, d in copies])
+        for pool in (*self.k_cache, *self.v_cache):
+            pool[dst] = pool[src]
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]],
+                sample_rows: list[int]) -> torch.Tensor:
+        """Run one step. sample_rows: indices into `scheduled` whose last computed token is to be
+        sampled from. Returns fp32 logits (len(sample_rows), vocab)."""
+        self.copy_blocks(copies)
+        tokens, positions, rows = [], [], []
+        for seq, num in scheduled:
+            start = seq.num_computed_tokens
+            tokens += seq.token_ids[start:start + num]
+            positions += range(start, start + num)
+            rows.append((seq.block_table, start, num))
+        meta = build_metadata(rows, self.block_size)
+        hidden = self.model(torch.tensor([tokens]), torch.tensor([positions]),
+                            PagedAttention(self.k_cache, self.v_cache, meta))[0]  # (N, d)
+        ends = torch.tensor([n for _, n in scheduled]).cumsum(0) - 1  # last row of each sequence
+        return self.model.compute_logits(hidden[ends[sample_rows]])

@@ -1,0 +1,99 @@
+"""Iteration-level scheduling (Orca's continuous batching, Yu et al. 2022) with chunked prefill
+(Sarathi, Agrawal et al. 2023) and preemption by recomputation (vLLM).
+
+Every step: running sequences first, oldest first (decodes take one token each, unfinished
+prefills a chunk), then waiting ones first come, first served, all under a token budget and a
+sequence limit. When the pool runs dry, the newest running sequence is preempted: its blocks are
+freed and it returns to the head of the queue, to be recomputed later (its prefix may still be
+cached). Ids and counts only.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.config import EngineConfig
+from tandem.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens to compute)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks, before the forward
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last is the newest
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A forked sibling of a running sequence joins the batch directly."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        queue, kept = list(self.running), []
+        while queue:
+            seq = queue.pop(0)
+            num = min(seq.num_uncomputed_tokens, budget)
+            if num == 0:
+                kept.append(seq)
+                continue
+            while not self.blocks.can_append(seq, num):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                out.copies += self.blocks.append_slots(seq, num)
+                out.scheduled.append((seq, num))
+                budget -= num
+                kept.append(seq)
+        self.running = kept
+        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            num = min(seq.num_uncomputed_tokens, budget)
+            out.scheduled.append((seq, num))
+            budget -= num
+        return out
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.blocks.release(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
