@@ -17,9 +17,8 @@ class ModelRunner:
                  kv_dtype: torch.dtype):
         self.model, self.config = model, config
         self.block_size, self.num_blocks = block_size, num_blocks
-        slots = num_blocks * block_size
-        # One (slots, H_kv, D) tensor per layer for K and for V.
-        self.k_cache = [torch.zeros(slots, config.num_kv_heads, config.head_dim, dtype=kv_dtype)
+        # One (num_blocks, block_size, H_kv, D) tensor per layer for K and for V.
+        self.k_cache = [torch.zeros(num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype=kv_dtype)
                         for _ in range(config.num_layers)]
         self.v_cache = [torch.zeros_like(t) for t in self.k_cache]
 
@@ -27,9 +26,8 @@ class ModelRunner:
         """Copy-on-write: duplicate whole blocks in every layer before the forward writes to them."""
         if not copies:
             return
-        bs = self.block_size
-        src = torch.cat([torch.arange(s * bs, (s + 1) * bs) for s, _ in copies])
-        dst = torch.cat([torch.arange(d * bs, (d + 1) * bs) for _, d in copies])
+        src = torch.tensor([s for s, _ in copies])
+        dst = torch.tensor([d for _, d in copies])
         for pool in (*self.k_cache, *self.v_cache):
             pool[dst] = pool[src]
 

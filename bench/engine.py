@@ -1,0 +1,183 @@
+"""Engine benchmark: the same workload through tandem and its peers, side by side in one run.
+
+Peers (optional; each is skipped with a note when its package is missing):
+- llama.cpp via llama-cpp-python on the same GGUF, same thread count. Its Python API serves one
+  sequence at a time, so "N concurrent" requests run one after another there.
+- HF transformers on the same GGUF (it dequantizes to fp32 like tandem), static batches with
+  left padding through `generate`.
+
+Prompts are token-id windows of ../shared/data/tinyshakespeare_train.txt, identical for every
+engine; generation is greedy with EOS ignored, so every engine produces exactly the same count.
+
+    .venv/bin/python bench/engine.py [--threads 2] [--dtype float32] [--concurrency 1 4 16 64]
+        [--peers llamacpp transformers] [--json bench/engine.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import tandem
+from tandem.engine.llm_engine import LLMEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare_train.txt"
+
+
+def make_prompts(llm: tandem.LLM, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    ids = llm.tokenize(TEXT.read_text()[:400_000])
+    rng = random.Random(seed)
+    return [ids[s:s + length] for s in (rng.randrange(0, len(ids) - length) for _ in range(count))]
+
+
+# -- tandem ------------------------------------------------------------------------------------
+def tandem_run(llm: tandem.LLM, prompts: list[list[int]], max_tokens: int) -> dict:
+    params = tandem.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    started = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    wall = time.perf_counter() - started
+    itls = [x for o in outs for x in o.metrics.inter_token_latencies]
+    return {"tokens_per_s": sum(len(o.token_ids) for o in outs) / wall,
+            "ttft_s": statistics.mean(o.metrics.ttft for o in outs),
+            "itl_s": statistics.mean(itls) if itls else None, "wall_s": wall}
+
+
+def tandem_warm_prefix(llm: tandem.LLM, prefix_len: int = 1000) -> dict:
+    """TTFT of a request whose prefix_len-token prefix is cached vs the same request cold."""
+    base = make_prompts(llm, 3, prefix_len + 16, seed=7)
+    params = tandem.SamplingParams(temperature=0, max_tokens=1)
+    cold = llm.generate(base[0], params)[0].metrics
+    warm_prompt = base[0][:prefix_len] + base[1][:16]  # same prefix, a different question
+    warm = llm.generate(warm_prompt, params)[0].metrics
+    return {"cold_ttft_s": cold.ttft, "warm_ttft_s": warm.ttft, "warm_over_cold": warm.ttft / cold.ttft,
+            "warm_cached_tokens": warm.num_cached_tokens}
+
+
+def tandem_kv_waste(llm: tandem.LLM, num_requests: int = 64, seed: int = 1) -> dict:
+    """Allocated KV slots that hold no token of their sequence, averaged over the steps where
+    all num_requests sequences are running; prompts 32-512 tokens, outputs 16-256 tokens."""
+    rng = random.Random(seed)
+    engine: LLMEngine = llm.engine
+    prompts = make_prompts(llm, num_requests, 512, seed=seed)
+    for i, prompt in enumerate(prompts):
+        params = tandem.SamplingParams(temperature=0, max_tokens=rng.randint(16, 256), ignore_eos=True)
+        engine.add_request(f"waste-{i}", prompt[:rng.randint(32, 512)], params)
+    samples = []
+    while engine.has_unfinished():
+        engine.step()
+        running = engine.scheduler.running
+        if len(running) == num_requests:
+            allocated = sum(len(s.block_table) for s in running) * engine.block_manager.block_size
+            held = sum(min(s.num_tokens, len(s.block_table) * engine.block_manager.block_size) for s in running)
+            samples.append(1 - held / allocated)
+    return {"requests": num_requests, "steps_measured": len(samples),
+            "waste_fraction": statistics.mean(samples) if samples else None}
+
+
+# -- llama.cpp ---------------------------------------------------------------------------------
+def llamacpp_engine(model_path: Path, threads: int, n_ctx: int):
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                           n_threads_batch=threads, verbose=False), llama_cpp.__version__
+
+
+def llamacpp_run(llm, prompts: list[list[int]], max_tokens: int) -> dict:
+    ttfts, itls, total = [], [], 0
+    started = time.perf_counter()
+    for prompt in prompts:
+        llm.reset()
+        t0 = time.perf_counter()
+        times = []
+        for _ in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == max_tokens:
+                break
+        ttfts.append(times[0] - t0)
+        itls += [b - a for a, b in zip(times, times[1:])]
+        total += len(times)
+    wall = time.perf_counter() - started
+    return {"tokens_per_s": total / wall, "ttft_s": statistics.mean(ttfts),
+            "itl_s": statistics.mean(itls) if itls else None, "wall_s": wall}
+
+
+# -- HF transformers ---------------------------------------------------------------------------
+def transformers_engine(model_path: Path):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32)
+    return model.eval(), __import__("transformers").__version__
+
+
+@torch.inference_mode()
+def transformers_run(model, prompts: list[list[int]], max_tokens: int) -> dict:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    started = time.perf_counter()
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+    ttft = time.perf_counter() - started
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                         do_sample=False, pad_token_id=0)
+    wall = time.perf_counter() - started - ttft
+    del first
+    return {"tokens_per_s": len(prompts) * (out.shape[1] - width) / wall, "ttft_s": ttft,
+            "itl_s": wall / max_tokens, "wall_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--peers", nargs="*", default=["llamacpp", "transformers"])
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    llm = tandem.LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=False)
+    results: dict = {"config": vars(args) | {"json": str(args.json)}, "tandem": {}, "peers": {}}
+    engines = {"tandem": lambda prompts, n: tandem_run(llm, prompts, n)}
+    if "llamacpp" in args.peers:
+        try:
+            cpp, version = llamacpp_engine(llm.model_path, args.threads, 1024)
+            engines[f"llama.cpp {version}"] = lambda prompts, n: llamacpp_run(cpp, prompts, n)
+        except ImportError:
+            results["peers"]["llama.cpp"] = "not installed (pip install -e '.[bench]')"
+    if "transformers" in args.peers:
+        try:
+            hf, version = transformers_engine(llm.model_path)
+            engines[f"transformers {version}"] = lambda prompts, n: transformers_run(hf, prompts, n)
+        except ImportError as exc:
+            results["peers"]["transformers"] = f"not available ({exc})"
+
+    long_prompt = make_prompts(llm, 1, 512, seed=3)
+    for name, run in engines.items():
+        run(make_prompts(llm, 1, 16, seed=9), 4)  # warm-up
+        row = {"ttft_512_s": run(long_prompt, 1)["ttft_s"],
+               "batch1_decode_tokens_per_s": 1 / run(make_prompts(llm, 1, args.prompt_tokens, seed=4),
+                                                     args.output_tokens)["itl_s"]}
+        for n in args.concurrency:
+            row[f"aggregate_tokens_per_s@{n}"] = run(make_prompts(llm, n, args.prompt_tokens, seed=n),
+                                                     args.output_tokens)["tokens_per_s"]
+        results["tandem" if name == "tandem" else "peers"][name] = row
+        print(name, json.dumps(row, indent=1), flush=True)
+    results["tandem"]["warm_prefix"] = tandem_warm_prefix(llm)
+    results["tandem"]["kv_waste"] = tandem_kv_waste(llm)
+    results["tandem"]["engine_stats"] = llm.engine.stats()
+    print(json.dumps({k: results["tandem"][k] for k in ("warm_prefix", "kv_waste")}, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""AsyncEngine: the LLMEngine on a background thread, with an asyncio API for the services.
+
+Only the engine thread touches engine state: requests and aborts arrive as commands it runs
+between steps, and results go back to each caller's event loop with call_soon_threadsafe. Torch
+releases the GIL inside its ops, so the event loop stays responsive while a step runs. An error
+inside a step fails the requests of that step's batch, never the engine.
+
+    engine = AsyncEngine(llm_engine)
+    stream = await engine.add_request("r1", prompt_ids, SamplingParams(max_tokens=8))
+    async for item in stream:   # StreamDelta (token_ids, text, finish_reason) ..., then the RequestOutput
+        ...
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from tandem.engine.llm_engine import LLMEngine
+from tandem.outputs import RequestOutput, StreamDelta
+from tandem.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+_IDLE_WAIT_S = 0.5  # how often an idle engine thread checks whether it should stop
+
+
+class _Stream:
+    """One request's channel from the engine thread to the caller's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+        self.output: RequestOutput | None = None
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
+        self._thread.start()
+
+    # -- caller side (any event loop) --------------------------------------------------------
+    async def add_request(self, request_id: str, prompt_ids: list[int],
+                          params: SamplingParams) -> AsyncIterator[StreamDelta | RequestOutput]:
+        """Queue a request; raises at once for bad input or a full queue. Returns its stream:
+        StreamDelta items as samples advance, then the final RequestOutput (metrics included).
+        Cancelling the consumer, or closing the stream early (`await stream.aclose()`, or
+        `contextlib.aclosing`), aborts the request and frees its blocks at once."""
+        stream = _Stream(asyncio.get_running_loop())
+        await self._call(self._add, request_id, prompt_ids, params, stream)
+        return self._iterate(request_id, stream)
+
+    async def abort(self, request_id: str) -> None:
+        await self._call(self._abort, request_id)
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def shutdown(self) -> None:
+        """Abort everything, stop the thread, wait for it."""
+        self._stopping = True
+        self._commands.put(None)
+        self._thread.join(timeout=30)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    async def _call(self, fn: Callable, *args):
+        if not self.is_alive:
+            raise RuntimeError("the engine is not running")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, args, future))
+        return await asyncio.wrap_future(future)
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[StreamDelta | RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = isinstance(item, RequestOutput)
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished and self.is_alive:
+                self._commands.put((self._abort, (request_id,), None))
+            self._streams.pop(request_id, None)
+
+    # -- engine thread --------------------------------------------------------------------------
+    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: _Stream) -> None:
+        self.engine.add_request(request_id, prompt_ids, params)
+        self._streams[request_id] = stream
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        stream = self._streams.get(request_id)
+        if stream is not None and stream.output is None:
+            stream.output = RequestOutput(request_id, [], [], finished=True)
+            stream.put(StreamDelta(request_id, 0, [], "", "abort"))
+            stream.put(stream.output)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_commands(block=not self.engine.has_unfinished())
+            if self.engine.has_unfinished() and not self._stopping:
+                self._step()
+        for request_id in list(self.engine.requests):
+            self._abort(request_id)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while command is not None:
+            fn, args, future = command
+            try:
+                result = fn(*args)
+                if future is not None:
+                    future.set_result(result)
+            except Exception as exc:  # reported to the caller, never fatal to the engine
+                if future is not None:
+                    future.set_exception(exc)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        try:
+            deltas, finished = self.engine.step()
+        except Exception as exc:
+            log.exception("engine step failed; failing the running requests")
+            self._fail_all(exc)
+            return
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is not None:
+                stream.put(delta)
+        for output in finished:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.output = output
+                stream.put(output)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.put(RuntimeError(f"the engine failed while running this request: {exc}"))
