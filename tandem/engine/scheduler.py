@@ -41,7 +41,8 @@ class Scheduler:
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence) -> None:
-        """A forked sibling of a running sequence joins the batch directly."""
+        """A forked sibling of a running sequence joins the running set directly (it holds
+        blocks already); like every running sequence it is scheduled within max_num_seqs."""
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
@@ -64,7 +65,7 @@ class Scheduler:
         while queue:
             seq = queue.pop(0)
             num = min(seq.num_uncomputed_tokens, budget)
-            if num == 0:
+            if num == 0 or len(out.scheduled) == self.config.max_num_seqs:
                 kept.append(seq)
                 continue
             while not self.blocks.can_append(seq, num):
