@@ -60,24 +60,25 @@ def tandem_warm_prefix(llm: tandem.LLM, prefix_len: int = 1000) -> dict:
 
 
 def tandem_kv_waste(llm: tandem.LLM, num_requests: int = 64, seed: int = 1) -> dict:
-    """Allocated KV slots that hold no token of their sequence, averaged over the steps where
-    all num_requests sequences are running; prompts 32-512 tokens, outputs 16-256 tokens."""
+    """Allocated KV slots that hold no token of their sequence, over a run of num_requests
+    concurrent requests (prompts 32-512 tokens, outputs 16-256 tokens, all submitted at once):
+    summed over every step, sum(allocated - held) / sum(allocated)."""
     rng = random.Random(seed)
     engine: LLMEngine = llm.engine
+    block_size = engine.block_manager.block_size
     prompts = make_prompts(llm, num_requests, 512, seed=seed)
     for i, prompt in enumerate(prompts):
         params = tandem.SamplingParams(temperature=0, max_tokens=rng.randint(16, 256), ignore_eos=True)
         engine.add_request(f"waste-{i}", prompt[:rng.randint(32, 512)], params)
-    samples = []
+    allocated = held = peak_running = 0
     while engine.has_unfinished():
         engine.step()
         running = engine.scheduler.running
-        if len(running) == num_requests:
-            allocated = sum(len(s.block_table) for s in running) * engine.block_manager.block_size
-            held = sum(min(s.num_tokens, len(s.block_table) * engine.block_manager.block_size) for s in running)
-            samples.append(1 - held / allocated)
-    return {"requests": num_requests, "steps_measured": len(samples),
-            "waste_fraction": statistics.mean(samples) if samples else None}
+        peak_running = max(peak_running, len(running))
+        allocated += sum(len(s.block_table) for s in running) * block_size
+        held += sum(min(s.num_tokens, len(s.block_table) * block_size) for s in running)
+    return {"requests": num_requests, "peak_running": peak_running, "block_size": block_size,
+            "waste_fraction": 1 - held / allocated}
 
 
 # -- llama.cpp ---------------------------------------------------------------------------------
