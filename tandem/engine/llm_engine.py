@@ -61,8 +61,11 @@ class LLMEngine:
             raise InvalidRequestError("the prompt is empty")
         self.tokenizer.check_ids(prompt_ids)
         if len(prompt_ids) >= self.max_model_len:
-            raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens; the context window is "
-                                      f"{self.max_model_len} and at least one token must be left to generate")
+            pool = self.block_manager.num_blocks * self.config.block_size
+            limit = (f"the KV pool holds {pool} tokens (raise kv_cache_memory or num_kv_blocks)"
+                     if pool == self.max_model_len else f"the context window is {self.max_model_len}")
+            raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens; {limit} "
+                                      "and at least one token must be left to generate")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting requests)")
         request = _Request(request_id, list(prompt_ids), params, RequestMetrics(time.monotonic(), len(prompt_ids)))

@@ -464,7 +464,7 @@ def test_request_that_can_never_fit_the_pool_is_rejected(tiny_hf_dir):
     llm = make_llm(tiny_hf_dir, num_kv_blocks=8, block_size=4)  # 32 token slots; the model allows 512
     engine = llm.engine
     assert engine.max_model_len == 32 and llm.config.max_position == 512
-    with pytest.raises(InvalidRequestError, match="context window"):
+    with pytest.raises(InvalidRequestError, match="KV pool holds 32 tokens"):
         engine.add_request("big", [5] * 32, GREEDY)
     assert engine.requests == {} and engine.stats()["waiting"] == 0
     engine.add_request("fits", [5] * 31, GREEDY)  # fills the pool; one token is left to generate
