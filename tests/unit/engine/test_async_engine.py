@@ -11,6 +11,7 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.outputs import RequestOutput, StreamDelta
 
 GREEDY = tandem.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+LONG = tandem.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)  # outlives the test's actions
 
 
 @pytest.fixture()
@@ -64,6 +65,10 @@ def test_bad_request_raises_at_add(engine):
     asyncio.run(main())
 
 
+def _all_freed(llm) -> bool:
+    return llm.engine.stats()["kv_blocks_used"] == 0 and not llm.engine.requests
+
+
 def _wait_for(predicate, timeout: float = 10.0):
     async def poll():
         for _ in range(int(timeout / 0.01)):
@@ -76,46 +81,43 @@ def _wait_for(predicate, timeout: float = 10.0):
 
 def test_closing_a_stream_early_aborts_and_frees_blocks(engine):
     llm, async_engine = engine
-    long = tandem.SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 
     async def main():
-        stream = await async_engine.add_request("long", [5, 6, 7], long)
+        stream = await async_engine.add_request("long", [5, 6, 7], LONG)
         async for item in stream:
             if isinstance(item, StreamDelta):
                 break
         assert llm.engine.stats()["kv_blocks_used"] > 0
         await stream.aclose()
-        await _wait_for(lambda: llm.engine.stats()["kv_blocks_used"] == 0 and not llm.engine.requests)
+        await _wait_for(lambda: _all_freed(llm))
 
     asyncio.run(main())
 
 
 def test_cancelling_the_consumer_aborts(engine):
     llm, async_engine = engine
-    long = tandem.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 
     async def main():
-        stream = await async_engine.add_request("cancel-me", [5, 6, 7], long)
+        stream = await async_engine.add_request("cancel-me", [5, 6, 7], LONG)
         task = asyncio.create_task(_collect(stream))
         await _wait_for(lambda: llm.engine.stats()["kv_blocks_used"] > 0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await _wait_for(lambda: llm.engine.stats()["kv_blocks_used"] == 0 and not llm.engine.requests)
+        await _wait_for(lambda: _all_freed(llm))
 
     asyncio.run(main())
 
 
 def test_explicit_abort_ends_the_stream(engine):
     llm, async_engine = engine
-    long = tandem.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 
     async def main():
-        stream = await async_engine.add_request("a", [5, 6, 7], long)
+        stream = await async_engine.add_request("a", [5, 6, 7], LONG)
         await async_engine.abort("a")
         await async_engine.abort("never-existed")  # no-op
         tokens, _, output = await _collect(stream)
-        assert len(tokens) < 400
+        assert len(tokens) < LONG.max_tokens
         assert llm.engine.stats()["kv_blocks_used"] == 0
 
     asyncio.run(main())

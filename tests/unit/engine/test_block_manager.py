@@ -23,6 +23,17 @@ def compute_all(bm: BlockManager, seq: Sequence) -> None:
     seq.num_computed_tokens = seq.num_tokens
     bm.commit(seq)
 
+def forked_pair(bm: BlockManager, live: list, prompt: list[int]):
+    """A computed prompt with one sampled token, forked into a sibling that shares its blocks."""
+    parent = make_seq(prompt)
+    admit(bm, parent, live)
+    compute_all(bm, parent)
+    parent.token_ids.append(1)
+    child = parent.fork(1)
+    bm.fork(parent, child)
+    live.append(child)
+    return parent, child
+
 
 def admit(bm: BlockManager, seq: Sequence, live: list[Sequence]) -> None:
     assert bm.can_allocate(seq)
@@ -375,13 +386,7 @@ def test_fork_of_n_copies_n_minus_1_times():
 
 def test_fork_at_a_block_boundary_needs_no_copy():
     bm, live = BlockManager(8, BS), []
-    parent = make_seq(tokens(2 * BS))
-    admit(bm, parent, live)
-    compute_all(bm, parent)
-    parent.token_ids.append(1)
-    child = parent.fork(1)
-    bm.fork(parent, child)
-    live.append(child)
+    parent, child = forked_pair(bm, live, tokens(2 * BS))
     assert bm.append_slots(parent, 1) == [] and bm.append_slots(child, 1) == []
     assert parent.block_table[:2] == child.block_table[:2]
     assert parent.block_table[2] != child.block_table[2]
@@ -390,13 +395,7 @@ def test_fork_at_a_block_boundary_needs_no_copy():
 
 def test_release_of_a_forked_sibling_keeps_shared_blocks():
     bm, live = BlockManager(8, BS), []
-    parent = make_seq(tokens(6))
-    admit(bm, parent, live)
-    compute_all(bm, parent)
-    parent.token_ids.append(1)
-    child = parent.fork(1)
-    bm.fork(parent, child)
-    live.append(child)
+    parent, child = forked_pair(bm, live, tokens(6))
     free_of(bm, child, live)
     assert [bm.ref_counts[b] for b in parent.block_table] == [1, 1]
     assert bm.append_slots(parent, 1) == []  # sole holder again: no copy
@@ -423,13 +422,7 @@ def test_can_allocate_and_can_append_false_when_pool_too_small():
 
 def test_can_append_false_when_copy_on_write_has_no_free_block():
     bm, live = BlockManager(2, BS), []
-    parent = make_seq(tokens(6))
-    admit(bm, parent, live)
-    compute_all(bm, parent)
-    parent.token_ids.append(1)
-    child = parent.fork(1)
-    bm.fork(parent, child)
-    live.append(child)
+    parent, child = forked_pair(bm, live, tokens(6))
     assert bm.num_free_blocks == 0
     assert not bm.can_append(parent, 1)  # needs a copy of the shared partial block
     free_of(bm, child, live)
