@@ -93,6 +93,10 @@ class LLMEngine:
         requests that finished."""
         plan = self.scheduler.schedule()
         if not plan.scheduled:
+            if self.requests:  # cannot happen while every sequence fits the pool alone; never spin
+                raise RuntimeError(f"the engine cannot schedule any of {len(self.requests)} requests: "
+                                   f"{self.block_manager.num_free_blocks} of {self.block_manager.num_blocks} "
+                                   "KV blocks free")
             return [], []
         to_sample = [i for i, (seq, num) in enumerate(plan.scheduled) if num == seq.num_uncomputed_tokens]
         logits = self.runner.execute(plan.scheduled, plan.copies, to_sample)

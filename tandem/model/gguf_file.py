@@ -82,7 +82,6 @@ class GGUFFile:
 
     def config(self) -> ModelConfig:
         heads = self._get("attention.head_count")
-        embed = self.tensors.get("token_embd.weight")
         try:
             vocab = self._get("vocab_size") or len(self.metadata["tokenizer.ggml.tokens"])
             return ModelConfig(
@@ -103,8 +102,7 @@ class GGUFFile:
                 name=str(self.metadata.get("general.name", self.path.stem)),
             )
         except (TypeError, KeyError) as exc:
-            raise ModelLoadError(f"{self.path}: GGUF metadata lacks a required key ({exc}); "
-                                 f"embedding tensor present: {embed is not None}") from exc
+            raise ModelLoadError(f"{self.path}: GGUF metadata lacks a required key ({exc})") from exc
 
     def _rope_scaling(self) -> RopeScaling:
         kind = self._get("rope.scaling.type", "none")
