@@ -15,7 +15,7 @@ from tandem.engine.config import EngineConfig, num_kv_blocks
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.scheduler import Scheduler
 from tandem.engine.sequence import Sequence
-from tandem.errors import InvalidRequestError, QueueFullError
+from tandem.errors import ConfigError, InvalidRequestError, QueueFullError
 from tandem.outputs import CompletionOutput, OutputBuilder, RequestMetrics, RequestOutput, StreamDelta
 from tandem.sampling import make_generator, sample
 from tandem.sampling_params import SamplingParams
@@ -49,6 +49,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.model_config, blocks, self.config.block_size, dtype)
         # A sequence alone in the pool can always finish: cap its length at the pool's capacity.
         self.max_model_len = min(max_model_len, blocks * self.config.block_size)
+        if self.max_model_len < 2:
+            raise ConfigError(f"a KV pool of {blocks} x {self.config.block_size} tokens cannot hold a one-token "
+                              "prompt and its answer; raise num_kv_blocks or kv_cache_memory")
         self.requests: dict[str, _Request] = {}
         self.num_finished_requests = 0
 

@@ -654,3 +654,9 @@ def test_preemption_counter(tiny_hf_dir, prompts):
         assert stats["running"] <= engine.config.max_num_seqs
     assert preemptions > 0 and seen_waiting_again
     assert engine.stats()["finished_requests"] == 8
+
+
+def test_a_pool_too_small_for_any_request_is_a_config_error(tiny_hf_dir):
+    with pytest.raises(ConfigError, match="cannot hold"):
+        make_llm(tiny_hf_dir, num_kv_blocks=1, block_size=1)
+    assert make_llm(tiny_hf_dir, num_kv_blocks=1, block_size=2).engine.max_model_len == 2
