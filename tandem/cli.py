@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the model (for now: the in-process engine on the terminal)")
     _add_model_args(serve)
+    _add_sampling_args(serve, max_tokens=256)
+    serve.set_defaults(system=None)
     return parser
 
 
@@ -133,8 +135,6 @@ def cmd_model_info(args) -> int:
 def cmd_serve(args) -> int:
     print("tandem serve: the gRPC/HTTP service pipeline is not built yet; running the in-process "
           "engine as a terminal chat instead (Ctrl-D quits).", file=sys.stderr)
-    args.system, args.max_tokens, args.temperature, args.top_k, args.top_p = None, 256, 0.0, 0, 1.0
-    args.min_p, args.repetition_penalty, args.seed, args.stop = 0.0, 1.0, None, None
     return cmd_chat(args)
 
 

@@ -22,7 +22,6 @@ NEAR_TIE_LOGITS = 0.5
 def test_capital_of_france(default_llm):
     out = default_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=3))[0]
     assert out.text == " Paris.\n"
-    assert out.text.startswith(" Paris.")
 
 
 def test_config_of_the_default_model(default_llm):
