@@ -59,6 +59,7 @@ class ModelConfig:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    sliding_window: int | None = None  # Mistral-style: each token sees the last W positions
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -78,6 +79,15 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not (self.rope_theta > 0 and self.rms_norm_eps > 0):
             raise ConfigError("rope_theta and rms_norm_eps must be positive")
+        if self.sliding_window is not None and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
+            raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+
+    def attention_variant(self) -> tuple[str, dict]:
+        """The attention variant the model was trained with (name, options): what the engine uses
+        unless a server flag overrides it."""
+        if self.sliding_window and self.sliding_window < self.max_position:
+            return "sliding_window", {"window": self.sliding_window}
+        return "causal", {}
 
     @property
     def num_queries_per_kv(self) -> int:

@@ -23,3 +23,8 @@ class ModelLoadError(TandemError, ValueError):
 
 class QueueFullError(TandemError):
     """The engine's waiting queue is full: retry later (gRPC RESOURCE_EXHAUSTED, HTTP 429)."""
+
+
+class PluginError(TandemError):
+    """A plugin failed to load or raised inside a hook; the message names the plugin. The request
+    that hit it fails (gRPC INTERNAL, HTTP 500); the engine and the other requests go on."""

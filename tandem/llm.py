@@ -1,6 +1,8 @@
 """`tandem.LLM`: the in-process API (library mode) — load a model, generate, chat, score.
 
-No Ray, no gRPC: the fastest path, and the reference the services are tested against.
+No Ray, no gRPC: the fastest path, and the reference the services are tested against. It is
+also where components are composed: it asks the plugin manager for the quantizer, attention
+variant and backend, KV-cache format and logits processors by name and hands them to the engine.
 """
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from collections.abc import Sequence
 import torch
 
 from tandem.engine import EngineConfig, LLMEngine
-from tandem.errors import ConfigError, InvalidRequestError
+from tandem.errors import ConfigError, InvalidRequestError, PluginError
 from tandem.model.kv_cache import KVCache
 from tandem.model.loader import load_model
+from tandem.model.quantization import quantize_model
 from tandem.model.registry import DEFAULT_MODEL
 from tandem.outputs import RequestOutput, ScoreOutput
 from tandem.sampling_params import SamplingParams
@@ -33,9 +36,21 @@ class LLM:
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "float32", max_model_len: int | None = None,
-                 num_threads: int | None = None, progress: bool = True, **engine_options):
-        """engine_options are EngineConfig's fields: block_size, num_kv_blocks, kv_cache_memory,
-        max_num_seqs, max_num_batched_tokens, max_waiting, enable_prefix_caching."""
+                 num_threads: int | None = None, progress: bool = True, *, quantization: str | None = None,
+                 quantization_options: dict | None = None, attention: str | None = None,
+                 attention_options: dict | None = None, attention_backend: str = "sdpa",
+                 kv_cache_dtype: str = "auto", plugins=None, **engine_options):
+        """quantization: a quantizer plugin ("int8", "int4", "nf4", "fp8", ...), applied to the
+        loaded (dequantized) weights; its options e.g. {"group_size": 64}. attention: a variant
+        plugin ("sliding_window", "sinks", "alibi", "local_global", ...) with its options; None
+        takes the model's own (its config's sliding window, else causal). attention_backend:
+        "sdpa" or "naive" (the reference) or a plugin's. kv_cache_dtype: "auto" (the model's dtype)
+        or "int8". plugins: a tandem.plugins.PluginManager (default: the process's).
+        engine_options are EngineConfig's fields: block_size, num_kv_blocks, kv_cache_memory,
+        max_num_seqs, max_num_batched_tokens, max_waiting, enable_prefix_caching.
+        Every name and option is checked before the model loads."""
+        from tandem.plugins import get_plugin_manager  # the plugins build on the core: import on use
+
         try:
             engine_config = EngineConfig(**engine_options)
         except TypeError as exc:
@@ -44,14 +59,37 @@ class LLM:
             if not (isinstance(num_threads, int) and num_threads > 0):
                 raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
             torch.set_num_threads(num_threads)
+        self.plugins = plugins or get_plugin_manager()
+        quantizer = None if quantization is None else self.plugins.create("quantizer", quantization,
+                                                                          quantization_options)
+        backend = self.plugins.create("attention_backend", attention_backend)
+        kv_format = self.plugins.create("kv_cache_format", kv_cache_dtype)
+        if attention is not None:  # before loading, so a bad name or option costs nothing
+            variant = self.plugins.create("attention_variant", attention, attention_options)
+        elif attention_options:
+            raise ConfigError("attention_options needs attention (the variant they are for)")
         loaded = load_model(model, dtype, progress)
         self.model, self.config, self.tokenizer, self.model_path = (
             loaded.model, loaded.config, loaded.tokenizer, loaded.path)
+        if attention is None:
+            variant = self.plugins.create("attention_variant", *self.config.attention_variant())
+        if quantizer is not None:
+            try:
+                quantize_model(self.model, quantizer)
+            except (ConfigError, PluginError):
+                raise
+            except Exception as exc:
+                raise PluginError(f"quantizer {quantization!r} from plugin "
+                                  f"{self.plugins.owner('quantizer', quantization)!r} failed: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        self.quantization, self.variant, self.backend = quantization, variant, backend
         self.dtype = next(self.model.parameters()).dtype
         limit = self.config.max_position
         if max_model_len is not None and not (isinstance(max_model_len, int) and 2 <= max_model_len <= limit):
             raise ConfigError(f"max_model_len must be an integer in [2, {limit}], got {max_model_len!r}")
-        self.engine = LLMEngine(self.model, self.tokenizer, max_model_len or limit, engine_config)
+        self.engine = LLMEngine(self.model, self.tokenizer, max_model_len or limit, engine_config,
+                                sampler=self.plugins.sampler_pipeline(self.config.vocab_size),
+                                variant=variant, backend=backend, kv_format=kv_format)
         self.max_model_len = self.engine.max_model_len
         self._request_ids = itertools.count()
 
@@ -80,6 +118,8 @@ class LLM:
                 self.engine.add_request(request_id, tokens, p)
             while len(results) < len(ids):
                 for output in self.engine.step()[1]:
+                    if output.error:
+                        raise PluginError(output.error)
                     results[output.request_id] = output
         finally:  # an error mid-way must not leave requests holding KV blocks
             for request_id in ids:
@@ -140,7 +180,7 @@ class LLM:
         self.tokenizer.check_ids(ids)
         if not 2 <= len(ids) <= self.max_model_len:
             raise InvalidRequestError(f"score needs 2 to {self.max_model_len} tokens, got {len(ids)}")
-        cache = KVCache(self.config, len(ids), self.dtype)
+        cache = KVCache(self.config, len(ids), self.dtype, variant=self.variant, backend=self.backend)
         logprobs, argmax = [], []
         for start in range(0, len(ids) - 1, PREFILL_CHUNK):
             chunk = ids[start:start + PREFILL_CHUNK]

@@ -16,7 +16,7 @@ from tandem.tokenizer import IncrementalDetokenizer, Tokenizer
 @dataclass
 class CompletionOutput:
     """One generated sample. finish_reason: "stop" (EOS, stop token or stop string), "length",
-    "abort", or None while it is still running."""
+    "abort", "error" (a plugin failed: see RequestOutput.error), or None while it is still running."""
 
     index: int
     token_ids: list[int]
@@ -52,13 +52,14 @@ class RequestMetrics:
 @dataclass
 class RequestOutput:
     """One prompt's result: `outputs` holds its n samples; .text, .token_ids and .finish_reason
-    are those of the first."""
+    are those of the first. error: why the request failed (a plugin raised), else None."""
 
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    error: str | None = None
 
     @property
     def text(self) -> str:

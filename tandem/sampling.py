@@ -1,17 +1,24 @@
-"""Batched logits processing and token selection: one call for the whole batch, per-row parameters.
+"""Batched token selection through a pipeline of logits processors (plugins).
 
-Each filter is a pure function (B, V) -> (B, V) that writes -inf where a token is excluded;
-`sample` applies them in the documented order (see SamplingParams) and draws with each request's
-own seeded generator, so a seed reproduces a request whatever else is in the batch.
+A `LogitsProcessor` rewrites fp32 logits (B, V) for the rows whose request turned it on, in one
+call for the whole batch. The `SamplerPipeline` runs the processors in their `order` and then
+draws: argmax for greedy rows, otherwise a draw from softmax(logits) with each request's own
+seeded generator, so a seed reproduces a request whatever else is in the batch.
+
+The built-in processors (penalties, logit bias, temperature, top-k, top-p, min-p) live in
+`tandem.plugins.samplers` and register through the plugin manager like third-party ones.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
-from tandem.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from tandem.errors import InvalidRequestError, PluginError
+from tandem.sampling_params import SamplingParams
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -21,79 +28,126 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def apply_repetition_penalty(logits: torch.Tensor, histories: Sequence[Sequence[int]],
-                             penalties: torch.Tensor) -> torch.Tensor:
-    """CTRL's penalty (Keskar et al. 2019) on every token seen in prompt or output:
-    positive logits are divided by the penalty, negative ones multiplied."""
-    out = logits.clone()
-    for row, (seen, penalty) in enumerate(zip(histories, penalties.tolist())):
-        if penalty == 1.0 or not seen:
-            continue
-        ids = torch.tensor(sorted(set(seen)), dtype=torch.long)
-        values = out[row, ids]
-        out[row, ids] = torch.where(values > 0, values / penalty, values * penalty)
-    return out
+@dataclass
+class SamplingBatch:
+    """What processors may read about the rows of one sampling call (row i = logits row i)."""
+
+    params: Sequence[SamplingParams]
+    token_ids: Sequence[Sequence[int]]  # prompt + output so far, per row
+    num_prompt_tokens: Sequence[int] = ()  # per row; empty = every token is prompt
+    generators: Sequence[torch.Generator] = ()  # per row, for processors that draw randomness
+
+    def prompt_ids(self, row: int) -> Sequence[int]:
+        return self.token_ids[row][:self._prompt_len(row)]
+
+    def output_ids(self, row: int) -> Sequence[int]:
+        return self.token_ids[row][self._prompt_len(row):]
+
+    def _prompt_len(self, row: int) -> int:
+        return self.num_prompt_tokens[row] if self.num_prompt_tokens else len(self.token_ids[row])
 
 
-def apply_temperature(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-    """Divide by temperature; greedy rows (temperature below GREEDY_TEMPERATURE) are left as they are."""
-    safe = torch.where(temperatures >= GREEDY_TEMPERATURE, temperatures, torch.ones_like(temperatures))
-    return logits / safe.unsqueeze(1)
+class LogitsProcessor:
+    """Base class of samplers / logits processors. Subclass it, set `name` and `order`, implement
+    `__call__`, and (for per-request arguments) `validate`.
+
+    A request turns a plugin processor on through `SamplingParams.logits_processors`:
+    `{"typical_p": {"mass": 0.9}}` -> `validate(mass=0.9)` runs when the request is added (bad
+    arguments fail the request before any work) and its result is the row's argument.
+    Built-ins override `parse` to read SamplingParams' own fields instead.
+    """
+
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 450  # after temperature (400), before top-k (500): see docs/plugins.md
+    api_version: ClassVar[int] = 1  # the tandem.plugins.API_VERSION this processor was written for
+
+    def parse(self, params: SamplingParams, vocab_size: int) -> Any | None:
+        """This processor's argument for one request, or None when the request does not use it."""
+        kwargs = params.logits_processors.get(self.name)
+        return None if kwargs is None else self.validate(**kwargs)
+
+    def validate(self, **kwargs) -> Any:
+        """Check a request's arguments (raise InvalidRequestError); return the row argument."""
+        if kwargs:
+            raise InvalidRequestError(f"logits processor {self.name!r} takes no arguments, got {sorted(kwargs)}")
+        return {}
+
+    def __call__(self, logits: torch.Tensor, args: list[Any | None], batch: SamplingBatch) -> torch.Tensor:
+        """Return new logits (B, V) fp32. Rows whose argument is None must come back unchanged;
+        write -inf to exclude a token. Do not modify `logits` in place."""
+        raise NotImplementedError
 
 
-def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Keep the k largest logits of each row (k = 0: keep all). Ties at the k-th value are kept."""
-    vocab = logits.shape[-1]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    kth = logits.topk(int(k.max()), dim=-1).values.gather(-1, (k - 1).unsqueeze(1))  # (B, 1)
-    return logits.masked_fill(logits < kth, float("-inf"))
+@dataclass
+class SampleResult:
+    tokens: list[int]
+    failures: dict[int, PluginError] = field(default_factory=dict)  # row -> the plugin error that hit it
 
 
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most likely tokens whose
-    probability mass reaches p. The most likely token always stays; rows with p = 1 are untouched
-    (fp32 cumulative sums reach 1.0 before the tail, so they must not be filtered at all)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+class SamplerPipeline:
+    """The ordered processors of one engine, plus the draw."""
 
+    def __init__(self, processors: Sequence[LogitsProcessor], vocab_size: int,
+                 owners: dict[str, str] | None = None):
+        self.processors = sorted(processors, key=lambda p: p.order)
+        self.vocab_size = vocab_size
+        self.owners = owners or {}  # processor name -> plugin name, for error messages
+        self._by_name = {p.name: p for p in self.processors}
 
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p times the most likely token's (Nguyen et al. 2024)."""
-    probs = logits.softmax(dim=-1)
-    threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
-    return logits.masked_fill(probs < threshold, float("-inf"))
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.processors]
 
+    def prepare(self, params: SamplingParams) -> tuple:
+        """Every processor's argument for one request; raises InvalidRequestError before any work."""
+        unknown = sorted(set(params.logits_processors) - set(self._by_name))
+        if unknown:
+            raise InvalidRequestError(f"unknown logits processor(s) {unknown}; available: {', '.join(self.names)}")
+        args = []
+        for proc in self.processors:
+            try:
+                args.append(proc.parse(params, self.vocab_size))
+            except InvalidRequestError:
+                raise
+            except TypeError as exc:  # validate(**kwargs) with an unexpected keyword
+                raise InvalidRequestError(f"logits processor {proc.name!r}: {exc}") from None
+            except Exception as exc:
+                raise self._plugin_error(proc, exc) from exc
+        return tuple(args)
 
-def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
-                   histories: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Apply every active filter to fp32 logits (B, V), in SamplingParams' documented order."""
-    def column(name: str, dtype=torch.float32) -> torch.Tensor:
-        return torch.tensor([getattr(p, name) for p in params], dtype=dtype)
+    def process(self, logits: torch.Tensor, batch: SamplingBatch,
+                args: Sequence[tuple] | None = None) -> tuple[torch.Tensor, dict[int, PluginError]]:
+        """Run every processor some row uses, in order. A processor that raises fails only the
+        rows that use it (their logits stay as they were before it)."""
+        if args is None:
+            args = [self.prepare(p) for p in batch.params]
+        failures: dict[int, PluginError] = {}
+        for index, proc in enumerate(self.processors):
+            column = [row_args[index] for row_args in args]
+            if all(a is None for a in column):
+                continue
+            try:
+                out = proc(logits, column, batch)
+                if out.shape != logits.shape:
+                    raise ValueError(f"returned shape {tuple(out.shape)}, expected {tuple(logits.shape)}")
+                logits = out.float()
+            except Exception as exc:
+                error = self._plugin_error(proc, exc)
+                failures.update({row: error for row, a in enumerate(column) if a is not None})
+        return logits, failures
 
-    if any(p.repetition_penalty != 1.0 for p in params):
-        logits = apply_repetition_penalty(logits, histories, column("repetition_penalty"))
-    if any(not p.greedy for p in params):
-        logits = apply_temperature(logits, column("temperature"))
-    if any(p.top_k > 0 for p in params):
-        logits = apply_top_k(logits, column("top_k", torch.long))
-    if any(p.top_p < 1.0 for p in params):
-        logits = apply_top_p(logits, column("top_p"))
-    if any(p.min_p > 0.0 for p in params):
-        logits = apply_min_p(logits, column("min_p"))
-    return logits
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch, args: Sequence[tuple] | None = None) -> SampleResult:
+        """One next token per row: argmax for greedy rows, a draw from the processed distribution
+        otherwise (with the row's generator)."""
+        processed, failures = self.process(logits.float(), batch, args)
+        chosen = processed.argmax(dim=-1).tolist()
+        for row, p in enumerate(batch.params):
+            if not p.greedy and row not in failures:
+                probs = processed[row].softmax(dim=-1)
+                chosen[row] = int(torch.multinomial(probs, 1, generator=batch.generators[row]))
+        return SampleResult(chosen, failures)
 
-
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator],
-           histories: Sequence[Sequence[int]]) -> list[int]:
-    """One next token per row: argmax for greedy rows, a draw from the filtered distribution otherwise."""
-    processed = process_logits(logits.float(), params, histories)
-    chosen = processed.argmax(dim=-1).tolist()
-    for row, p in enumerate(params):
-        if not p.greedy:
-            probs = processed[row].softmax(dim=-1)
-            chosen[row] = int(torch.multinomial(probs, 1, generator=generators[row]))
-    return chosen
+    def _plugin_error(self, proc: LogitsProcessor, exc: Exception) -> PluginError:
+        owner = self.owners.get(proc.name, "unknown plugin")
+        return PluginError(f"logits processor {proc.name!r} from plugin {owner!r} failed: "
+                           f"{type(exc).__name__}: {exc}")

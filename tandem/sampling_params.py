@@ -3,6 +3,7 @@ so a bad value fails before any work starts, with a message that says what is al
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -11,6 +12,8 @@ from tandem.errors import InvalidRequestError
 MAX_TOKENS_LIMIT = 1 << 20  # anything above is a typo, whatever the context window
 MAX_STOP_STRINGS = 16
 MAX_N = 64  # samples per prompt
+MAX_LOGIT_BIAS_ENTRIES = 1024  # OpenAI allows 300; a little more room for programmatic callers
+MAX_PROCESSOR_ARG_BYTES = 4096  # a plugin's per-request arguments, as JSON
 # Temperatures below this are greedy: dividing fp32 logits by less overflows (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
 
@@ -18,6 +21,22 @@ GREEDY_TEMPERATURE = 1e-5
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise InvalidRequestError(message)
+
+
+def _is_token_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _short(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _json_or_none(x) -> str | None:
+    try:
+        return json.dumps(x)
+    except (TypeError, ValueError):
+        return None
 
 
 def _is_number(x) -> bool:
@@ -28,8 +47,14 @@ def _is_number(x) -> bool:
 class SamplingParams:
     """Per-request sampling and stopping rules (vLLM's names and defaults).
 
-    Order of application: repetition penalty -> temperature -> top-k -> top-p -> min-p -> draw.
+    Order of application (each step is a logits-processor plugin; plugin processors slot in by
+    their `order`, default between temperature and top-k): logit bias -> repetition penalty ->
+    presence/frequency penalties -> temperature -> top-k -> top-p -> min-p -> draw.
     temperature=0 (or below 1e-5) means greedy (argmax); top_k=0, top_p=1, min_p=0 turn those filters off.
+    repetition_penalty (CTRL's, over prompt and output; 1 = off); presence_penalty and
+    frequency_penalty (OpenAI's, in [-2, 2], over the output only; 0 = off); logit_bias: token id
+    -> value in [-100, 100] added to its logit. logits_processors: plugin processor name -> its
+    keyword arguments, e.g. {"typical_p": {"mass": 0.9}}.
     n samples are drawn per prompt, sharing the prompt's KV blocks; with a seed, sample i uses
     seed + i. The output stops at max_tokens, an end-of-generation token (unless ignore_eos), a token in
     stop_token_ids, or a stop string (which is not included in the text).
@@ -42,6 +67,10 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logits_processors: dict[str, dict] = field(default_factory=dict)
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = field(default_factory=list)
@@ -62,6 +91,23 @@ class SamplingParams:
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
         _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
                f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+        for key in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, key)
+            _check(_is_number(value) and -2 <= value <= 2, f"{key} must be in [-2, 2] (0 = off), got {value!r}")
+        self.logit_bias = {} if self.logit_bias is None else self.logit_bias
+        _check(isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES
+               and all(_is_token_id(k) and _is_number(v) and -100 <= v <= 100 for k, v in self.logit_bias.items()),
+               f"logit_bias must map at most {MAX_LOGIT_BIAS_ENTRIES} token ids to values in [-100, 100], "
+               f"got {_short(self.logit_bias)}")
+        self.logits_processors = {} if self.logits_processors is None else self.logits_processors
+        _check(isinstance(self.logits_processors, dict)
+               and all(isinstance(k, str) and isinstance(v, dict) and all(isinstance(a, str) for a in v)
+                       for k, v in self.logits_processors.items()),
+               f"logits_processors must map processor names to keyword-argument dicts, "
+               f"got {_short(self.logits_processors)}")
+        _check(len(_json_or_none(self.logits_processors) or "x" * (MAX_PROCESSOR_ARG_BYTES + 1))
+               <= MAX_PROCESSOR_ARG_BYTES,
+               f"logits_processors must be JSON-serializable and at most {MAX_PROCESSOR_ARG_BYTES} bytes as JSON")
         _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                      and 0 <= self.seed < 2**63),
                f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")

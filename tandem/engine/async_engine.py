@@ -20,6 +20,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from tandem.engine.llm_engine import LLMEngine
+from tandem.errors import PluginError
 from tandem.outputs import RequestOutput, StreamDelta
 from tandem.sampling_params import SamplingParams
 
@@ -153,11 +154,12 @@ class AsyncEngine:
             stream = self._streams.get(output.request_id)
             if stream is not None:
                 stream.output = output
-                stream.put(output)
+                stream.put(PluginError(output.error) if output.error else output)
 
     def _fail_all(self, exc: Exception) -> None:
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
             stream = self._streams.get(request_id)
             if stream is not None:
-                stream.put(RuntimeError(f"the engine failed while running this request: {exc}"))
+                stream.put(PluginError(str(exc)) if isinstance(exc, PluginError)
+                           else RuntimeError(f"the engine failed while running this request: {exc}"))

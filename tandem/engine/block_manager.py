@@ -7,6 +7,11 @@ identified by a hash chained over its parent's hash and its token ids, so a late
 same prefix reuses it. Freed blocks keep their content and stay findable until they are reused,
 least recently freed first. A shared block that must change is copied first (copy-on-write).
 Ids and counts only: the model runner carries out the copies this returns.
+
+Blocks are given out as the tokens they hold are about to be computed (a long prompt is not
+reserved whole at admission). With an attention variant that stops seeing old keys (sliding
+window, sinks), `release_dead_blocks` frees the blocks no future query can see and leaves a
+NULL_BLOCK hole in the table: the KV of such a sequence stops growing at its window.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from collections import OrderedDict
 import numpy as np
 
 from tandem.engine.sequence import Sequence
+
+NULL_BLOCK = -1  # a block-table entry whose block was released (out of every future query's view)
 
 
 def block_hash(parent: bytes | None, token_ids: list[int]) -> bytes:
@@ -60,10 +67,16 @@ class BlockManager:
             parent = h
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def _tokens_to_cover(self, seq: Sequence, num_hits: int, max_new: int | None) -> int:
+        computed = num_hits * self.block_size
+        return seq.num_tokens if max_new is None else min(seq.num_tokens, computed + max_new)
+
+    def can_allocate(self, seq: Sequence, max_new: int | None = None) -> bool:
+        """Whether a waiting sequence can get its prefix hits plus room for max_new more tokens (all)."""
         hits = self._prefix_hits(seq)
         revived = sum(1 for block, _ in hits if self.ref_counts[block] == 0)  # hits now on the free list
-        return self.blocks_for(seq.num_tokens) - len(hits) <= self.num_free_blocks - revived
+        needed = self.blocks_for(self._tokens_to_cover(seq, len(hits), max_new)) - len(hits)
+        return needed <= self.num_free_blocks - revived
 
     def can_append(self, seq: Sequence, num_new: int) -> bool:
         return self._new_blocks_needed(seq, num_new) <= self.num_free_blocks
@@ -85,8 +98,9 @@ class BlockManager:
         self.ref_counts[block] = 1
         return block
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+    def allocate(self, seq: Sequence, max_new: int | None = None) -> None:
+        """Give a waiting sequence its cached prefix blocks and blocks for the next max_new tokens
+        (None: all its tokens); append_slots gives the rest as they are computed."""
         assert not seq.block_table, "allocate() is for sequences that hold no blocks"
         hits = self._prefix_hits(seq)
         for block, h in hits:
@@ -95,7 +109,7 @@ class BlockManager:
             self.ref_counts[block] += 1
             seq.block_table.append(block)
             seq.block_hashes.append(h)
-        for _ in range(self.blocks_for(seq.num_tokens) - len(hits)):
+        for _ in range(self.blocks_for(self._tokens_to_cover(seq, len(hits), max_new)) - len(hits)):
             seq.block_table.append(self._take_free())
         seq.num_computed_tokens = len(hits) * self.block_size
         if not seq.admitted:
@@ -126,25 +140,46 @@ class BlockManager:
                            seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             seq.block_hashes.append(h)
             block = seq.block_table[i]
-            if self.enable_prefix_caching and h not in self.cached and self.hashes[block] is None:
+            if self.enable_prefix_caching and block != NULL_BLOCK and h not in self.cached and self.hashes[block] is None:
                 self.cached[h] = block
                 self.hashes[block] = h
 
+    def release_dead_blocks(self, seq: Sequence, num_sink: int, window: int) -> None:
+        """Free the blocks whose every token is out of sight of all future queries: neither one of
+        the first num_sink tokens nor among the last `window` positions up to the next query
+        (at position num_computed_tokens)."""
+        first_live = seq.num_computed_tokens - window + 1
+        first = max(seq.num_released_blocks, -(-num_sink // self.block_size))
+        end = first_live // self.block_size  # blocks wholly before first_live
+        for i in range(first, min(end, len(seq.block_table))):
+            block = seq.block_table[i]
+            if block != NULL_BLOCK:
+                self._unref(block)
+                seq.block_table[i] = NULL_BLOCK
+        seq.num_released_blocks = max(seq.num_released_blocks, end)
+
+    def _unref(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free[block] = None
+            if self.hashes[block] is None:
+                self.free.move_to_end(block, last=False)
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         child.block_table = list(parent.block_table)
+        child.num_released_blocks = parent.num_released_blocks
         for block in child.block_table:
-            self.ref_counts[block] += 1
+            if block != NULL_BLOCK:
+                self.ref_counts[block] += 1
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's blocks. Cached ones stay findable (evicted last, the tail of a
         sequence before its head); uncached ones go to the front of the free list."""
         for block in reversed(seq.block_table):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free[block] = None
-                if self.hashes[block] is None:
-                    self.free.move_to_end(block, last=False)
+            if block != NULL_BLOCK:
+                self._unref(block)
         seq.block_table = []
+        seq.num_released_blocks = 0
         seq.block_hashes = []
         seq.num_computed_tokens = 0
 
@@ -153,7 +188,8 @@ class BlockManager:
         counts = [0] * self.num_blocks
         for seq in live:
             for block in seq.block_table:
-                counts[block] += 1
+                if block != NULL_BLOCK:
+                    counts[block] += 1
         assert counts == self.ref_counts, "reference counts disagree with block tables"
         assert set(self.free) == {b for b in range(self.num_blocks) if counts[b] == 0}, "free list is wrong"
         assert all(self.hashes[b] == h for h, b in self.cached.items()), "hash index is stale"

@@ -15,9 +15,11 @@ from tandem.engine.config import EngineConfig, num_kv_blocks
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.scheduler import Scheduler
 from tandem.engine.sequence import Sequence
-from tandem.errors import ConfigError, InvalidRequestError, QueueFullError
+from tandem.errors import ConfigError, InvalidRequestError, PluginError, QueueFullError
+from tandem.model.attention import DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBackend, AttentionVariant
+from tandem.model.kv_pool import DEFAULT_KV_FORMAT, KVCacheFormat
 from tandem.outputs import CompletionOutput, OutputBuilder, RequestMetrics, RequestOutput, StreamDelta
-from tandem.sampling import make_generator, sample
+from tandem.sampling import SamplerPipeline, SamplingBatch, make_generator
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import Tokenizer
 
@@ -28,9 +30,11 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     metrics: RequestMetrics
+    sampling_args: tuple  # each logits processor's argument for this request (SamplerPipeline.prepare)
     seqs: list[Sequence] = field(default_factory=list)
     builders: list[OutputBuilder] = field(default_factory=list)
     generators: list[torch.Generator] = field(default_factory=list)
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -38,19 +42,36 @@ class _Request:
 
 
 class LLMEngine:
+    """The plugins it runs with come resolved (tandem.plugins.PluginManager does that): `sampler`
+    (the logits-processor pipeline), the attention `variant` and `backend`, and the `kv_format`."""
+
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_model_len: int,
-                 config: EngineConfig | None = None):
+                 config: EngineConfig | None = None, *, sampler: SamplerPipeline,
+                 variant: AttentionVariant = DEFAULT_VARIANT, backend: AttentionBackend = DEFAULT_BACKEND,
+                 kv_format: KVCacheFormat = DEFAULT_KV_FORMAT):
         self.config = config or EngineConfig()
-        self.tokenizer, self.model_config = tokenizer, model.config
-        dtype = next(model.parameters()).dtype
-        blocks = num_kv_blocks(self.config, self.model_config.kv_bytes_per_token(dtype.itemsize), max_model_len)
-        self.block_manager = BlockManager(blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.tokenizer, self.model_config, self.sampler = tokenizer, model.config, sampler
+        self.variant, self.retention = variant, variant.retention()
+        c, block_size = self.model_config, self.config.block_size
+        per_token = kv_format.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, next(model.parameters()).dtype)
+        blocks = num_kv_blocks(self.config, per_token, max_model_len)
+        # A windowed variant frees blocks as it goes, so a shared prefix does not stay whole.
+        caching = self.config.enable_prefix_caching and self.retention is None
+        self.block_manager = BlockManager(blocks, block_size, caching)
         self.scheduler = Scheduler(self.config, self.block_manager)
-        self.runner = ModelRunner(model, self.model_config, blocks, self.config.block_size, dtype)
-        # A sequence alone in the pool can always finish: cap its length at the pool's capacity.
-        self.max_model_len = min(max_model_len, blocks * self.config.block_size)
+        self.runner = ModelRunner(model, c, blocks, block_size, kv_format, variant, backend)
+        self.max_model_len = max_model_len
+        if self.retention is None:  # a sequence alone in the pool can always finish: cap at its capacity
+            self.max_model_len = min(max_model_len, blocks * block_size)
+        else:  # it needs its sinks, its window and one chunk in flight at most
+            r = self.retention
+            working_set = (-(-r.num_sink // block_size) + -(-(r.window + self.config.max_num_batched_tokens)
+                                                             // block_size) + 1)
+            if blocks < working_set:
+                raise ConfigError(f"attention {variant.describe()} needs {working_set} KV blocks per sequence; "
+                                  f"the pool has {blocks}: raise num_kv_blocks or kv_cache_memory")
         if self.max_model_len < 2:
-            raise ConfigError(f"a KV pool of {blocks} x {self.config.block_size} tokens cannot hold a one-token "
+            raise ConfigError(f"a KV pool of {blocks} x {block_size} tokens cannot hold a one-token "
                               "prompt and its answer; raise num_kv_blocks or kv_cache_memory")
         self.requests: dict[str, _Request] = {}
         self.num_finished_requests = 0
@@ -71,7 +92,9 @@ class LLMEngine:
                                       "and at least one token must be left to generate")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting requests)")
-        request = _Request(request_id, list(prompt_ids), params, RequestMetrics(time.monotonic(), len(prompt_ids)))
+        sampling_args = self.sampler.prepare(params)
+        request = _Request(request_id, list(prompt_ids), params, RequestMetrics(time.monotonic(), len(prompt_ids)),
+                           sampling_args)
         request.seqs.append(Sequence(request_id, list(prompt_ids), len(prompt_ids), params))
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
@@ -106,13 +129,30 @@ class LLMEngine:
         for seq, num in plan.scheduled:
             seq.num_computed_tokens += num
             self.block_manager.commit(seq)
+            if self.retention is not None:
+                self.block_manager.release_dead_blocks(seq, self.retention.num_sink, self.retention.window)
         now = time.monotonic()
         seqs, rows = self._expand_forks([plan.scheduled[i][0] for i in to_sample])
         requests = [self.requests[s.request_id] for s in seqs]
-        tokens = sample(logits[rows], [s.params for s in seqs],
-                        [r.generators[s.index] for s, r in zip(seqs, requests)], [s.token_ids for s in seqs])
-        deltas = [self._append(r, s, t, now) for s, r, t in zip(seqs, requests, tokens)]
-        return deltas, self._collect_finished(requests, now)
+        batch = SamplingBatch([s.params for s in seqs], [s.token_ids for s in seqs],
+                              [s.num_prompt_tokens for s in seqs], [r.generators[s.index] for s, r in zip(seqs, requests)])
+        result = self.sampler.sample(logits[rows], batch, [r.sampling_args for r in requests])
+        failed = {requests[row].request_id: error for row, error in result.failures.items()}
+        deltas = [self._append(r, s, t, now) for s, r, t in zip(seqs, requests, result.tokens)
+                  if r.request_id not in failed]
+        outputs = [self._fail(self.requests[request_id], error, now) for request_id, error in failed.items()]
+        return deltas, outputs + self._collect_finished(requests, now)
+
+    def _fail(self, request: _Request, error: PluginError, now: float) -> RequestOutput:
+        """A plugin raised for this request: stop it, free its blocks, report the error."""
+        for seq in request.seqs:
+            self.scheduler.remove(seq)
+        for builder in request.builders:
+            builder.finish_reason = builder.finish_reason or "error"
+        request.error = str(error)
+        request.metrics.finished_time = now
+        del self.requests[request.request_id]
+        return self.output_of(request)
 
     def _expand_forks(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
         """A request's first sampling step: start its output and fork its n - 1 siblings, which
@@ -165,7 +205,8 @@ class LLMEngine:
     def output_of(request: _Request) -> RequestOutput:
         outputs = [CompletionOutput(i, list(b.token_ids), b.text, b.finish_reason)
                    for i, b in enumerate(request.builders)]
-        return RequestOutput(request.request_id, request.prompt_ids, outputs, request.finished, request.metrics)
+        return RequestOutput(request.request_id, request.prompt_ids, outputs, request.finished or bool(request.error),
+                             request.metrics, request.error)
 
     # -- observability --------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -1,19 +1,23 @@
-"""Attention over a paged KV cache on the CPU (PagedAttention's layout, torch ops).
+"""Attention over a paged KV cache (PagedAttention's layout, Kwon et al. 2023).
 
-The pool is one tensor per layer of shape (num_blocks, block_size, H_kv, D): a token's slot is
-block_id * block_size + offset. Each step, new keys/values are scattered to their slots; then
-decode tokens (one query each) attend together over their contexts, gathered whole blocks at a
-time (contiguous 16-token rows copy far faster than token-sized ones), and each prefill chunk
-attends over its own context. On CUDA the Triton paged kernel takes this place (kernels issue).
+Each layer has a K pool and a V pool of (num_blocks, block_size, H_kv, D) (a `KVPool`; its format
+may be quantized). Each step, new keys/values are scattered to their slots; then decode tokens
+(one query each) attend together over their contexts through the backend's `paged_decode`, and
+each prefill chunk attends over its own context through `prefill`. Block tables may have holes
+(NULL_BLOCK) where a windowed variant released blocks nobody can see any more: only live blocks
+are gathered, with their true positions, so the variant's mask stays exact.
+
+Masks depend on positions only, so they are built once per step here, not once per layer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from tandem.model.attention import attend_one_sequence
+from tandem.engine.block_manager import NULL_BLOCK
+from tandem.errors import PluginError
+from tandem.model.attention import AttentionBackend, AttentionMask, AttentionVariant, fresh_causal_mask
 
 
 @dataclass(frozen=True)
@@ -21,14 +25,16 @@ class PrefillChunk:
     start: int  # first row of this chunk in the flat batch
     num_tokens: int
     num_cached: int  # context tokens before the chunk
-    context_blocks: torch.Tensor | None  # (ceil(context / block_size),) block ids; None when num_cached == 0
+    context_blocks: torch.Tensor | None  # live block ids holding the context; None when num_cached == 0
+    num_context_keys: int  # keys in those blocks that belong to the context (the last block may be part-full)
+    mask: AttentionMask
 
 
 @dataclass(frozen=True)
 class DecodeBatch:
     rows: torch.Tensor  # (B,) rows of the flat batch holding one decode query each
-    block_tables: torch.Tensor  # (B, max_blocks) block ids, padded with block 0
-    mask: torch.Tensor  # (B, 1, 1, S_max) True where the slot is part of the context
+    block_tables: torch.Tensor  # (B, max_blocks) live block ids, padded with block 0
+    mask: AttentionMask  # allowed (B, 1, S), bias (B, H, 1, S); S = max_blocks * block_size
 
 
 @dataclass(frozen=True)
@@ -41,71 +47,90 @@ class PagedAttentionMetadata:
 class PagedAttention:
     """The AttentionContext of one engine step."""
 
-    def __init__(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], meta: PagedAttentionMetadata):
-        self.k_cache, self.v_cache, self.meta = k_cache, v_cache, meta
+    def __init__(self, k_pools: list, v_pools: list, meta: PagedAttentionMetadata,
+                 variant: AttentionVariant, backend: AttentionBackend):
+        self.k_pools, self.v_pools, self.meta = k_pools, v_pools, meta
+        self.variant, self.backend = variant, backend
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_pool, v_pool = self.k_cache[layer], self.v_cache[layer]  # (num_blocks, block_size, Hkv, D)
-        k_pool.view(-1, *k_pool.shape[2:])[self.meta.slots] = k.to(k_pool.dtype)
-        v_pool.view(-1, *v_pool.shape[2:])[self.meta.slots] = v.to(v_pool.dtype)
-        if self.meta.decodes is None and len(self.meta.prefills) == 1 and self.meta.prefills[0].num_cached == 0:
-            return attend_one_sequence(q, k, v, 0)  # the whole batch is one fresh prompt
+        k_pool, v_pool = self.k_pools[layer], self.v_pools[layer]
+        k_pool.write(self.meta.slots, k)
+        v_pool.write(self.meta.slots, v)
+        try:
+            return self._attend(k_pool, v_pool, q, k, v)
+        except Exception as exc:
+            raise PluginError(f"attention backend {self.backend.name!r} with variant {self.variant.name!r} "
+                              f"failed: {type(exc).__name__}: {exc}") from exc
+
+    def _attend(self, k_pool, v_pool, q, k, v) -> torch.Tensor:
+        meta = self.meta
+        if meta.decodes is None and len(meta.prefills) == 1 and meta.prefills[0].num_cached == 0:
+            return self.backend.prefill(q, k, v, meta.prefills[0].mask)  # the whole batch is one fresh prompt
         out = torch.empty_like(q)
-        for chunk in self.meta.prefills:
+        for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.num_tokens)
             if chunk.context_blocks is None:
-                out[rows] = attend_one_sequence(q[rows], k[rows], v[rows], 0)
+                out[rows] = self.backend.prefill(q[rows], k[rows], v[rows], chunk.mask)
             else:
-                length = chunk.num_cached + chunk.num_tokens
-                keys = k_pool[chunk.context_blocks].flatten(0, 1)[:length].to(q.dtype)  # (S, Hkv, D)
-                values = v_pool[chunk.context_blocks].flatten(0, 1)[:length].to(q.dtype)
-                out[rows] = attend_one_sequence(q[rows], keys, values, chunk.num_cached)
-        if self.meta.decodes is not None:
-            d = self.meta.decodes
-            out[d.rows] = decode_attention(q[d.rows], k_pool[d.block_tables].flatten(1, 2).to(q.dtype),
-                                           v_pool[d.block_tables].flatten(1, 2).to(q.dtype), d.mask)
+                n = chunk.num_context_keys
+                keys = k_pool.gather(chunk.context_blocks).flatten(0, 1)[:n].to(q.dtype)  # (S, Hkv, D)
+                values = v_pool.gather(chunk.context_blocks).flatten(0, 1)[:n].to(q.dtype)
+                out[rows] = self.backend.prefill(q[rows], keys, values, chunk.mask)
+        if meta.decodes is not None:
+            d = meta.decodes
+            out[d.rows] = self.backend.paged_decode(q[d.rows], k_pool, v_pool, d.block_tables, d.mask)
         return out
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query per sequence: q (B, H, D) over keys/values (B, S, Hkv, D) where mask (B, 1, 1, S).
-    Plain batched matmuls with the query heads grouped per KV head: for a single query row this
-    is several times faster on the CPU than SDPA with a mask (measured: 2.5 ms -> 0.2 ms a layer)."""
-    batch, num_heads, dim = q.shape
-    num_kv = keys.shape[2]
-    grouped = q.view(batch, num_kv, num_heads // num_kv, dim)  # (B, Hkv, G, D)
-    scores = grouped @ keys.permute(0, 2, 3, 1) * dim ** -0.5  # (B, Hkv, G, S)
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return (probs @ values.transpose(1, 2)).reshape(batch, num_heads, dim)
+def _live_blocks(table: list[int], num_tokens: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block ids, first position of each) of the live blocks covering num_tokens tokens."""
+    table_t = torch.tensor(table[:-(-num_tokens // block_size)], dtype=torch.long)
+    starts = torch.arange(len(table_t)) * block_size
+    if NULL_BLOCK in table:
+        live = table_t != NULL_BLOCK
+        table_t, starts = table_t[live], starts[live]
+    return table_t, starts
 
 
-def build_metadata(rows: list[tuple[list[int], int, int]], block_size: int) -> PagedAttentionMetadata:
+def build_metadata(rows: list[tuple[list[int], int, int]], block_size: int, variant: AttentionVariant,
+                   num_heads: int) -> PagedAttentionMetadata:
     """rows: per scheduled sequence, (block_table, num_computed_tokens, num_new_tokens), in flat order."""
-    slots, prefills, decode_rows, decode_tables, decode_lens = [], [], [], [], []
+    slots, prefills, decodes = [], [], []
     start = 0
+    offsets = torch.arange(block_size)
     for table, num_cached, num_new in rows:
         context_len = num_cached + num_new
-        table_t = torch.tensor(table[:-(-context_len // block_size)], dtype=torch.long)
         positions = torch.arange(num_cached, context_len)
-        slots.append(table_t[positions // block_size] * block_size + positions % block_size)
+        table_new = torch.tensor(table[num_cached // block_size:-(-context_len // block_size)], dtype=torch.long)
+        slots.append(table_new[positions // block_size - num_cached // block_size] * block_size
+                     + positions % block_size)
         if num_new == 1 and num_cached > 0:
-            decode_rows.append(start)
-            decode_tables.append(table_t)
-            decode_lens.append(context_len)
+            decodes.append((start, *_live_blocks(table, context_len, block_size), context_len))
+        elif num_cached == 0:
+            prefills.append(PrefillChunk(start, num_new, 0, None, 0, fresh_causal_mask(variant, num_new, num_heads)))
         else:
-            prefills.append(PrefillChunk(start, num_new, num_cached, table_t if num_cached else None))
+            blocks, starts = _live_blocks(table, context_len, block_size)
+            key_pos = (starts.unsqueeze(1) + offsets).flatten()
+            key_pos = key_pos[key_pos < context_len]
+            mask = AttentionMask.build(variant, positions, key_pos, num_heads)
+            prefills.append(PrefillChunk(start, num_new, num_cached, blocks, len(key_pos), mask))
         start += num_new
     return PagedAttentionMetadata(torch.cat(slots), tuple(prefills),
-                                  _decode_batch(decode_rows, decode_tables, decode_lens, block_size))
+                                  _decode_batch(decodes, block_size, variant, num_heads))
 
 
-def _decode_batch(rows: list[int], tables: list[torch.Tensor], lens: list[int], block_size: int) -> DecodeBatch | None:
-    if not rows:
+def _decode_batch(decodes: list, block_size: int, variant: AttentionVariant, num_heads: int) -> DecodeBatch | None:
+    if not decodes:
         return None
-    max_blocks = max(len(t) for t in tables)
-    table = torch.zeros(len(rows), max_blocks, dtype=torch.long)
-    for i, t in enumerate(tables):
-        table[i, :len(t)] = t
-    positions = torch.arange(max_blocks * block_size)
-    mask = positions.unsqueeze(0) < torch.tensor(lens).unsqueeze(1)  # (B, S_max)
-    return DecodeBatch(torch.tensor(rows), table, mask[:, None, None, :])
+    max_blocks = max(len(blocks) for _, blocks, _, _ in decodes)
+    table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+    starts = torch.full((len(decodes), max_blocks), -block_size, dtype=torch.long)  # padding: never valid
+    for i, (_, blocks, block_starts, _) in enumerate(decodes):
+        table[i, :len(blocks)] = blocks
+        starts[i, :len(blocks)] = block_starts
+    key_pos = (starts.unsqueeze(2) + torch.arange(block_size)).flatten(1)  # (B, S)
+    lengths = torch.tensor([length for *_, length in decodes])
+    valid = (key_pos >= 0) & (key_pos < lengths.unsqueeze(1))
+    query_pos = (lengths - 1).unsqueeze(1)  # (B, 1): each decode token is its sequence's last
+    mask = AttentionMask.build(variant, query_pos, key_pos, num_heads, valid)
+    return DecodeBatch(torch.tensor([row for row, *_ in decodes]), table, mask)

@@ -81,10 +81,10 @@ class Scheduler:
         self.running = kept
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
+            if not self.blocks.can_allocate(seq, budget):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq)
+            self.blocks.allocate(seq, budget)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             num = min(seq.num_uncomputed_tokens, budget)

@@ -29,6 +29,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of the computed full blocks, in order
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_released_blocks: int = 0  # leading table entries already checked by release_dead_blocks
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted: bool = False
 
@@ -48,5 +49,6 @@ class Sequence:
         """A sibling sharing everything computed so far (the block manager shares the blocks)."""
         return Sequence(self.request_id, list(self.token_ids), self.num_prompt_tokens, self.params, index,
                         status=self.status, block_hashes=list(self.block_hashes),
-                        num_computed_tokens=self.num_computed_tokens, num_cached_tokens=self.num_cached_tokens,
+                        num_computed_tokens=self.num_computed_tokens, num_released_blocks=self.num_released_blocks,
+                        num_cached_tokens=self.num_cached_tokens,
                         admitted=True)

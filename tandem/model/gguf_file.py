@@ -99,6 +99,7 @@ class GGUFFile:
                 rope_scaling=self._rope_scaling(),
                 tie_word_embeddings="output.weight" not in self.tensors,
                 attention_bias="blk.0.attn_q.bias" in self.tensors,
+                sliding_window=int(self._get("attention.sliding_window", 0) or 0) or None,
                 name=str(self.metadata.get("general.name", self.path.stem)),
             )
         except (TypeError, KeyError) as exc:

@@ -67,6 +67,7 @@ class HFDirectory:
                 rope_scaling=scaling,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", False)),
+                sliding_window=(cfg.get("sliding_window") or None) if cfg.get("use_sliding_window", True) else None,
                 name=self.path.name,
             )
         except KeyError as exc:

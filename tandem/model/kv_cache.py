@@ -1,24 +1,29 @@
 """A contiguous single-sequence KV cache: the simplest correct cache, and the reference the paged
-engine is tested against. Layout per layer: (max_len, H_kv, D).
+engine is tested against. Layout per layer: (max_len, H_kv, D). It keeps every token (no rolling
+window): use it for scoring and as a reference, the engine's paged pool for serving.
 """
 from __future__ import annotations
 
 import torch
 
 from tandem.config import ModelConfig
-from tandem.model.attention import attend_one_sequence
+from tandem.model.attention import (DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBackend, AttentionMask,
+                                    AttentionVariant, fresh_causal_mask)
 
 
 class KVCache:
     """An AttentionContext for one sequence. The caller calls `advance(n)` after each forward."""
 
     def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", variant: AttentionVariant = DEFAULT_VARIANT,
+                 backend: AttentionBackend = DEFAULT_BACKEND):
         shape = (config.num_layers, max_len, config.num_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
+        self.max_len, self.num_heads = max_len, config.num_heads
+        self.variant, self.backend = variant, backend
         self.length = 0  # tokens stored by completed forwards
+        self._mask: tuple[int, int, AttentionMask] | None = None  # built once per forward, not per layer
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         end = self.length + k.shape[0]
@@ -26,7 +31,17 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
         self.k[layer, self.length:end] = k
         self.v[layer, self.length:end] = v
-        return attend_one_sequence(q, self.k[layer, :end], self.v[layer, :end], self.length)
+        return self.backend.prefill(q, self.k[layer, :end], self.v[layer, :end], self._mask_for(end))
+
+    def _mask_for(self, end: int) -> AttentionMask:
+        if self._mask is None or self._mask[:2] != (self.length, end):
+            if self.length == 0:
+                mask = fresh_causal_mask(self.variant, end, self.num_heads)
+            else:
+                mask = AttentionMask.build(self.variant, torch.arange(self.length, end), torch.arange(end),
+                                           self.num_heads)
+            self._mask = (self.length, end, mask)
+        return self._mask[2]
 
     def advance(self, num_tokens: int) -> None:
         """Called once per forward, after every layer stored its new tokens."""

@@ -44,7 +44,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
-        q, k = rope(q, k, positions)
+        if attn is None or attn.variant.rotary:  # ALiBi-style variants replace RoPE
+            q, k = rope(q, k, positions)
         if attn is None:  # no cache: causal attention within each row
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=seq_len > 1, enable_gqa=True).transpose(1, 2)
@@ -116,5 +117,5 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head in fp32: (..., d) -> (..., vocab)."""
-        return F.linear(hidden, self.lm_head.weight).float()
+        """LM head, logits in fp32: (..., d) -> (..., vocab). The head may be a quantized module."""
+        return self.lm_head(hidden).float()

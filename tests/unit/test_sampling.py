@@ -11,9 +11,24 @@ import math
 import pytest
 import torch
 
-from tandem.sampling import (apply_min_p, apply_repetition_penalty, apply_temperature, apply_top_k,
-                             apply_top_p, make_generator, process_logits, sample)
+from tandem.plugins import PluginManager
+from tandem.plugins.samplers import (apply_min_p, apply_repetition_penalty, apply_temperature, apply_top_k,
+                                     apply_top_p)
+from tandem.sampling import SamplingBatch, make_generator
 from tandem.sampling_params import SamplingParams
+
+# The built-in processors only; a vocabulary larger than any test row, so top_k is never "all".
+PIPELINE = PluginManager(entry_points=False).sampler_pipeline(vocab_size=1 << 20)
+
+
+def process_logits(logits, params, histories):
+    out, failures = PIPELINE.process(logits, SamplingBatch(params, histories))
+    assert not failures
+    return out
+
+
+def sample(logits, params, generators, histories):
+    return PIPELINE.sample(logits, SamplingBatch(params, histories, (), generators)).tokens
 
 NEG_INF = float("-inf")
 

@@ -1,0 +1,141 @@
+"""Built-in attention variants and backends.
+
+Variants (each a mask or bias rule on one attention path):
+- causal: every earlier key (the default).
+- sliding_window: the last `window` keys including the query's own (Mistral, Jiang et al. 2023);
+  older KV blocks are freed, so the cache stops growing at the window (a rolling KV).
+- sinks: the first `num_sink` tokens plus the last `window` (StreamingLLM, Xiao et al. 2023). Keys
+  keep their original positions (Mistral-style), not positions re-numbered inside the cache.
+- alibi: causal, plus a per-head linear distance penalty m_h * (k - q) instead of RoPE
+  (Press et al. 2022), with the paper's slopes for any head count.
+- local_global: a causal local window plus global tokens everyone sees: the first `num_global`
+  tokens and, with `stride`, every stride-th token (Longformer / BigBird's local+global pattern
+  in its causal form; Sparse Transformer's strided keys).
+Backends: sdpa (torch SDPA; the CPU default) and naive (explicit fp32 softmax(QK^T/sqrt(D) + bias)V:
+the reference every other backend is tested against).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tandem.errors import ConfigError
+from tandem.model.attention import AttentionBackend, AttentionMask, AttentionVariant, CausalAttention, KVRetention
+from tandem.plugins import hookimpl
+
+
+def _positive_int(variant: str, key: str, value, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"attention variant {variant!r}: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class SlidingWindow(AttentionVariant):
+    name = "sliding_window"
+
+    def __init__(self, window: int = 4096):
+        self.window = _positive_int(self.name, "window", window)
+
+    def allowed(self, q_pos, k_pos):
+        return (k_pos <= q_pos) & (k_pos > q_pos - self.window)
+
+    def retention(self):
+        return KVRetention(0, self.window)
+
+
+class AttentionSinks(AttentionVariant):
+    name = "sinks"
+
+    def __init__(self, num_sink: int = 4, window: int = 1024):
+        self.num_sink = _positive_int(self.name, "num_sink", num_sink, 0)
+        self.window = _positive_int(self.name, "window", window)
+
+    def allowed(self, q_pos, k_pos):
+        return (k_pos <= q_pos) & ((k_pos > q_pos - self.window) | (k_pos < self.num_sink))
+
+    def retention(self):
+        return KVRetention(self.num_sink, self.window)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's head slopes: the geometric sequence 2^(-8/n), 2^(-16/n), ... for n heads a power of
+    two; otherwise those of the nearest lower power of two, then every other slope of the next one."""
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    lower = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_two(lower)
+    if lower != num_heads:
+        slopes += power_of_two(2 * lower)[0::2][:num_heads - lower]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class ALiBi(AttentionVariant):
+    name = "alibi"
+    rotary = False
+
+    def bias(self, q_pos, k_pos, num_heads):
+        distance = (k_pos - q_pos).float()  # (..., T, S), <= 0 where allowed
+        slopes = alibi_slopes(num_heads).view(num_heads, 1, 1)
+        return slopes * distance.unsqueeze(-3)  # (..., H, T, S)
+
+
+class LocalGlobal(AttentionVariant):
+    name = "local_global"
+
+    def __init__(self, window: int = 512, num_global: int = 16, stride: int = 0):
+        self.window = _positive_int(self.name, "window", window)
+        self.num_global = _positive_int(self.name, "num_global", num_global, 0)
+        self.stride = _positive_int(self.name, "stride", stride, 0)
+
+    def allowed(self, q_pos, k_pos):
+        visible = (k_pos > q_pos - self.window) | (k_pos < self.num_global)
+        if self.stride:
+            visible = visible | (k_pos % self.stride == self.stride - 1)
+        return (k_pos <= q_pos) & visible
+
+    def retention(self):
+        return None if self.stride else KVRetention(self.num_global, self.window)
+
+
+class NaiveBackend(AttentionBackend):
+    """The reference: fp32 scores, explicit mask and bias, KV heads repeated for GQA."""
+
+    name = "naive"
+
+    def prefill(self, q, keys, values, mask: AttentionMask):
+        num_tokens, num_keys = q.shape[0], keys.shape[0]
+        allowed = mask.allowed
+        if allowed is None:
+            allowed = torch.ones(num_tokens, num_keys, dtype=torch.bool).tril(num_keys - num_tokens)
+        return self._attend(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), allowed.unsqueeze(0),
+                            None if mask.bias is None else mask.bias.unsqueeze(0))[0]
+
+    def decode(self, q, keys, values, mask: AttentionMask):
+        return self._attend(q.unsqueeze(1), keys, values, mask.allowed,
+                            None if mask.bias is None else mask.bias)[:, 0]
+
+    @staticmethod
+    def _attend(q, keys, values, allowed, bias):
+        """q (B, T, H, D), keys/values (B, S, Hkv, D), allowed (B, T, S), bias (B, H, T, S) -> (B, T, H, D)."""
+        group = q.shape[2] // keys.shape[2]
+        k = keys.float().repeat_interleave(group, dim=2)
+        v = values.float().repeat_interleave(group, dim=2)
+        scores = torch.einsum("bthd,bshd->bhts", q.float(), k) / math.sqrt(q.shape[-1])
+        if bias is not None:
+            scores = scores + bias.float()
+        scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        out = torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v)
+        return out.to(q.dtype)
+
+
+@hookimpl
+def tandem_attention_variants(api_version: int):
+    return [CausalAttention, SlidingWindow, AttentionSinks, ALiBi, LocalGlobal]
+
+
+@hookimpl
+def tandem_attention_backends(api_version: int):
+    return [AttentionBackend, NaiveBackend]

@@ -1,0 +1,180 @@
+"""Built-in weight quantizers.
+
+- int8: weight-only, symmetric, one scale per output channel. Runs on PyTorch's packed CPU kernel
+  `aten._weight_int8pack_mm` with bf16 activations (its fast path; fp32 activations take a path
+  ~10x slower, measured).
+- int4: weight-only, asymmetric, one scale and zero point per group of `group_size` input
+  channels, packed for `aten._weight_int4pack_mm_for_cpu` (bf16 activations, as above).
+- nf4: 4-bit NormalFloat (QLoRA, Dettmers et al. 2023): 16 levels at the quantiles of a normal
+  distribution, one absmax scale per block of `block_size` weights; dequantized per forward
+  (a storage format: smaller, not faster).
+- fp8: float8 E4M3 storage with a per-output-channel scale (amax / 448), dequantized per forward.
+
+Decode at batch 1 is bound by reading the weights, so the packed int8/int4 kernels make it
+faster as well as smaller; see bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.errors import ConfigError
+from tandem.model.quantization import Quantizer
+from tandem.plugins import hookimpl
+
+PACKED_DTYPE = torch.bfloat16  # activation dtype of the packed CPU kernels' fast paths
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+# -- int8 -------------------------------------------------------------------------------------
+
+class Int8Linear(nn.Module):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("qweight", qweight)  # (N, K) int8
+        self.register_buffer("scales", scales.to(PACKED_DTYPE))  # (N,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int8pack_mm(_flat(x).to(PACKED_DTYPE), self.qweight, self.scales)
+        return out.view(*x.shape[:-1], -1).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales.float().unsqueeze(1)
+
+
+class Int8WeightOnly(Quantizer):
+    name = "int8"
+
+    def quantize(self, weight):
+        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
+        scales = scales.to(PACKED_DTYPE).float()  # quantize against the scale the kernel will use
+        qweight = (weight / scales.unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
+        return Int8Linear(qweight, scales)
+
+
+# -- int4 -------------------------------------------------------------------------------------
+
+class Int4Linear(nn.Module):
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, out_features: int):
+        super().__init__()
+        self.register_buffer("packed", packed)  # (N, K / 2) uint8, the kernel's layout
+        self.register_buffer("scales_zeros", scales_zeros)  # (K / group, N, 2) bf16
+        self.group_size, self.out_features = group_size, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(_flat(x).to(PACKED_DTYPE), self.packed,
+                                                         self.group_size, self.scales_zeros)
+        return out.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+class Int4WeightOnly(Quantizer):
+    """Per group: w ~= (q - 8) * scale + zero with q in [0, 15] (the kernel's convention)."""
+
+    name = "int4"
+    GROUP_SIZES = (32, 64, 128, 256)
+
+    def __init__(self, group_size: int = 32):
+        if group_size not in self.GROUP_SIZES:
+            raise ConfigError(f"int4 group_size must be one of {self.GROUP_SIZES}, got {group_size!r}")
+        self.group_size = group_size
+
+    def check(self, name, weight):
+        if weight.shape[1] % self.group_size:
+            raise ConfigError(f"its {weight.shape[1]} input channels are not a multiple of group_size "
+                              f"{self.group_size}; pick a group_size that divides them")
+
+    def quantize(self, weight):
+        n, k = weight.shape
+        groups = weight.view(n, k // self.group_size, self.group_size)
+        low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+        scales = ((high - low) / 15).clamp(min=1e-10).to(PACKED_DTYPE).float()
+        zeros = (low + 8 * scales).to(PACKED_DTYPE).float()  # the value of q = 8
+        q = ((groups - zeros) / scales + 8).round().clamp(0, 15).to(torch.int32).view(n, k)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        scales_zeros = torch.stack([scales.squeeze(-1), zeros.squeeze(-1)], dim=-1).transpose(0, 1)
+        return Int4Linear(packed, scales_zeros.contiguous().to(PACKED_DTYPE), self.group_size, n)
+
+
+# -- nf4 --------------------------------------------------------------------------------------
+
+# The 16 NF4 levels (QLoRA, appendix E): quantiles of N(0, 1) normalized to [-1, 1], with an exact 0.
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0])
+
+
+class NF4Linear(nn.Module):
+    def __init__(self, codes: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], block_size: int):
+        super().__init__()
+        self.register_buffer("codes", codes)  # (N * K / 2,) uint8: two 4-bit level indices per byte
+        self.register_buffer("absmax", absmax)  # (N * K / block_size,) fp32
+        self.register_buffer("levels", NF4_LEVELS.clone())
+        self.shape, self.block_size = shape, block_size
+
+    def dequantize(self) -> torch.Tensor:
+        indices = torch.stack([self.codes >> 4, self.codes & 0xF], dim=-1).flatten().long()
+        values = self.levels[indices].view(-1, self.block_size) * self.absmax.unsqueeze(1)
+        return values.view(self.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+
+class NF4(Quantizer):
+    name = "nf4"
+
+    def __init__(self, block_size: int = 64):
+        if not isinstance(block_size, int) or block_size < 2 or block_size % 2:
+            raise ConfigError(f"nf4 block_size must be an even integer >= 2, got {block_size!r}")
+        self.block_size = block_size
+
+    def check(self, name, weight):
+        if weight.numel() % self.block_size:
+            raise ConfigError(f"its {weight.numel()} weights are not a multiple of block_size {self.block_size}")
+
+    def quantize(self, weight):
+        blocks = weight.reshape(-1, self.block_size)
+        absmax = blocks.abs().amax(dim=1).clamp(min=1e-10)
+        normalized = (blocks / absmax.unsqueeze(1)).flatten()
+        # nearest level: the levels are sorted, so compare against the midpoints between them
+        midpoints = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+        indices = torch.bucketize(normalized, midpoints).to(torch.uint8)
+        codes = (indices[0::2] << 4) | indices[1::2]
+        return NF4Linear(codes, absmax, tuple(weight.shape), self.block_size)
+
+
+# -- fp8 --------------------------------------------------------------------------------------
+
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+class FP8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)  # (N, K) float8_e4m3fn
+        self.register_buffer("scales", scales)  # (N, 1) fp32
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+
+class FP8(Quantizer):
+    name = "fp8"
+
+    def quantize(self, weight):
+        scales = (weight.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+        return FP8Linear((weight / scales).to(torch.float8_e4m3fn), scales)
+
+
+@hookimpl
+def tandem_quantizers(api_version: int):
+    return [Int8WeightOnly, Int4WeightOnly, NF4, FP8]

@@ -1,0 +1,78 @@
+"""Weight quantization: the Quantizer plugin interface and the pass that applies one to a model.
+
+A quantizer turns one linear layer's weight (N, K) into a module computing x @ W^T from a smaller
+representation (int8, int4, NF4, FP8...). `quantize_model` swaps every projection of the decoder
+layers and the LM head (a tied head gets its own quantized copy; the embedding table stays in the
+model dtype, since a lookup reads one row per token and costs nothing to keep exact).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from tandem.errors import ConfigError
+
+
+class Quantizer:
+    """Base class of weight quantizers. Subclass it, set `name`, validate options in __init__
+    (raise ConfigError), and implement `quantize`."""
+
+    name: ClassVar[str] = ""
+    api_version: ClassVar[int] = 1
+
+    def __init__(self, **options):
+        if options:
+            raise ConfigError(f"quantizer {self.name!r} takes no options, got {sorted(options)}")
+
+    def check(self, name: str, weight: torch.Tensor) -> None:
+        """Raise ConfigError if this weight (N, K) cannot be quantized (e.g. K not a multiple of the group)."""
+
+    def quantize(self, weight: torch.Tensor) -> nn.Module:
+        """A module whose forward(x (..., K)) returns x @ weight.T (..., N) in x's dtype."""
+        raise NotImplementedError
+
+
+class QuantizedLinear(nn.Module):
+    """A quantized weight module plus the original layer's bias (if any)."""
+
+    def __init__(self, inner: nn.Module, bias: torch.Tensor | None, in_features: int, out_features: int):
+        super().__init__()
+        self.inner, self.in_features, self.out_features = inner, in_features, out_features
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The projections of every decoder layer and the LM head, by qualified name."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and (name.startswith("model.layers.") or name == "lm_head")]
+
+
+def quantize_model(model: nn.Module, quantizer: Quantizer) -> int:
+    """Replace the model's linear layers in place (all checked first, so nothing changes on a
+    ConfigError). Returns the bytes of weight storage saved."""
+    targets = quantizable_linears(model)
+    for name, linear in targets:
+        try:
+            quantizer.check(name, linear.weight)
+        except ConfigError as exc:
+            raise ConfigError(f"quantizer {quantizer.name!r} cannot quantize {name}: {exc}") from None
+    saved = 0
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        inner = quantizer.quantize(linear.weight.detach().float())
+        new = QuantizedLinear(inner, linear.bias, linear.in_features, linear.out_features)
+        saved += linear.weight.numel() * linear.weight.element_size() - _nbytes(inner)
+        setattr(parent, attr, new)
+    return saved
+
+
+def _nbytes(module: nn.Module) -> int:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
