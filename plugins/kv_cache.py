@@ -27,7 +27,14 @@ class Int8KVPool:
         self.scales.view(-1, *self.scales.shape[2:])[slots] = scales.to(SCALE_DTYPE)
 
     def gather(self, blocks: torch.Tensor) -> torch.Tensor:
-        return (self.data[blocks].to(self.dtype) * self.scales[blocks].to(self.dtype))
+        ids = blocks.reshape(-1)
+        values = self.data.index_select(0, ids).to(self.dtype) * self.scales.index_select(0, ids).to(self.dtype)
+        return values.view(*blocks.shape, *self.data.shape[1:])
+
+    def gather_range(self, first_block: int, num_tokens: int) -> torch.Tensor:
+        end = first_block + -(-num_tokens // self.data.shape[1])
+        values = self.data[first_block:end].to(self.dtype) * self.scales[first_block:end].to(self.dtype)
+        return values.flatten(0, 1)[:num_tokens]
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.data[dst] = self.data[src]

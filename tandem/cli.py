@@ -1,10 +1,11 @@
-"""The `tandem` command line: generate, chat, model info, serve.
+"""The `tandem` command line: generate, chat, model info, plugins list, serve.
 
 Bad input prints one line (`tandem: error: ...`) and exits with status 2, like argparse does.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from tandem.model.registry import DEFAULT_MODEL
@@ -17,6 +18,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"short name, .gguf file or HF directory (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: float32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--quantization", default=None,
+                   help="re-quantize the weights with a quantizer plugin: int8, int4, nf4, fp8, ... (default: none)")
+    p.add_argument("--quantization-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the quantizer, e.g. group_size=64 (repeatable)")
+    p.add_argument("--attention", default=None,
+                   help="attention variant plugin: causal, sliding_window, sinks, alibi, local_global, ... "
+                        "(default: the model's own)")
+    p.add_argument("--attention-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the variant, e.g. window=256 (repeatable)")
+    p.add_argument("--attention-backend", default="sdpa", help="sdpa (default), naive (the reference), or a plugin's")
+    p.add_argument("--kv-cache-dtype", default="auto", help="KV-cache format: auto (the model's dtype) or int8")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -26,6 +38,10 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off")
     p.add_argument("--min-p", type=float, default=0.0, help="min-p filter in [0, 1]; 0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 = off")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]; 0 = off")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]; 0 = off")
+    p.add_argument("--logits-processor", action="append", default=[], metavar="NAME[=JSON]",
+                   help='turn on a plugin logits processor, e.g. typical_p=\'{"mass": 0.9}\' (repeatable)')
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
@@ -51,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", default="float32", help="dtype weights and KV are held in (default: float32)")
     info.add_argument("--tokens", type=int, default=None, help="KV tokens to plan for (default: context length)")
 
+    plugins = sub.add_parser("plugins", help="plugin commands")
+    plugins_sub = plugins.add_subparsers(dest="plugins_command", required=True)
+    listing = plugins_sub.add_parser("list", help="every plugin and component: category, source, whether it loaded")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     serve = sub.add_parser("serve", help="serve the model (for now: the in-process engine on the terminal)")
     _add_model_args(serve)
     _add_sampling_args(serve, max_tokens=256)
@@ -61,15 +82,41 @@ def build_parser() -> argparse.ArgumentParser:
 def _sampling_params(args):
     from tandem.sampling_params import SamplingParams
 
+    processors = {}
+    for item in args.logits_processor:
+        name, _, raw = item.partition("=")
+        try:
+            processors[name] = json.loads(raw) if raw else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--logits-processor {name}: the arguments are not JSON ({exc})") from None
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=args.stop)
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          seed=args.seed, stop=args.stop, logits_processors=processors)
+
+
+def parse_options(items: list[str], flag: str) -> dict:
+    """KEY=VALUE pairs; values are JSON where they parse (numbers, true/false), else strings."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def _load(args):
     from tandem.llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=sys.stderr.isatty())
+    return LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=sys.stderr.isatty(),
+               quantization=args.quantization,
+               quantization_options=parse_options(args.quantization_option, "--quantization-option"),
+               attention=args.attention, attention_options=parse_options(args.attention_option, "--attention-option"),
+               attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def cmd_generate(args) -> int:
@@ -132,6 +179,27 @@ def cmd_model_info(args) -> int:
     return 0
 
 
+def cmd_plugins_list(args) -> int:
+    from tandem.plugins import get_plugin_manager
+
+    plugins = get_plugin_manager().plugins.values()
+    rows = []
+    for info in plugins:
+        status = "loaded" if info.loaded else f"FAILED: {info.error}"
+        for category, name in info.components or [("-", "-")]:
+            rows.append({"category": category, "name": name, "plugin": info.name, "source": info.source,
+                         "loaded": info.loaded, "status": status})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ("category", "name", "plugin", "source", "status")
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns[:-1]}
+    print("  ".join(c.upper().ljust(widths.get(c, 0)) for c in columns).rstrip())
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths.get(c, 0)) for c in columns).rstrip())
+    return 0
+
+
 def cmd_serve(args) -> int:
     print("tandem serve: the gRPC/HTTP service pipeline is not built yet; running the in-process "
           "engine as a terminal chat instead (Ctrl-D quits).", file=sys.stderr)
@@ -143,7 +211,7 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = cmd_model_info if args.command == "model" else COMMANDS[args.command]
+    handler = {"model": cmd_model_info, "plugins": cmd_plugins_list}.get(args.command) or COMMANDS[args.command]
     try:
         return handler(args)
     except ValueError as exc:  # every bad-input error of tandem is a ValueError

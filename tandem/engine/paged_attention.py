@@ -35,6 +35,9 @@ class DecodeBatch:
     rows: torch.Tensor  # (B,) rows of the flat batch holding one decode query each
     block_tables: torch.Tensor  # (B, max_blocks) live block ids, padded with block 0
     mask: AttentionMask  # allowed (B, 1, S), bias (B, H, 1, S); S = max_blocks * block_size
+    # One sequence whose blocks are consecutive (the common single-user case): (first block, context
+    # length). Its keys are then a view of the pool, read without a gather; mask is over exactly them.
+    contiguous: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class PagedAttention:
         meta = self.meta
         if meta.decodes is None and len(meta.prefills) == 1 and meta.prefills[0].num_cached == 0:
             return self.backend.prefill(q, k, v, meta.prefills[0].mask)  # the whole batch is one fresh prompt
+        if not meta.prefills:  # the whole batch is decodes, in row order
+            return self._decode(meta.decodes, k_pool, v_pool, q)
         out = torch.empty_like(q)
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.num_tokens)
@@ -77,9 +82,16 @@ class PagedAttention:
                 values = v_pool.gather(chunk.context_blocks).flatten(0, 1)[:n].to(q.dtype)
                 out[rows] = self.backend.prefill(q[rows], keys, values, chunk.mask)
         if meta.decodes is not None:
-            d = meta.decodes
-            out[d.rows] = self.backend.paged_decode(q[d.rows], k_pool, v_pool, d.block_tables, d.mask)
+            out[meta.decodes.rows] = self._decode(meta.decodes, k_pool, v_pool, q[meta.decodes.rows])
         return out
+
+    def _decode(self, d: DecodeBatch, k_pool, v_pool, q: torch.Tensor) -> torch.Tensor:
+        if d.contiguous is not None:
+            first, length = d.contiguous
+            keys = k_pool.gather_range(first, length).unsqueeze(0).to(q.dtype)  # (1, S, Hkv, D)
+            values = v_pool.gather_range(first, length).unsqueeze(0).to(q.dtype)
+            return self.backend.decode(q, keys, values, d.mask)
+        return self.backend.paged_decode(q, k_pool, v_pool, d.block_tables, d.mask)
 
 
 def _live_blocks(table: list[int], num_tokens: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,5 +144,24 @@ def _decode_batch(decodes: list, block_size: int, variant: AttentionVariant, num
     lengths = torch.tensor([length for *_, length in decodes])
     valid = (key_pos >= 0) & (key_pos < lengths.unsqueeze(1))
     query_pos = (lengths - 1).unsqueeze(1)  # (B, 1): each decode token is its sequence's last
-    mask = AttentionMask.build(variant, query_pos, key_pos, num_heads, valid)
-    return DecodeBatch(torch.tensor([row for row, *_ in decodes]), table, mask)
+    rows = torch.tensor([row for row, *_ in decodes])
+    contiguous = _consecutive_run(decodes, block_size)
+    if contiguous is not None:  # exactly the context's keys, in order: positions 0 .. length - 1
+        key_pos = torch.arange(contiguous[1]).unsqueeze(0)
+        mask = AttentionMask.build(variant, query_pos, key_pos, num_heads)
+        return DecodeBatch(rows, table, mask, contiguous)
+    return DecodeBatch(rows, table, AttentionMask.build(variant, query_pos, key_pos, num_heads, valid))
+
+
+def _consecutive_run(decodes: list, block_size: int) -> tuple[int, int] | None:
+    """(first block, context length) when the batch is one sequence with no holes whose blocks
+    are consecutive in the pool."""
+    if len(decodes) != 1:
+        return None
+    _, blocks, starts, length = decodes[0]
+    if len(blocks) != -(-length // block_size) or int(starts[0]) != 0:
+        return None  # holes: some blocks were released
+    first = int(blocks[0])
+    if not torch.equal(blocks, torch.arange(first, first + len(blocks))):
+        return None
+    return first, length

@@ -12,7 +12,7 @@ from torch import nn
 
 from tandem.config import ModelConfig
 from tandem.model.attention import AttentionContext
-from tandem.model.rope import RotaryEmbedding
+from tandem.model.rope import RotaryEmbedding, apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -23,8 +23,21 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 whatever the activation dtype (as HF and llama.cpp do).
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op
+            return F.rms_norm(x, (x.shape[-1],), weight=self.weight, eps=self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return (normed * self.weight.float()).to(x.dtype)
+
+
+def _fuse_linears(parts: list[nn.Linear]) -> nn.Linear:
+    """One Linear computing the concatenated outputs of parts (same input): one matmul, not several."""
+    bias = parts[0].bias is not None
+    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=bias,
+                      device=parts[0].weight.device, dtype=parts[0].weight.dtype)
+    fused.weight.data = torch.cat([p.weight.data for p in parts])
+    if bias:
+        fused.bias.data = torch.cat([p.bias.data for p in parts])
+    return fused.requires_grad_(False)
 
 
 class Attention(nn.Module):
@@ -37,15 +50,29 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv_proj: nn.Linear | None = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one qkv_proj (vLLM's QKVParallelLinear idea): at batch 1 the
+        per-call overhead of three small matmuls is a measurable part of a decode step."""
+        self.qkv_proj = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                 attn: AttentionContext | None) -> torch.Tensor:
+        """rotary: the (cos, sin) tables (B, T, 1, D) of this forward's positions, looked up once."""
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(batch, seq_len, heads + 2 * kv_heads, dim)
+            qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]  # (B, T, H + Hkv, D), (B, T, Hkv, D)
+        else:
+            qk = torch.cat([self.q_proj(x).view(batch, seq_len, heads, dim),
+                            self.k_proj(x).view(batch, seq_len, kv_heads, dim)], dim=2)
+            v = self.v_proj(x).view(batch, seq_len, kv_heads, dim)
         if attn is None or attn.variant.rotary:  # ALiBi-style variants replace RoPE
-            q, k = rope(q, k, positions)
+            qk = apply_rotary(qk, *rotary)  # queries and keys in one pass
+        q, k = qk[:, :, :heads], qk[:, :, heads:]
         if attn is None:  # no cache: causal attention within each row
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=seq_len > 1, enable_gqa=True).transpose(1, 2)
@@ -60,9 +87,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None
+
+    def fuse(self) -> None:
+        self.gate_up_proj = _fuse_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -73,8 +109,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, rope, attn):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attn)
+    def forward(self, x, rotary, attn):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -103,6 +139,13 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.reset_rope()
 
+    def fuse_projections(self) -> None:
+        """Merge each layer's q/k/v and gate/up projections into one matmul each (after loading:
+        the checkpoint's names are the unfused ones). Quantizers then see the fused weights."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
     def reset_rope(self, freq_divisors: torch.Tensor | None = None) -> None:
         """(Re)build the cos/sin tables on the CPU; the loader calls it after filling meta weights."""
         c = self.config
@@ -112,8 +155,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn: AttentionContext | None = None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        rotary = self.rope.tables(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, positions, self.rope, attn)
+            x = layer(x, rotary, attn)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -84,4 +84,5 @@ def build_model(config: ModelConfig, source: GGUFFile | HFDirectory, dtype: torc
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope(source.rope_freq_divisors())
+    model.fuse_projections()
     return model.eval().requires_grad_(False)

@@ -67,7 +67,9 @@ def quantize_model(model: nn.Module, quantizer: Quantizer) -> int:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         inner = quantizer.quantize(linear.weight.detach().float())
-        new = QuantizedLinear(inner, linear.bias, linear.in_features, linear.out_features)
+        # without a bias the quantized module replaces the layer directly: one module call, not two
+        new = inner if linear.bias is None else QuantizedLinear(inner, linear.bias, linear.in_features,
+                                                                linear.out_features)
         saved += linear.weight.numel() * linear.weight.element_size() - _nbytes(inner)
         setattr(parent, attr, new)
     return saved

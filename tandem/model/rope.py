@@ -80,9 +80,12 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", angles.cos() * attention_factor, persistent=False)
         self.register_buffer("sin", angles.sin() * attention_factor, persistent=False)
 
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of positions (B, T), shaped (B, T, 1, D) to broadcast over heads."""
+        return self.cos[positions].unsqueeze(-2).to(dtype), self.sin[positions].unsqueeze(-2).to(dtype)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(-2).to(q.dtype)  # (B, T, 1, D): broadcast over heads
-        sin = self.sin[positions].unsqueeze(-2).to(q.dtype)
+        cos, sin = self.tables(positions, q.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 

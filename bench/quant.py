@@ -1,0 +1,130 @@
+"""Quantization benchmark: quality and speed of each quantizer plugin against fp32, in one run.
+
+Quality: teacher-forced perplexity of the default model on the first 4,096 tokens of
+../shared/data/tinyshakespeare_train.txt (the same window as bench/fidelity.py), relative to fp32,
+plus top-1 agreement with fp32's argmax. Speed: batch-1 greedy decode through the engine (a
+128-token prompt, 128 new tokens, EOS ignored), tokens/s of the decode phase, for fp32 and each
+quantized model; the speed-up is the ratio within this run. Configurations run one after another
+in one process, on the same thread count.
+
+    .venv/bin/python bench/quant.py [--threads 2] [--tokens 4096] [--json bench/quant.json]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import tandem
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare_train.txt"
+
+# (label, LLM keyword arguments)
+CONFIGS = [
+    ("fp32", {}),
+    ("int8", {"quantization": "int8"}),
+    ("int4 g32", {"quantization": "int4", "quantization_options": {"group_size": 32}}),
+    ("int4 g64", {"quantization": "int4", "quantization_options": {"group_size": 64}}),
+    ("nf4", {"quantization": "nf4"}),
+    ("fp8", {"quantization": "fp8"}),
+    ("fp32 + int8 KV", {"kv_cache_dtype": "int8"}),
+]
+SPEED_LABELS = ("fp32", "int8", "int4 g32", "int4 g64")
+
+
+def perplexity(llm: tandem.LLM, tokens: list[int]) -> tuple[float, list[int]]:
+    if llm.engine.runner.k_pools and type(llm.engine.runner.k_pools[0]).__name__ != "DenseKVPool":
+        return engine_perplexity(llm, tokens)
+    scores = llm.score(tokens)
+    return scores.perplexity, scores.argmax_ids
+
+
+def engine_perplexity(llm: tandem.LLM, tokens: list[int]) -> tuple[float, list[int]]:
+    """Perplexity through the engine's paged (here: int8) KV cache: chunked prefill in 512-token
+    chunks, each chunk attending over the quantized KV of the ones before it. `score` would keep
+    its own fp32 cache, so a KV format has to be measured this way."""
+    from tandem.engine.sequence import Sequence
+
+    engine, runner = llm.engine, llm.engine.runner
+    seq = Sequence("ppl", list(tokens), len(tokens), tandem.SamplingParams())
+    engine.block_manager.allocate(seq)
+    logprobs, argmax = [], []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(tokens) - 1, 512):
+                num = min(512, len(tokens) - 1 - start)
+                seq.num_computed_tokens = start
+                hidden_rows = _chunk_logits(runner, seq, num)
+                targets = torch.tensor(tokens[start + 1:start + 1 + num])
+                logprobs += hidden_rows.log_softmax(-1).gather(-1, targets.unsqueeze(1)).squeeze(1).tolist()
+                argmax += hidden_rows.argmax(-1).tolist()
+    finally:
+        engine.block_manager.release(seq)
+    return math.exp(-sum(logprobs) / len(logprobs)), argmax
+
+
+def _chunk_logits(runner, seq, num: int) -> torch.Tensor:
+    from tandem.engine.paged_attention import PagedAttention, build_metadata
+
+    start = seq.num_computed_tokens
+    meta = build_metadata([(seq.block_table, start, num)], runner.block_size, runner.variant, runner.config.num_heads)
+    attention = PagedAttention(runner.k_pools, runner.v_pools, meta, runner.variant, runner.backend)
+    ids = torch.tensor([seq.token_ids[start:start + num]])
+    positions = torch.arange(start, start + num).unsqueeze(0)
+    return runner.model.compute_logits(runner.model(ids, positions, attention)[0])
+
+
+def decode_speed(llm: tandem.LLM, prompt: list[int], new_tokens: int) -> float:
+    params = tandem.SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompt[:16], tandem.SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    out = llm.generate(prompt, params)[0]
+    m = out.metrics
+    return (len(out.token_ids) - 1) / (m.finished_time - m.first_token_time)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    results, reference = {}, None
+    for label, options in CONFIGS:
+        if args.only and label not in args.only and label != "fp32":
+            continue
+        llm = tandem.LLM(progress=False, kv_cache_memory=256 << 20, **options)
+        tokens = llm.tokenize(TEXT.read_text())[:args.tokens]
+        ppl, argmax = perplexity(llm, tokens)
+        row = {"perplexity": ppl}
+        if reference is None:
+            reference = (ppl, argmax)
+        row["ppl_vs_fp32"] = ppl / reference[0] - 1
+        row["top1_vs_fp32"] = sum(a == b for a, b in zip(argmax, reference[1])) / len(argmax)
+        if label in SPEED_LABELS:
+            row["decode_tok_s"] = decode_speed(llm, tokens[1000:1128], args.decode_tokens)
+        results[label] = row
+        print(f"{label:16s} " + "  ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
+        del llm
+        gc.collect()
+    base = results["fp32"].get("decode_tok_s")
+    for label in SPEED_LABELS:
+        if label in results and base:
+            results[label]["decode_speedup_vs_fp32"] = results[label]["decode_tok_s"] / base
+            print(f"{label:16s} decode speed-up vs fp32: {results[label]['decode_speedup_vs_fp32']:.2f}x")
+    if args.json:
+        payload = {"threads": args.threads, "tokens": args.tokens, "torch": torch.__version__, "results": results}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
