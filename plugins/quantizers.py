@@ -5,6 +5,7 @@
   ~10x slower, measured).
 - int4: weight-only, asymmetric, one scale and zero point per group of `group_size` input
   channels, packed for `aten._weight_int4pack_mm_for_cpu` (bf16 activations, as above).
+  The LM head goes to int8 (see Quantizer.head_quantizer), for int4 and nf4 alike.
 - nf4: 4-bit NormalFloat (QLoRA, Dettmers et al. 2023): 16 levels at the quantiles of a normal
   distribution, one absmax scale per block of `block_size` weights; dequantized per forward
   (a storage format: smaller, not faster).
@@ -82,6 +83,9 @@ class Int4WeightOnly(Quantizer):
             raise ConfigError(f"int4 group_size must be one of {self.GROUP_SIZES}, got {group_size!r}")
         self.group_size = group_size
 
+    def head_quantizer(self):
+        return Int8WeightOnly()
+
     def check(self, name, weight):
         if weight.shape[1] % self.group_size:
             raise ConfigError(f"its {weight.shape[1]} input channels are not a multiple of group_size "
@@ -133,6 +137,9 @@ class NF4(Quantizer):
         if not isinstance(block_size, int) or block_size < 2 or block_size % 2:
             raise ConfigError(f"nf4 block_size must be an even integer >= 2, got {block_size!r}")
         self.block_size = block_size
+
+    def head_quantizer(self):
+        return Int8WeightOnly()
 
     def check(self, name, weight):
         if weight.numel() % self.block_size:

@@ -2,7 +2,7 @@
 
 The public API users import; everything else is internal and may change.
 """
-from tandem.errors import ConfigError, InvalidRequestError, ModelLoadError, TandemError
+from tandem.errors import ConfigError, InvalidRequestError, ModelLoadError, PluginError, QueueFullError, TandemError
 from tandem.llm import LLM
 from tandem.outputs import RequestOutput, ScoreOutput
 from tandem.sampling_params import SamplingParams
@@ -18,5 +18,7 @@ __all__ = [
     "InvalidRequestError",
     "ConfigError",
     "ModelLoadError",
+    "PluginError",
+    "QueueFullError",
     "__version__",
 ]

@@ -33,6 +33,12 @@ class Quantizer:
         """A module whose forward(x (..., K)) returns x @ weight.T (..., N) in x's dtype."""
         raise NotImplementedError
 
+    def head_quantizer(self) -> Quantizer | None:
+        """The quantizer for the LM head (None: keep it in the model dtype). The head maps to the
+        whole vocabulary, so its errors reach every logit: 4-bit formats hand it to 8 bits, as
+        llama.cpp's Q4_K_M keeps its output tensor at 6."""
+        return self
+
 
 class QuantizedLinear(nn.Module):
     """A quantized weight module plus the original layer's bias (if any)."""
@@ -56,17 +62,19 @@ def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 def quantize_model(model: nn.Module, quantizer: Quantizer) -> int:
     """Replace the model's linear layers in place (all checked first, so nothing changes on a
     ConfigError). Returns the bytes of weight storage saved."""
-    targets = quantizable_linears(model)
-    for name, linear in targets:
+    head = quantizer.head_quantizer()
+    targets = [(name, linear, head if name == "lm_head" else quantizer) for name, linear in quantizable_linears(model)]
+    targets = [(name, linear, q) for name, linear, q in targets if q is not None]
+    for name, linear, q in targets:
         try:
-            quantizer.check(name, linear.weight)
+            q.check(name, linear.weight)
         except ConfigError as exc:
-            raise ConfigError(f"quantizer {quantizer.name!r} cannot quantize {name}: {exc}") from None
+            raise ConfigError(f"quantizer {q.name!r} cannot quantize {name}: {exc}") from None
     saved = 0
-    for name, linear in targets:
+    for name, linear, q in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        inner = quantizer.quantize(linear.weight.detach().float())
+        inner = q.quantize(linear.weight.detach().float())
         # without a bias the quantized module replaces the layer directly: one module call, not two
         new = inner if linear.bias is None else QuantizedLinear(inner, linear.bias, linear.in_features,
                                                                 linear.out_features)
