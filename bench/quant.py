@@ -130,7 +130,7 @@ def main() -> None:
         gc.collect()
     speeds = speed_phase(args.rounds, args.decode_tokens)
     for label, speed in speeds.items():
-        results[label]["decode_tok_s"] = speed
+        results.setdefault(label, {})["decode_tok_s"] = speed
         results[label]["decode_speedup_vs_fp32"] = speed / speeds["fp32"]
         print(f"{label:16s} batch-1 decode {speed:.1f} tok/s = {speed / speeds['fp32']:.2f}x fp32")
     if args.json:
