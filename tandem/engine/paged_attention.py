@@ -134,6 +134,13 @@ def build_metadata(rows: list[tuple[list[int], int, int]], block_size: int, vari
 def _decode_batch(decodes: list, block_size: int, variant: AttentionVariant, num_heads: int) -> DecodeBatch | None:
     if not decodes:
         return None
+    rows = torch.tensor([row for row, *_ in decodes])
+    lengths = torch.tensor([length for *_, length in decodes])
+    query_pos = (lengths - 1).unsqueeze(1)  # (B, 1): each decode token is its sequence's last
+    contiguous = _consecutive_run(decodes, block_size)
+    if contiguous is not None:  # exactly the context's keys, in order: positions 0 .. length - 1
+        mask = AttentionMask.build(variant, query_pos, torch.arange(contiguous[1]).unsqueeze(0), num_heads)
+        return DecodeBatch(rows, decodes[0][1].unsqueeze(0), mask, contiguous)
     max_blocks = max(len(blocks) for _, blocks, _, _ in decodes)
     table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
     starts = torch.full((len(decodes), max_blocks), -block_size, dtype=torch.long)  # padding: never valid
@@ -141,15 +148,7 @@ def _decode_batch(decodes: list, block_size: int, variant: AttentionVariant, num
         table[i, :len(blocks)] = blocks
         starts[i, :len(blocks)] = block_starts
     key_pos = (starts.unsqueeze(2) + torch.arange(block_size)).flatten(1)  # (B, S)
-    lengths = torch.tensor([length for *_, length in decodes])
     valid = (key_pos >= 0) & (key_pos < lengths.unsqueeze(1))
-    query_pos = (lengths - 1).unsqueeze(1)  # (B, 1): each decode token is its sequence's last
-    rows = torch.tensor([row for row, *_ in decodes])
-    contiguous = _consecutive_run(decodes, block_size)
-    if contiguous is not None:  # exactly the context's keys, in order: positions 0 .. length - 1
-        key_pos = torch.arange(contiguous[1]).unsqueeze(0)
-        mask = AttentionMask.build(variant, query_pos, key_pos, num_heads)
-        return DecodeBatch(rows, table, mask, contiguous)
     return DecodeBatch(rows, table, AttentionMask.build(variant, query_pos, key_pos, num_heads, valid))
 
 
