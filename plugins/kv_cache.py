@@ -40,6 +40,9 @@ class Int8KVPool:
         self.data[dst] = self.data[src]
         self.scales[dst] = self.scales[src]
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [self.data, self.scales]
+
 
 class Int8KVCache(KVCacheFormat):
     name = "int8"

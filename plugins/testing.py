@@ -214,8 +214,9 @@ def check_quantizer(component, max_relative_error: float = 0.1, shape: tuple[int
 
 def check_kv_cache_format(component, num_kv_heads: int = 2, head_dim: int = 16, block_size: int = 4,
                           max_relative_error: float = 0.05) -> None:
-    """Writes then gathers round-trip within the error bound; copy_blocks copies; the byte count
-    per token is positive."""
+    """Writes then gathers round-trip within the error bound; copy_blocks copies; state_tensors
+    (what the KV-cache store moves between workers) are indexed by block; the byte count per token
+    is positive."""
     fmt = _instance(component, KVCacheFormat)
     pool = fmt.create_pool(6, block_size, num_kv_heads, head_dim, torch.float32)
     x = torch.randn(block_size * 2, num_kv_heads, head_dim)
@@ -226,6 +227,9 @@ def check_kv_cache_format(component, num_kv_heads: int = 2, head_dim: int = 16, 
     pool.copy_blocks(torch.tensor([1]), torch.tensor([4]))
     _require(torch.equal(pool.gather(torch.tensor([4])), pool.gather(torch.tensor([1]))),
              f"{fmt.name}: copy_blocks did not copy")
+    states = pool.state_tensors()
+    _require(bool(states) and all(isinstance(t, torch.Tensor) and t.shape[0] == 6 for t in states),
+             f"{fmt.name}: state_tensors() must return tensors indexed by block id in dim 0")
     _require(fmt.bytes_per_token(2, num_kv_heads, head_dim, torch.float32) > 0, f"{fmt.name}: bytes_per_token <= 0")
 
 

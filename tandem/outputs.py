@@ -50,9 +50,20 @@ class RequestMetrics:
 
 
 @dataclass
+class KVHandoff:
+    """What a prefill-only request leaves for the decode side: the content hashes of the prompt's
+    full KV blocks, and the KV (ModelRunner.export_blocks' format) of the ones computed here."""
+
+    block_hashes: list[bytes]
+    new_hashes: list[bytes]
+    new_blocks: list[list]  # one list of tensors per entry of new_hashes
+
+
+@dataclass
 class RequestOutput:
     """One prompt's result: `outputs` holds its n samples; .text, .token_ids and .finish_reason
-    are those of the first. error: why the request failed (a plugin raised), else None."""
+    are those of the first. error: why the request failed (a plugin raised), else None.
+    kv: the KV handoff of a prefill-only request (disaggregated serving), else None."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -60,6 +71,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     error: str | None = None
+    kv: KVHandoff | None = None
 
     @property
     def text(self) -> str:

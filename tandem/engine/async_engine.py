@@ -49,18 +49,24 @@ class AsyncEngine:
         self._thread.start()
 
     # -- caller side (any event loop) --------------------------------------------------------
-    async def add_request(self, request_id: str, prompt_ids: list[int],
-                          params: SamplingParams) -> AsyncIterator[StreamDelta | RequestOutput]:
+    async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                          **options) -> AsyncIterator[StreamDelta | RequestOutput]:
         """Queue a request; raises at once for bad input or a full queue. Returns its stream:
         StreamDelta items as samples advance, then the final RequestOutput (metrics included).
         Cancelling the consumer, or closing the stream early (`await stream.aclose()`, or
-        `contextlib.aclosing`), aborts the request and frees its blocks at once."""
+        `contextlib.aclosing`), aborts the request and frees its blocks at once. options go to
+        LLMEngine.add_request (prefill_only, first_token_ids)."""
         stream = _Stream(asyncio.get_running_loop())
-        await self._call(self._add, request_id, prompt_ids, params, stream)
+        await self._call(self._add, request_id, prompt_ids, params, options, stream)
         return self._iterate(request_id, stream)
 
     async def abort(self, request_id: str) -> None:
         await self._call(self._abort, request_id)
+
+    async def run(self, fn: Callable, *args):
+        """Run fn(*args) on the engine thread between steps (the only safe place to touch engine
+        state, e.g. LLMEngine.import_blocks) and return its result."""
+        return await self._call(fn, *args)
 
     def stats(self) -> dict:
         return self.engine.stats()
@@ -100,8 +106,9 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
 
     # -- engine thread --------------------------------------------------------------------------
-    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: _Stream) -> None:
-        self.engine.add_request(request_id, prompt_ids, params)
+    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, options: dict,
+             stream: _Stream) -> None:
+        self.engine.add_request(request_id, prompt_ids, params, **options)
         self._streams[request_id] = stream
 
     def _abort(self, request_id: str) -> None:

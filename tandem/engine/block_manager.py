@@ -165,6 +165,39 @@ class BlockManager:
             if self.hashes[block] is None:
                 self.free.move_to_end(block, last=False)
 
+    def num_cached_prefix(self, hashes: list[bytes]) -> int:
+        """How many leading blocks of a hash chain the cache holds."""
+        num = 0
+        while num < len(hashes) and hashes[num] in self.cached:
+            num += 1
+        return num
+
+    def import_cached(self, hashes: list[bytes]) -> list[tuple[int, int]]:
+        """Make room for blocks computed elsewhere (KV-cache store): each hash of the chain not
+        cached yet gets a free block, registered as cached and unreferenced, to be found by the
+        next prefix lookup like a block this pool computed. Returns (index in hashes, block id)
+        of the blocks to fill; stops early when no free block is left."""
+        taken = []
+        for i, h in enumerate(hashes):
+            if not self.enable_prefix_caching or not self.free:
+                break
+            if h in self.cached:
+                continue
+            block = self._take_free()
+            self.ref_counts[block] = 0
+            self.cached[h], self.hashes[block] = block, h
+            self.free[block] = None  # most recently freed: evicted last
+            taken.append((i, block))
+        return taken
+
+    def forget(self, block: int) -> None:
+        """Drop an unreferenced block's cached content (it was never filled); it is reused first."""
+        h = self.hashes[block]
+        if h is not None and self.cached.get(h) == block:
+            del self.cached[h]
+        self.hashes[block] = None
+        self.free.move_to_end(block, last=False)
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         child.block_table = list(parent.block_table)
         child.num_released_blocks = parent.num_released_blocks

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tandem.engine.block_manager import BlockManager
+from tandem.engine.block_manager import NULL_BLOCK, BlockManager
 from tandem.engine.config import EngineConfig, num_kv_blocks
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.scheduler import Scheduler
@@ -18,7 +18,7 @@ from tandem.engine.sequence import Sequence
 from tandem.errors import ConfigError, InvalidRequestError, PluginError, QueueFullError
 from tandem.model.attention import DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBackend, AttentionVariant
 from tandem.model.kv_pool import DEFAULT_KV_FORMAT, KVCacheFormat
-from tandem.outputs import CompletionOutput, OutputBuilder, RequestMetrics, RequestOutput, StreamDelta
+from tandem.outputs import CompletionOutput, KVHandoff, OutputBuilder, RequestMetrics, RequestOutput, StreamDelta
 from tandem.sampling import SamplerPipeline, SamplingBatch, make_generator
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import Tokenizer
@@ -35,10 +35,14 @@ class _Request:
     builders: list[OutputBuilder] = field(default_factory=list)
     generators: list[torch.Generator] = field(default_factory=list)
     error: str | None = None
+    prefill_only: bool = False  # done once every sample has its first token (the prefill role)
+    resumed: bool = False  # started from first tokens sampled elsewhere (the decode role)
+    handoff: KVHandoff | None = None
 
     @property
     def finished(self) -> bool:
-        return len(self.builders) == self.params.n and all(b.finished for b in self.builders)
+        return len(self.builders) == self.params.n and all(
+            b.finished or (self.prefill_only and b.token_ids) for b in self.builders)
 
 
 class LLMEngine:
@@ -77,8 +81,15 @@ class LLMEngine:
         self.num_finished_requests = 0
 
     # -- requests -------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request. Raises InvalidRequestError for a bad prompt, QueueFullError when full."""
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
+                    prefill_only: bool = False, first_token_ids: list[int] | None = None) -> None:
+        """Queue a request. Raises InvalidRequestError for a bad prompt, QueueFullError when full.
+
+        The two halves of disaggregated serving run the same engine with one of these:
+        prefill_only: the request ends once each sample has its first token; its output carries a
+        KVHandoff with the prompt's full blocks (hashes, and the KV of those computed here).
+        first_token_ids: continue a request whose samples' first tokens (one per sample) were
+        sampled elsewhere; import_blocks first lets its prompt hit the prefix cache."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
@@ -92,12 +103,27 @@ class LLMEngine:
                                       "and at least one token must be left to generate")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting requests)")
+        if first_token_ids is not None:
+            if prefill_only or len(first_token_ids) != params.n:
+                raise InvalidRequestError(f"first_token_ids needs one token per sample ({params.n}), "
+                                          f"got {len(first_token_ids)}")
+            self.tokenizer.check_ids(first_token_ids)
         sampling_args = self.sampler.prepare(params)
         request = _Request(request_id, list(prompt_ids), params, RequestMetrics(time.monotonic(), len(prompt_ids)),
-                           sampling_args)
-        request.seqs.append(Sequence(request_id, list(prompt_ids), len(prompt_ids), params))
+                           sampling_args, prefill_only=prefill_only, resumed=first_token_ids is not None)
+        if first_token_ids is None:
+            request.seqs.append(Sequence(request_id, list(prompt_ids), len(prompt_ids), params))
+        else:
+            self._start_outputs(request)
+            for index, token in enumerate(first_token_ids):
+                request.builders[index].append(token)  # the text it adds was streamed by the prefill side
+                request.seqs.append(Sequence(request_id, [*prompt_ids, token], len(prompt_ids), params, index))
+            if request.finished:
+                raise InvalidRequestError("every sample finished with its first token: nothing to continue")
         self.requests[request_id] = request
-        self.scheduler.add(request.seqs[0])
+        for seq in request.seqs:
+            if not request.builders or not request.builders[seq.index].finished:
+                self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks now. Unknown or finished ids are a no-op."""
@@ -175,7 +201,8 @@ class LLMEngine:
 
     def _start_outputs(self, request: _Request) -> None:
         p = request.params
-        request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
+        if request.seqs:
+            request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
         for index in range(p.n):
             request.builders.append(OutputBuilder(self.tokenizer, p, len(request.prompt_ids), self.max_model_len))
             request.generators.append(make_generator(None if p.seed is None else p.seed + index))
@@ -187,7 +214,9 @@ class LLMEngine:
         if seq.index == 0:
             request.metrics.first_token_time = request.metrics.first_token_time or now
             request.metrics.token_times.append(now)
-        if builder.finished:
+        if request.prefill_only and seq.index == 0:
+            request.handoff = self._export_prompt(request, seq)
+        if builder.finished or request.prefill_only:
             self.scheduler.remove(seq)
         return StreamDelta(request.request_id, seq.index, [token], text, builder.finish_reason)
 
@@ -201,12 +230,41 @@ class LLMEngine:
                 done.append(self.output_of(request))
         return done
 
-    @staticmethod
-    def output_of(request: _Request) -> RequestOutput:
+    def _export_prompt(self, request: _Request, seq: Sequence) -> KVHandoff:
+        """The prompt's full blocks: every hash, and the KV of those this engine computed (the
+        others came from a cache and were published when they were computed)."""
+        num_full = len(request.prompt_ids) // self.config.block_size
+        first_new = seq.num_cached_tokens // self.config.block_size
+        table = seq.block_table[:num_full]
+        new = [i for i in range(first_new, num_full) if table[i] != NULL_BLOCK]
+        tensors = self.runner.export_blocks([table[i] for i in new]) if new else []
+        return KVHandoff(list(seq.block_hashes[:num_full]), [seq.block_hashes[i] for i in new], tensors)
+
+    # -- KV blocks from elsewhere (the decode role) -----------------------------------------------
+    def cached_prefix(self, hashes: list[bytes]) -> int:
+        """How many leading blocks of a prompt's hash chain this engine's prefix cache holds."""
+        return self.block_manager.num_cached_prefix(hashes)
+
+    def import_blocks(self, hashes: list[bytes], blocks: list[list[torch.Tensor]]) -> int:
+        """Put KV blocks computed elsewhere (runner.export_blocks' format) into the prefix cache
+        under their content hashes, so the next request with that prefix skips computing them.
+        Blocks already cached are skipped; returns how many were imported."""
+        taken = self.block_manager.import_cached(hashes)
+        try:
+            self.runner.import_blocks([block for _, block in taken], [blocks[i] for i, _ in taken])
+        except Exception:
+            for _, block in taken:  # never leave a hash pointing at garbage
+                self.block_manager.forget(block)
+            raise
+        return len(taken)
+
+    def output_of(self, request: _Request) -> RequestOutput:
+        if request.resumed:
+            request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
         outputs = [CompletionOutput(i, list(b.token_ids), b.text, b.finish_reason)
                    for i, b in enumerate(request.builders)]
         return RequestOutput(request.request_id, request.prompt_ids, outputs, request.finished or bool(request.error),
-                             request.metrics, request.error)
+                             request.metrics, request.error, request.handoff)
 
     # -- observability --------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -35,6 +35,38 @@ class ModelRunner:
         for pool in (*self.k_pools, *self.v_pools):
             pool.copy_blocks(src, dst)
 
+    # -- KV blocks in and out (the KV-cache store's data plane) ----------------------------------
+    def _states(self) -> list[list[torch.Tensor]]:
+        return [pool.state_tensors() for pool in (*self.k_pools, *self.v_pools)]
+
+    def block_layout(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+        """dtype and shape of each tensor of one exported block: (2 x layers, block_size, ...) per
+        state tensor of the pool format (the data; for int8 also the scales)."""
+        states = self._states()
+        return [(t.dtype, (len(states), *t.shape[1:])) for t in states[0]]
+
+    def export_blocks(self, block_ids: list[int]) -> list[list[torch.Tensor]]:
+        """Copies of the blocks' KV, every layer's K then V: one list of tensors per block."""
+        ids = torch.tensor(block_ids, dtype=torch.long)
+        states = self._states()
+        stacked = [torch.stack([s[j].index_select(0, ids) for s in states], 1) for j in range(len(states[0]))]
+        return [[x[i] for x in stacked] for i in range(len(block_ids))]
+
+    def import_blocks(self, block_ids: list[int], blocks: list[list[torch.Tensor]]) -> None:
+        """Write exported blocks (export_blocks' format, checked against block_layout) into block_ids."""
+        layout = self.block_layout()
+        for tensors in blocks:
+            got = [(t.dtype, tuple(t.shape)) for t in tensors]
+            if got != layout:
+                raise ValueError(f"a KV block of layout {got} does not fit this pool's {layout}")
+        if not blocks:
+            return
+        ids = torch.tensor(block_ids, dtype=torch.long)
+        for j in range(len(layout)):
+            x = torch.stack([b[j] for b in blocks])  # (n, 2 x layers, ...)
+            for p, state in enumerate(self._states()):
+                state[j][ids] = x[:, p]
+
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]],
                 sample_rows: list[int]) -> torch.Tensor:

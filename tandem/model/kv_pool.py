@@ -36,12 +36,18 @@ class DenseKVPool:
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.data[dst] = self.data[src]
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor that holds the pool's state, each indexed by block id in dim 0: what moves
+        when a block's KV is exported to the KV-cache store or imported from it."""
+        return [self.data]
+
 
 class KVCacheFormat:
     """Base class of KV-cache formats (the KV quantizer plugins) and the default: the model's dtype.
 
-    `create_pool` makes one layer's K or V pool; `bytes_per_token` sizes the pool from the memory
-    budget (K and V of all layers of one token).
+    `create_pool` makes one layer's K or V pool (write, gather, gather_range, copy_blocks,
+    state_tensors: see DenseKVPool); `bytes_per_token` sizes the pool from the memory budget
+    (K and V of all layers of one token).
     """
 
     name: ClassVar[str] = "auto"

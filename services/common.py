@@ -1,0 +1,284 @@
+"""What every tandem gRPC server shares: message-size limits, grpc.health.v1 and reflection, API
+keys, TLS, the one mapping from tandem's exceptions to status codes, and a host that runs a server
+on its own event loop thread (how the Ray actors and `tandem service` run them).
+
+Servicer methods are wrapped with `@rpc`, which turns an exception into the status
+ARCHITECTURE.md gives it:
+
+    InvalidRequestError, ConfigError -> INVALID_ARGUMENT     QueueFullError -> RESOURCE_EXHAUSTED
+    Unavailable (draining, a dead engine) -> UNAVAILABLE     PluginError -> INTERNAL
+    a downstream service's status -> the same status and message (the gateway relays them)
+    anything else -> INTERNAL, logged with its traceback
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tandem.errors import ConfigError, InvalidRequestError, PluginError, QueueFullError, TandemError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20  # KV blocks travel in chunks well below this
+HEALTH_POLL_S = 0.5
+OVERALL = ""  # grpc.health.v1's name for the server as a whole
+
+
+class Unavailable(TandemError):
+    """The service cannot take this request now (draining, its engine died): retry elsewhere."""
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0)]
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code(), exc.details() or ""
+    if isinstance(exc, (InvalidRequestError, ConfigError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, QueueFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, Unavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, PluginError):
+        return grpc.StatusCode.INTERNAL, str(exc)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _report(name: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    code, details = status_of(exc)
+    if code == grpc.StatusCode.INTERNAL and not isinstance(exc, (PluginError, grpc.aio.AioRpcError)):
+        log.error("%s failed", name, exc_info=exc)
+    return code, details
+
+
+def rpc(method: Callable) -> Callable:
+    """Map the exceptions of a servicer method (a coroutine or an async generator) to statuses."""
+    name = method.__qualname__
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                await context.abort(*_report(name, exc))
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await context.abort(*_report(name, exc))
+    return unary
+
+
+# -- API keys ----------------------------------------------------------------------------------
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes carry no key
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse calls without `authorization: Bearer KEY` for one of `keys` (UNAUTHENTICATED).
+    Health checks and reflection stay open: Kubernetes probes carry no key."""
+
+    def __init__(self, keys: Iterable[str]):
+        self.keys = [k.encode() for k in keys if k]
+        if not self.keys:
+            raise ConfigError("ApiKeyInterceptor needs at least one non-empty key")
+
+    def _authorized(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                given = value[len("Bearer "):].strip().encode()
+                # compare with every key, always: the time taken says nothing about which matched
+                return any([hmac.compare_digest(given, k) for k in self.keys])
+        return False
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(_OPEN_PREFIXES) or self._authorized(details.invocation_metadata):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        message = "missing API key" if not any(k == "authorization" for k, _ in details.invocation_metadata or ()) \
+            else "invalid API key"
+
+        async def deny_unary(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        async def deny_stream(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # pragma: no cover - makes this an async generator
+
+        kwargs = dict(request_deserializer=handler.request_deserializer,
+                      response_serializer=handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(deny_unary, **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny_stream, **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: deny_unary(None, ctx), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(lambda it, ctx: deny_stream(None, ctx), **kwargs)
+
+
+# -- the server --------------------------------------------------------------------------------
+@dataclass
+class ServerOptions:
+    """How a service listens. Loopback by default; api_keys turn on UNAUTHENTICATED checks;
+    tls_cert/tls_key (PEM file paths) turn on TLS."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (the bound one is ServiceHost.port)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    api_keys: list[str] = field(default_factory=list)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    grace_s: float = 5.0  # how long stop() lets in-flight calls finish
+
+
+@dataclass
+class Registration:
+    """One servicer: `add` is the generated add_XServicer_to_server, `name` its full service
+    name (for health and reflection)."""
+
+    servicer: object
+    add: Callable
+    name: str
+
+
+class ServiceHost:
+    """A grpc.aio server for some servicers, with health and reflection, on its own thread.
+
+    healthy: polled every HEALTH_POLL_S; while it returns False (engine dead, draining) every
+    service reports NOT_SERVING. `start()` returns once the port is bound; `stop()` drains."""
+
+    def __init__(self, registrations: list[Registration], options: ServerOptions | None = None,
+                 healthy: Callable[[], bool] | None = None, on_start: Callable[[], object] | None = None,
+                 on_stop: Callable[[], object] | None = None):
+        self.registrations, self.options = registrations, options or ServerOptions()
+        self.healthy, self.on_start, self.on_stop = healthy or (lambda: True), on_start, on_stop
+        self.port: int | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._stopped: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.options.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ServiceHost:
+        self._thread = threading.Thread(target=self._run, name="tandem-grpc", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise RuntimeError("the gRPC server did not start in time")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self.loop is not None and self._stopped is not None and self._thread and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stopped.set)
+            self._thread.join(self.options.grace_s + 10)
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        if self._thread is not None:
+            while self._thread.is_alive():
+                self._thread.join(0.5)
+
+    def call(self, coro, timeout: float | None = None):
+        """Run a coroutine on the server's loop from another thread and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            self._started.set()
+
+    async def _main(self) -> None:
+        o = self.options
+        self.loop, self._stopped = asyncio.get_running_loop(), asyncio.Event()
+        interceptors = [ApiKeyInterceptor(o.api_keys)] if o.api_keys else []
+        self._server = grpc.aio.server(options=channel_options(o.max_message_bytes), interceptors=interceptors)
+        for reg in self.registrations:
+            reg.add(reg.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        names = [r.name for r in self.registrations]
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self._server)
+        address = f"{o.host}:{o.port}"
+        if o.tls_cert or o.tls_key:
+            if not (o.tls_cert and o.tls_key):
+                raise ConfigError("TLS needs both tls_cert and tls_key")
+            with open(o.tls_key, "rb") as k, open(o.tls_cert, "rb") as c:
+                credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+            self.port = self._server.add_secure_port(address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if not self.port:
+            raise ConfigError(f"cannot listen on {address}")
+        await self._server.start()
+        if self.on_start is not None:
+            result = self.on_start()
+            if inspect.isawaitable(result):
+                await result
+        await self._set_health(self.healthy())
+        self._started.set()
+        watcher = asyncio.create_task(self._watch_health())
+        await self._stopped.wait()
+        await self._set_health(False)  # draining: probes see it before the port closes
+        watcher.cancel()
+        await self._server.stop(o.grace_s)
+        if self.on_stop is not None:
+            result = self.on_stop()
+            if inspect.isawaitable(result):
+                await result
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in [OVERALL, *(r.name for r in self.registrations)]:
+            await self._health.set(name, status)
+
+    async def _watch_health(self) -> None:
+        last = None
+        while True:
+            try:
+                now = bool(self.healthy())
+            except Exception:
+                now = False
+            if now != last:
+                await self._set_health(now)
+                last = now
+            await asyncio.sleep(HEALTH_POLL_S)
+
+
+def client_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
+    """A channel from one service to another (loopback or cluster-internal: insecure)."""
+    return grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))

@@ -1,0 +1,108 @@
+"""Disaggregated serving on the engine level: one engine runs prefill only and hands its KV over,
+another imports the blocks and continues. Greedy output must equal one engine doing everything,
+the decode side must compute only the prompt's partial tail, and no block may leak."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tandem import SamplingParams
+from tandem.errors import InvalidRequestError
+from tests.unit.engine.test_engine import check, make_llm
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_hf_dir):
+    """(reference, prefill, decode): three engines over the same tiny model."""
+    return [make_llm(tiny_hf_dir, block_size=BLOCK).engine for _ in range(3)]
+
+
+def run(engine, request_id, prompt, params, **options):
+    engine.add_request(request_id, prompt, params, **options)
+    while engine.has_unfinished():
+        for output in engine.step()[1]:
+            if output.request_id == request_id:
+                result = output
+        check(engine)
+    return result
+
+
+def handoff(prefill, decode, request_id, prompt, params):
+    first = run(prefill, request_id, prompt, params, prefill_only=True)
+    kv = first.kv
+    assert kv is not None and len(kv.block_hashes) == len(prompt) // BLOCK
+    imported = decode.import_blocks(kv.new_hashes, kv.new_blocks)
+    firsts = [o.token_ids[0] for o in first.outputs]
+    return first, imported, run(decode, request_id, prompt, params, first_token_ids=firsts)
+
+
+@pytest.mark.parametrize("prompt_len", [5, 16, 37, 80])
+def test_greedy_handoff_matches_one_engine(engines, prompt_len):
+    reference, prefill, decode = engines
+    prompt = random.Random(prompt_len).choices(range(3, 300), k=prompt_len)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = run(reference, f"ref-{prompt_len}", prompt, params)
+    first, imported, got = handoff(prefill, decode, f"r-{prompt_len}", prompt, params)
+    assert first.outputs[0].token_ids == want.token_ids[:1] and first.finish_reason is None
+    assert got.token_ids == want.token_ids and got.text == want.text
+    assert got.finish_reason == "length"
+    full_blocks = prompt_len // BLOCK
+    assert imported == full_blocks
+    assert got.metrics.num_cached_tokens == full_blocks * BLOCK  # only the partial tail is recomputed
+    for engine in engines:
+        assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_imported_blocks_equal_the_computed_ones(engines):
+    reference, prefill, decode = engines
+    prompt = list(range(10, 10 + 3 * BLOCK + 2))
+    first = run(prefill, "bits", prompt, SamplingParams(temperature=0, max_tokens=3), prefill_only=True)
+    decode.import_blocks(first.kv.new_hashes, first.kv.new_blocks)
+    bm = decode.block_manager
+    ids = [bm.cached[h] for h in first.kv.block_hashes]
+    again = decode.runner.export_blocks(ids)
+    for a, b in zip(again, first.kv.new_blocks):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_second_prefill_exports_only_new_blocks(engines):
+    _, prefill, _ = engines
+    shared = list(range(50, 50 + 4 * BLOCK))
+    params = SamplingParams(temperature=0, max_tokens=4)
+    run(prefill, "p1", shared + [7, 8, 9], params, prefill_only=True)
+    second = run(prefill, "p2", shared + list(range(100, 100 + BLOCK)) + [3], params, prefill_only=True)
+    assert len(second.kv.block_hashes) == 5 and len(second.kv.new_hashes) == 1
+    assert second.metrics.num_cached_tokens == 4 * BLOCK
+
+
+def test_sampled_n_samples_continue_from_their_first_tokens(engines):
+    _, prefill, decode = engines
+    prompt = list(range(20, 60))
+    params = SamplingParams(temperature=1.0, max_tokens=8, n=3, seed=5, ignore_eos=True)
+    first, _, got = handoff(prefill, decode, "n3", prompt, params)
+    assert len(got.outputs) == 3
+    for a, b in zip(first.outputs, got.outputs):
+        assert b.token_ids[0] == a.token_ids[0] and len(b.token_ids) == 8
+        assert b.text.startswith(a.text)
+
+
+def test_resume_rejects_a_wrong_number_of_first_tokens(engines):
+    _, _, decode = engines
+    with pytest.raises(InvalidRequestError, match="one token per sample"):
+        decode.add_request("bad", [1, 2, 3], SamplingParams(n=2), first_token_ids=[4])
+    with pytest.raises(InvalidRequestError):
+        decode.add_request("bad2", [1, 2, 3], SamplingParams(), first_token_ids=[10**9])
+    assert not decode.has_unfinished()
+
+
+def test_a_block_of_the_wrong_layout_is_refused_and_forgotten(engines):
+    _, _, decode = engines
+    bad = [[torch.zeros(3, 3)]]
+    with pytest.raises(ValueError, match="does not fit"):
+        decode.import_blocks([b"\x01" * 16], bad)
+    assert decode.cached_prefix([b"\x01" * 16]) == 0
+    check(decode)
