@@ -1,2 +1,71 @@
-"""tandem.services: one module per gRPC service (tokenizer, prefill, decode, KV-cache store, draft,
-retrieval, gateway), each a thin servicer over the core. Built by the pipeline issue (#6)."""
+"""tandem.services: one module per gRPC service (tokenizer, prefill/decode worker, KV-cache store,
+draft, retrieval, gateway), each a thin servicer over the core, and `build` that makes any of them
+into a running server: what `tandem service NAME` and the Ray actors of `tandem serve` both call.
+"""
+from __future__ import annotations
+
+from .common import ServerOptions, ServiceHost
+from .config import SERVICES, PipelineConfig
+
+
+def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None = None,
+          host: str | None = None) -> ServiceHost:
+    """A ServiceHost (not started) for service `name` of the pipeline.
+
+    peers: where the others listen: {"kvstore": "h:p", "tokenizer": "h:p", "prefill": ["h:p"],
+    "decode": ["h:p"]}. Workers need "kvstore" for disaggregated serving; the gateway needs
+    "tokenizer" and "decode" (and "prefill" in disaggregated mode). Only the gateway takes API keys
+    and TLS; the internal services listen on config.service_host."""
+    from tandem.errors import ConfigError
+
+    peers = peers or {}
+    internal = ServerOptions(host=host or config.service_host, port=port, max_message_bytes=config.max_message_bytes)
+    if name == "tokenizer":
+        from tandem.model.loader import load_tokenizer
+
+        from . import tokenizer
+
+        tok, _, path = load_tokenizer(config.model)
+        return ServiceHost([tokenizer.registration(tok, path.stem)], internal)
+    if name in ("prefill", "decode", "worker"):
+        from . import worker
+
+        role = "both" if name == "worker" else name
+        w = worker.Worker.build(config, role, peers.get("kvstore"))
+        return ServiceHost(worker.registrations(w), internal, healthy=w.healthy, on_stop=w.close)
+    if name == "kvstore":
+        from tandem.kv_store import KVBlockStore
+
+        from . import kvstore
+
+        return ServiceHost([kvstore.registration(KVBlockStore(config.kv_store_bytes))], internal)
+    if name == "draft":
+        from . import draft
+
+        return ServiceHost([draft.registration()], internal)
+    if name == "retrieval":
+        from . import retrieval
+
+        return ServiceHost([retrieval.registration()], internal)
+    if name == "gateway":
+        from . import gateway
+
+        for key in ("tokenizer", "decode"):
+            if not peers.get(key):
+                raise ConfigError(f"the gateway needs the address of the {key} service")
+        public = ServerOptions(host=host or config.host, port=port, max_message_bytes=config.max_message_bytes,
+                               api_keys=config.resolved_api_keys(), tls_cert=config.tls_cert, tls_key=config.tls_key)
+        holder = {}
+
+        def registrations():
+            holder["servicer"] = gateway.GatewayServicer(
+                peers["tokenizer"], list(peers["decode"]),
+                list(peers.get("prefill") or []) if config.mode == "disaggregated" else [],
+                config.max_inflight, config.max_message_bytes)
+            return [gateway.registration(holder["servicer"])]
+
+        return ServiceHost(registrations, public, healthy=lambda: "servicer" in holder and holder["servicer"].healthy())
+    raise ConfigError(f"unknown service {name!r}; services are {SERVICES}")
+
+
+__all__ = ["build", "PipelineConfig", "ServerOptions", "ServiceHost", "SERVICES"]

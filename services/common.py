@@ -39,9 +39,13 @@ class Unavailable(TandemError):
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Server and channel options: message limits both ways, no port sharing (a second server on
+    a busy port must fail, not split its traffic), and quick reconnects to a restarted service."""
     return [("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0)]
+            ("grpc.so_reuseport", 0),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -169,10 +173,13 @@ class Registration:
 class ServiceHost:
     """A grpc.aio server for some servicers, with health and reflection, on its own thread.
 
+    registrations: a list, or a function returning one, called on the server's event loop (for
+    servicers that open grpc.aio channels, which belong to the loop they are made on).
     healthy: polled every HEALTH_POLL_S; while it returns False (engine dead, draining) every
     service reports NOT_SERVING. `start()` returns once the port is bound; `stop()` drains."""
 
-    def __init__(self, registrations: list[Registration], options: ServerOptions | None = None,
+    def __init__(self, registrations: list[Registration] | Callable[[], list[Registration]],
+                 options: ServerOptions | None = None,
                  healthy: Callable[[], bool] | None = None, on_start: Callable[[], object] | None = None,
                  on_stop: Callable[[], object] | None = None):
         self.registrations, self.options = registrations, options or ServerOptions()
@@ -226,6 +233,8 @@ class ServiceHost:
         self.loop, self._stopped = asyncio.get_running_loop(), asyncio.Event()
         interceptors = [ApiKeyInterceptor(o.api_keys)] if o.api_keys else []
         self._server = grpc.aio.server(options=channel_options(o.max_message_bytes), interceptors=interceptors)
+        if callable(self.registrations):
+            self.registrations = self.registrations()
         for reg in self.registrations:
             reg.add(reg.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

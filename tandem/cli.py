@@ -1,4 +1,4 @@
-"""The `tandem` command line: generate, chat, model info, plugins list, serve.
+"""The `tandem` command line: generate, chat, model info, plugins list, serve, service.
 
 Bad input prints one line (`tandem: error: ...`) and exits with status 2, like argparse does.
 """
@@ -50,8 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="tandem: an LLM inference serving pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="complete a prompt in-process and print the text")
+    gen = sub.add_parser("generate", help="complete a prompt (in-process, or on a server with --server) and print it")
     gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--server", default=None, metavar="HOST:PORT",
+                     help="a running tandem gateway (tandem serve) to ask instead of loading the model here")
+    gen.add_argument("--api-key", default=None, help="API key for --server (default: $TANDEM_API_KEY)")
+    gen.add_argument("--tls", default=None, metavar="CA_PEM|system",
+                     help="use TLS for --server: a root certificate file, or 'system' for the system roots")
+    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds for --server")
     _add_model_args(gen)
     _add_sampling_args(gen, max_tokens=64)
 
@@ -72,11 +78,65 @@ def build_parser() -> argparse.ArgumentParser:
     listing = plugins_sub.add_parser("list", help="every plugin and component: category, source, whether it loaded")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    serve = sub.add_parser("serve", help="serve the model (for now: the in-process engine on the terminal)")
-    _add_model_args(serve)
-    _add_sampling_args(serve, max_tokens=256)
-    serve.set_defaults(system=None)
+    serve = sub.add_parser("serve", help="start the pipeline on Ray (one actor per service) and the gateway",
+                           description="Start local Ray (or join --ray-address) with one actor per service: "
+                           "tokenizer, prefill, decode, KV-cache store, draft, retrieval, and the gateway (gRPC). "
+                           "Every flag can also be set in the --config YAML file (key = flag name with "
+                           "underscores); flags win. Ctrl-C stops everything.")
+    _add_pipeline_args(serve)
+    serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    serve.add_argument("--replicas", action="append", default=[], metavar="ROLE=N",
+                       help="replicas per role: prefill=N, decode=N (repeatable; default 1 each)")
+    serve.add_argument("--dashboard", action="store_true", default=None, help="start Ray's dashboard (off by default)")
+    serve.add_argument("--object-store-memory", type=int, default=None,
+                       help="Ray object store bytes (default: 10%% of available memory, at most 1 GiB)")
+
+    service = sub.add_parser("service", help="run one service as a plain gRPC server (no Ray)",
+                             description="Run one service of the pipeline standalone. The gateway needs "
+                             "--tokenizer and --decode (and --prefill when disaggregated); workers need "
+                             "--kv-store in disaggregated mode.")
+    service.add_argument("name", choices=["tokenizer", "prefill", "decode", "worker", "kvstore", "draft",
+                                          "retrieval", "gateway"],
+                         help="worker = prefill and decode in one process (aggregated mode)")
+    service.add_argument("--port", type=int, required=True, help="port to listen on (0: any free port)")
+    _add_pipeline_args(service)
+    service.add_argument("--kv-store", default=None, metavar="HOST:PORT", help="the KV-cache store's address")
+    service.add_argument("--tokenizer", default=None, metavar="HOST:PORT", help="the tokenizer service (gateway)")
+    service.add_argument("--prefill", action="append", default=[], metavar="HOST:PORT",
+                         help="a prefill worker (gateway; repeatable)")
+    service.add_argument("--decode", action="append", default=[], metavar="HOST:PORT",
+                         help="a decode worker, or an aggregated one (gateway; repeatable)")
     return parser
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """The PipelineConfig flags: every default is None, so the YAML file's values stand unless set."""
+    p.add_argument("--config", default=None, metavar="FILE", help="YAML config file (keys = flag names)")
+    p.add_argument("--model", default=None, help=f"model name, .gguf file or HF directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default=None, help="float32 (default) or bfloat16")
+    p.add_argument("--threads", dest="num_threads", type=int, default=None, help="torch threads per worker")
+    p.add_argument("--quantization", default=None, help="quantizer plugin: int8, int4, nf4, fp8, ...")
+    p.add_argument("--quantization-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--attention", default=None, help="attention variant plugin (default: the model's own)")
+    p.add_argument("--attention-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--attention-backend", default=None, help="sdpa (default), naive, or a plugin's")
+    p.add_argument("--kv-cache-dtype", default=None, help="auto (default) or int8")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV pool per worker (default 512 MiB)")
+    p.add_argument("--mode", choices=["disaggregated", "aggregated"], default=None,
+                   help="separate prefill and decode workers (default), or one worker doing both")
+    p.add_argument("--host", default=None, help="address the gateway binds (default 127.0.0.1: loopback only)")
+    p.add_argument("--grpc-port", type=int, default=None, help="the gateway's gRPC port (default 50051)")
+    p.add_argument("--http-port", type=int, default=None, help="the gateway's HTTP port (default 8000)")
+    p.add_argument("--api-key", dest="api_keys", action="append", default=None,
+                   help="accept this API key (repeatable); also api_key_file and $TANDEM_API_KEYS")
+    p.add_argument("--api-key-file", default=None, help="file with one API key per line")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--kv-store-bytes", type=int, default=None, help="KV-cache store capacity (default 1 GiB)")
+    p.add_argument("--max-inflight", type=int, default=None,
+                   help="requests in flight at the gateway before RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--max-message-bytes", type=int, default=None, help="gRPC message limit (default 16 MiB)")
 
 
 def _sampling_params(args):
@@ -121,8 +181,32 @@ def _load(args):
 
 def cmd_generate(args) -> int:
     params = _sampling_params(args)  # validate before loading the model
+    if args.server:
+        return _generate_remote(args, params)
     out = _load(args).generate(args.prompt, params)[0]
     print(args.prompt + out.text)
+    return 0
+
+
+def _generate_remote(args, params) -> int:
+    import dataclasses
+    import os
+
+    from tandem.sdk import Client, TandemRpcError
+
+    tls = None if args.tls is None else (True if args.tls == "system" else args.tls)
+    sampling = {k: v for k, v in dataclasses.asdict(params).items() if v not in (None, [], {})}
+    with Client(args.server, api_key=args.api_key or os.environ.get("TANDEM_API_KEY"), tls=tls,
+                timeout=args.timeout) as client:
+        print(args.prompt, end="", flush=True)
+        try:
+            for chunk in client.generate(args.prompt, **sampling):
+                if chunk.index == 0 and chunk.text:
+                    print(chunk.text, end="", flush=True)
+        except TandemRpcError as exc:
+            print(f"\ntandem: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print()
     return 0
 
 
@@ -200,13 +284,56 @@ def cmd_plugins_list(args) -> int:
     return 0
 
 
+_PIPELINE_KEYS = ("model", "dtype", "num_threads", "quantization", "attention", "attention_backend", "kv_cache_dtype",
+                  "max_model_len", "kv_cache_memory", "mode", "host", "grpc_port", "http_port", "api_keys",
+                  "api_key_file", "tls_cert", "tls_key", "kv_store_bytes", "max_inflight", "max_message_bytes",
+                  "ray_address", "dashboard", "object_store_memory")
+
+
+def _pipeline_config(args):
+    from tandem.services.config import PipelineConfig
+
+    overrides = {k: getattr(args, k) for k in _PIPELINE_KEYS if hasattr(args, k)}
+    if args.quantization_option:
+        overrides["quantization_options"] = parse_options(args.quantization_option, "--quantization-option")
+    if args.attention_option:
+        overrides["attention_options"] = parse_options(args.attention_option, "--attention-option")
+    if getattr(args, "replicas", None):
+        replicas = parse_options(args.replicas, "--replicas")
+        overrides["replicas"] = replicas
+    return PipelineConfig.load(args.config, **overrides)
+
+
 def cmd_serve(args) -> int:
-    print("tandem serve: the gRPC/HTTP service pipeline is not built yet; running the in-process "
-          "engine as a terminal chat instead (Ctrl-D quits).", file=sys.stderr)
-    return cmd_chat(args)
+    from tandem.orchestration.ray_launcher import serve
+
+    return serve(_pipeline_config(args), out=lambda line: print(line, flush=True))
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
+def cmd_service(args) -> int:
+    import logging
+    import signal
+    import threading
+
+    from tandem.services import build
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = _pipeline_config(args)
+    peers = {"kvstore": args.kv_store, "tokenizer": args.tokenizer, "prefill": args.prefill, "decode": args.decode}
+    host = config.host if args.name == "gateway" else (args.host or config.service_host)
+    server = build(args.name, config, port=args.port, peers=peers, host=host)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    print(f"tandem: {args.name} listening on {server.address} (gRPC). Ctrl-C stops.", flush=True)
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "service": cmd_service}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -258,6 +258,12 @@ class LLMEngine:
             raise
         return len(taken)
 
+    def export_cached(self, hashes: list[bytes]) -> list[tuple[bytes, list[torch.Tensor]]]:
+        """The KV of those of `hashes` the prefix cache holds (to publish them again)."""
+        found = [(h, self.block_manager.cached[h]) for h in hashes if h in self.block_manager.cached]
+        blocks = self.runner.export_blocks([b for _, b in found]) if found else []
+        return [(h, tensors) for (h, _), tensors in zip(found, blocks)]
+
     def output_of(self, request: _Request) -> RequestOutput:
         if request.resumed:
             request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens

@@ -45,12 +45,23 @@ class LoadedModel:
     source: GGUFFile | HFDirectory
 
 
+def _tokenizer_of(source: GGUFFile | HFDirectory, path: Path) -> Tokenizer:
+    return Tokenizer.from_gguf(source.metadata) if isinstance(source, GGUFFile) else Tokenizer.from_hf_dir(path)
+
+
+def load_tokenizer(name: str) -> tuple[Tokenizer, ModelConfig, Path]:
+    """The model's tokenizer and config without its weights (the tokenizer service needs no more)."""
+    path = resolve_model_path(name)
+    source = open_model_source(path)
+    return _tokenizer_of(source, path), source.config(), path
+
+
 def load_model(name: str, dtype: str | torch.dtype = "float32", progress: bool = True) -> LoadedModel:
     torch_dtype = parse_dtype(dtype)
     path = resolve_model_path(name)
     source = open_model_source(path)
     config = source.config()
-    tokenizer = Tokenizer.from_gguf(source.metadata) if isinstance(source, GGUFFile) else Tokenizer.from_hf_dir(path)
+    tokenizer = _tokenizer_of(source, path)
     model = build_model(config, source, torch_dtype, progress)
     return LoadedModel(model, config, tokenizer, path, source)
 

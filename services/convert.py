@@ -1,0 +1,53 @@
+"""Translation between tandem.v1 messages and the core's types: the only place that knows both.
+
+A bad value becomes the core's InvalidRequestError with the core's message, so the gateway answers
+INVALID_ARGUMENT with the same words the library raises.
+"""
+from __future__ import annotations
+
+import json
+
+from tandem.errors import InvalidRequestError
+from tandem.outputs import RequestMetrics, StreamDelta
+from tandem.sampling_params import SamplingParams
+from tandem.v1 import common_pb2
+
+_OPTIONAL = ("max_tokens", "n", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+             "presence_penalty", "frequency_penalty", "seed", "skip_special_tokens")
+
+
+def sampling_params(msg: common_pb2.SamplingParams) -> SamplingParams:
+    kwargs = {key: getattr(msg, key) for key in _OPTIONAL if msg.HasField(key)}
+    if msg.logits_processors_json:
+        try:
+            kwargs["logits_processors"] = json.loads(msg.logits_processors_json)
+        except ValueError as exc:
+            raise InvalidRequestError(f"logits_processors_json is not valid JSON: {exc}") from None
+    return SamplingParams(logit_bias=dict(msg.logit_bias), stop=list(msg.stop) or None,
+                          stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos, **kwargs)
+
+
+def sampling_message(params: SamplingParams) -> common_pb2.SamplingParams:
+    """The message for validated params (what the gateway forwards to the workers)."""
+    return common_pb2.SamplingParams(
+        max_tokens=params.max_tokens, n=params.n, temperature=params.temperature, top_k=params.top_k,
+        top_p=params.top_p, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        logit_bias=params.logit_bias, seed=params.seed, stop=params.stop, stop_token_ids=params.stop_token_ids,
+        ignore_eos=params.ignore_eos, skip_special_tokens=params.skip_special_tokens,
+        logits_processors_json=json.dumps(params.logits_processors) if params.logits_processors else "")
+
+
+def delta_message(delta: StreamDelta) -> common_pb2.SampleDelta:
+    return common_pb2.SampleDelta(index=delta.index, token_ids=delta.token_ids, text=delta.text,
+                                  finish_reason=delta.finish_reason or "")
+
+
+def token_ids(values) -> list[int]:
+    """Repeated int64 as a list of Python ints (the engine checks their range)."""
+    return [int(v) for v in values]
+
+
+def mean_itl(metrics: RequestMetrics | None) -> float:
+    gaps = metrics.inter_token_latencies if metrics else []
+    return sum(gaps) / len(gaps) if gaps else 0.0

@@ -1,0 +1,236 @@
+"""The gateway: tandem's public gRPC API (tandem.v1.Gateway) over the internal services.
+
+    Generate: validate -> tokenize (tokenizer service) -> route -> prefill worker (first tokens,
+    KV published to the store) -> decode worker (streams the rest) -> the client
+    aggregated mode: route -> one worker runs the whole request
+
+Admission control: at most max_inflight requests at once (RESOURCE_EXHAUSTED beyond). Errors from
+a worker come back with the worker's status and message. The client's deadline and cancellation
+travel downstream: a cancelled Generate cancels the worker's call, which aborts the request and
+frees its KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from dataclasses import dataclass
+
+from tandem.errors import InvalidRequestError, QueueFullError
+from tandem.sampling_params import SamplingParams
+from tandem.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2,
+                       prefill_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc)
+
+from .common import Registration, Unavailable, client_channel, rpc
+from .convert import sampling_message, sampling_params, token_ids
+
+_request_ids = itertools.count()
+
+
+@dataclass
+class Endpoint:
+    """A worker the router can pick, and the gateway's count of its requests in flight."""
+
+    target: str
+    stub: object
+    inflight: int = 0
+
+
+class Router:
+    """Prefill: the worker holding the longest cached prefix of the prompt (ties: least loaded).
+    Decode: the least loaded worker. Load is what this gateway has in flight on each."""
+
+    def __init__(self, prefill: list[Endpoint], decode: list[Endpoint]):
+        self.prefill, self.decode = prefill, decode
+        self._rr = itertools.count()
+
+    async def pick_prefill(self, prompt: list[int], timeout: float | None) -> Endpoint:
+        if len(self.prefill) == 1:
+            return self.prefill[0]
+        request = prefill_pb2.CachedPrefixRequest(prompt_ids=prompt)
+        answers = await asyncio.gather(*(e.stub.CachedPrefix(request, timeout=timeout) for e in self.prefill),
+                                       return_exceptions=True)
+        scored = [(a.num_cached_tokens if not isinstance(a, BaseException) else -1, -e.inflight, e)
+                  for a, e in zip(answers, self.prefill)]
+        best = max(scored, key=lambda s: s[:2])
+        return best[2]
+
+    def pick_decode(self) -> Endpoint:
+        low = min(e.inflight for e in self.decode)
+        candidates = [e for e in self.decode if e.inflight == low]
+        return candidates[next(self._rr) % len(candidates)]
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, tokenizer: str, decode: list[str], prefill: list[str] | None = None,
+                 max_inflight: int = 256, max_message_bytes: int = 16 << 20):
+        """tokenizer, decode, prefill: targets (host:port) of the services. Without prefill
+        targets the pipeline is aggregated: decode workers run whole requests."""
+        if not decode:
+            raise ValueError("the gateway needs at least one decode (or aggregated) worker")
+        channel = lambda target: client_channel(target, max_message_bytes)  # noqa: E731
+        self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(channel(tokenizer))
+        self.router = Router([Endpoint(t, prefill_pb2_grpc.PrefillStub(channel(t))) for t in prefill or []],
+                             [Endpoint(t, decode_pb2_grpc.DecodeStub(channel(t))) for t in decode])
+        self.max_inflight, self.inflight, self.draining = max_inflight, 0, False
+        self.counters = {"requests": 0, "rejected": 0, "errors": 0}
+
+    @property
+    def disaggregated(self) -> bool:
+        return bool(self.router.prefill)
+
+    def healthy(self) -> bool:
+        return not self.draining
+
+    # -- Generate and Chat ----------------------------------------------------------------------
+    @rpc
+    async def Generate(self, request, context):
+        params = sampling_params(request.sampling)  # bad values fail here, before any work
+        timeout = context.time_remaining()
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            if not request.text:
+                raise InvalidRequestError("the prompt is empty")
+            prompt = await self._tokenize(request.text, timeout)
+        elif which == "token_ids":
+            prompt = token_ids(request.token_ids.ids)
+        else:
+            raise InvalidRequestError("the request has no prompt: set text or token_ids")
+        async for response in self._generate(request.request_id, prompt, params, context):
+            yield response
+
+    @rpc
+    async def Chat(self, request, context):
+        params = sampling_params(request.sampling)
+        messages = [common_pb2.ChatMessage(role=m.role, content=m.content) for m in request.messages]
+        answer = await self.tokenizer.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(messages=messages),
+                                                        timeout=context.time_remaining())
+        async for response in self._generate(request.request_id, token_ids(answer.token_ids), params, context):
+            yield response
+
+    async def _tokenize(self, text: str, timeout: float | None) -> list[int]:
+        answer = await self.tokenizer.Tokenize(common_pb2.TokenizeRequest(text=text), timeout=timeout)
+        return token_ids(answer.token_ids)
+
+    async def _generate(self, request_id: str, prompt: list[int], params: SamplingParams, context):
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        if self.draining:
+            raise Unavailable("the gateway is draining")
+        if self.inflight >= self.max_inflight:
+            self.counters["rejected"] += 1
+            raise QueueFullError(f"the gateway is at its limit of {self.max_inflight} requests in flight")
+        request_id = request_id or f"gen-{uuid.uuid4().hex[:12]}-{next(_request_ids)}"
+        self.inflight += 1
+        self.counters["requests"] += 1
+        try:
+            async for response in self._run(request_id, prompt, params, context):
+                yield response
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.counters["errors"] += 1
+            raise
+        finally:
+            self.inflight -= 1
+
+    async def _run(self, request_id: str, prompt: list[int], params: SamplingParams, context):
+        arrival = time.perf_counter()
+        sampling = sampling_message(params)
+        clock = _Clock(arrival)
+        first_tokens, hashes, cached, prefill_s, kv_s = [], [], 0, 0.0, 0.0
+        if self.disaggregated:
+            endpoint = await self.router.pick_prefill(prompt, context.time_remaining())
+            endpoint.inflight += 1
+            try:
+                answer = await endpoint.stub.Prefill(
+                    prefill_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling),
+                    timeout=context.time_remaining())
+            finally:
+                endpoint.inflight -= 1
+            cached, prefill_s, kv_s = answer.num_cached_tokens, answer.prefill_seconds, answer.kv_transfer_seconds
+            hashes = list(answer.block_hashes)
+            for delta in answer.samples:
+                clock.tick(delta)
+                yield gateway_pb2.GenerateResponse(request_id=request_id, delta=delta)
+            first_tokens = [d.token_ids[0] for d in answer.samples]
+            if all(d.finish_reason for d in answer.samples):
+                yield clock.final(request_id, len(prompt), cached, prefill_s, kv_s)
+                return
+        endpoint = self.router.pick_decode()
+        endpoint.inflight += 1
+        try:
+            call = endpoint.stub.Decode(
+                decode_pb2.DecodeRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling,
+                                         first_token_ids=first_tokens, block_hashes=hashes),
+                timeout=context.time_remaining())
+            try:
+                async for message in call:
+                    if message.HasField("delta"):
+                        clock.tick(message.delta)
+                        yield gateway_pb2.GenerateResponse(request_id=request_id, delta=message.delta)
+                    else:
+                        cached = cached if self.disaggregated else message.usage.cached_tokens
+                        yield clock.final(request_id, len(prompt), cached, prefill_s,
+                                          kv_s + message.timings.kv_transfer)
+            finally:
+                call.cancel()  # no-op once finished; frees the worker's blocks when we leave early
+        finally:
+            endpoint.inflight -= 1
+
+    # -- the rest of the API --------------------------------------------------------------------
+    @rpc
+    async def Tokenize(self, request, context):
+        return await self.tokenizer.Tokenize(request, timeout=context.time_remaining())
+
+    @rpc
+    async def Detokenize(self, request, context):
+        return await self.tokenizer.Detokenize(request, timeout=context.time_remaining())
+
+    @rpc
+    async def ListModels(self, request, context):
+        endpoint = self.router.decode[0]
+        info = await endpoint.stub.Info(prefill_pb2.WorkerInfoRequest(), timeout=context.time_remaining())
+        return gateway_pb2.ListModelsResponse(models=[gateway_pb2.ModelCard(id=info.model,
+                                                                            max_model_len=info.max_model_len)])
+
+    def stats(self) -> common_pb2.ServiceStats:
+        values = {**self.counters, "inflight": self.inflight}
+        return common_pb2.ServiceStats(service="gateway", draining=self.draining,
+                                       values={k: float(v) for k, v in values.items()})
+
+
+class _Clock:
+    """Usage and timings as the client sees them, measured at the gateway."""
+
+    def __init__(self, arrival: float):
+        self.arrival, self.first, self.last = arrival, None, None
+        self.times0: list[float] = []  # token arrival times of sample 0
+        self.completion_tokens = 0
+
+    def tick(self, delta: common_pb2.SampleDelta) -> None:
+        now = time.perf_counter()
+        self.completion_tokens += len(delta.token_ids)
+        if delta.token_ids:
+            self.first = self.first or now
+            self.last = now
+            if delta.index == 0:
+                self.times0.append(now)
+
+    def final(self, request_id: str, prompt_tokens: int, cached: int, prefill_s: float,
+              kv_s: float) -> gateway_pb2.GenerateResponse:
+        gaps = [b - a for a, b in zip(self.times0, self.times0[1:])]
+        end = self.last or time.perf_counter()
+        return gateway_pb2.GenerateResponse(
+            request_id=request_id, finished=True,
+            usage=common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=self.completion_tokens,
+                                   cached_tokens=cached),
+            timings=common_pb2.Timings(ttft=(self.first or end) - self.arrival, e2e=end - self.arrival,
+                                       mean_itl=sum(gaps) / len(gaps) if gaps else 0.0, prefill=prefill_s,
+                                       kv_transfer=kv_s))
+
+
+def registration(servicer: GatewayServicer) -> Registration:
+    return Registration(servicer, gateway_pb2_grpc.add_GatewayServicer_to_server,
+                        gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name)

@@ -1,0 +1,229 @@
+"""The prefill and decode workers: the engine (tandem.LLM's, on an AsyncEngine thread) behind gRPC.
+
+One process serves the role it is given: "prefill" (Prefill service), "decode" (Decode service)
+or "both" (aggregated mode: the gateway sends whole requests to Decode). The KV cache moves through
+the KV-cache store by content hash:
+
+    prefill: fetch the prompt blocks the store has and the worker lacks -> run the prompt
+             (prefill_only) -> publish the blocks the store lacks -> first tokens + block hashes
+    decode:  fetch the listed blocks it lacks -> continue from the first tokens -> stream
+
+A block the store no longer has is simply computed again: the hash chain makes every cache hit
+exact, never approximate.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import aclosing
+
+from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.block_manager import block_hash
+from tandem.llm import LLM
+from tandem.outputs import RequestOutput
+from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+from .common import Registration, Unavailable, client_channel, rpc
+from .config import PipelineConfig
+from .convert import delta_message, mean_itl, sampling_params, token_ids
+from .kvstore import KVStoreClient
+
+log = logging.getLogger(__name__)
+
+
+def prompt_hashes(prompt: list[int], block_size: int, num_blocks: int | None = None) -> list[bytes]:
+    """The content-hash chain of a prompt's full blocks (the first num_blocks of them)."""
+    hashes, parent = [], None
+    count = len(prompt) // block_size if num_blocks is None else num_blocks
+    for i in range(count):
+        parent = block_hash(parent, prompt[i * block_size:(i + 1) * block_size])
+        hashes.append(parent)
+    return hashes
+
+
+class Worker:
+    """The state both servicers share: the engine, the store client, counters, the drain flag."""
+
+    def __init__(self, llm: LLM, config: PipelineConfig, role: str, kv_store: str | None):
+        self.llm, self.config, self.role = llm, config, role
+        self.engine = AsyncEngine(llm.engine)
+        self.block_size = llm.engine.config.block_size
+        self.namespace = config.kv_namespace(llm.model_path, self.block_size)
+        self.kv_store_target = kv_store
+        self._store: KVStoreClient | None = None
+        self.draining = False
+        self.counters = {"kv_blocks_fetched": 0, "kv_blocks_published": 0, "kv_bytes_fetched": 0,
+                         "kv_bytes_published": 0, "kv_transfer_seconds": 0.0, "requests": 0}
+
+    @classmethod
+    def build(cls, config: PipelineConfig, role: str, kv_store: str | None) -> Worker:
+        return cls(LLM(**config.llm_kwargs()), config, role, kv_store)
+
+    @property
+    def store(self) -> KVStoreClient | None:
+        if self._store is None and self.kv_store_target:
+            self._store = KVStoreClient(client_channel(self.kv_store_target, self.config.max_message_bytes))
+        return self._store
+
+    def healthy(self) -> bool:
+        return self.engine.is_alive and not self.draining
+
+    def admit(self) -> None:
+        if self.draining:
+            raise Unavailable(f"the {self.role} worker is draining")
+        if not self.engine.is_alive:
+            raise Unavailable(f"the {self.role} worker's engine is not running")
+        self.counters["requests"] += 1
+
+    def stats(self) -> common_pb2.ServiceStats:
+        values = {**self.engine.stats(), **self.counters}
+        return common_pb2.ServiceStats(service=self.role, draining=self.draining,
+                                       values={k: float(v) for k, v in values.items()})
+
+    def info(self) -> prefill_pb2.WorkerInfo:
+        return prefill_pb2.WorkerInfo(model=self.llm.model_path.stem, role=self.role, block_size=self.block_size,
+                                      max_model_len=self.llm.max_model_len, kv_namespace=self.namespace)
+
+    # -- KV through the store -------------------------------------------------------------------
+    async def fetch(self, hashes: list[bytes]) -> float:
+        """Import the leading blocks of `hashes` this engine lacks and the store has. Returns the
+        seconds it took (0 without a store)."""
+        store = self.store
+        if store is None or not hashes:
+            return 0.0
+        start = time.perf_counter()
+        local = await self.engine.run(self.llm.engine.cached_prefix, hashes)
+        if local < len(hashes):
+            wanted = hashes[local:]
+            blocks = await store.get_blocks(self.namespace, wanted)
+            got = []
+            for h in wanted:  # only a contiguous run extends the prefix
+                if h not in blocks:
+                    break
+                got.append(h)
+            if got:
+                await self.engine.run(self.llm.engine.import_blocks, got, [blocks[h] for h in got])
+                self.counters["kv_blocks_fetched"] += len(got)
+                self.counters["kv_bytes_fetched"] += sum(t.nbytes for h in got for t in blocks[h])
+        elapsed = time.perf_counter() - start
+        self.counters["kv_transfer_seconds"] += elapsed
+        return elapsed
+
+    async def publish(self, output: RequestOutput) -> float:
+        """Make sure the store holds every full block of the prompt: the ones computed here, and
+        cached ones it has lost since."""
+        store, kv = self.store, output.kv
+        if store is None or kv is None or not kv.block_hashes:
+            return 0.0
+        start = time.perf_counter()
+        blocks = list(zip(kv.new_hashes, kv.new_blocks))
+        if blocks:
+            await store.put_blocks(self.namespace, blocks)
+        present = await store.lookup(self.namespace, kv.block_hashes)
+        if present < len(kv.block_hashes):  # evicted from the store since: send our copies again
+            missing = [h for h in kv.block_hashes[present:] if h not in set(kv.new_hashes)]
+            again = await self.engine.run(self.llm.engine.export_cached, missing)
+            if again:
+                await store.put_blocks(self.namespace, again)
+                blocks += again
+        self.counters["kv_blocks_published"] += len(blocks)
+        self.counters["kv_bytes_published"] += sum(t.nbytes for _, ts in blocks for t in ts)
+        elapsed = time.perf_counter() - start
+        self.counters["kv_transfer_seconds"] += elapsed
+        return elapsed
+
+    async def close(self) -> None:
+        self.draining = True
+        self.engine.shutdown()
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, worker: Worker):
+        self.worker = worker
+
+    @rpc
+    async def Prefill(self, request, context):
+        w = self.worker
+        w.admit()
+        params = sampling_params(request.sampling)
+        prompt = token_ids(request.prompt_ids)
+        start = time.perf_counter()
+        fetch_s = await w.fetch(prompt_hashes(prompt, w.block_size, (len(prompt) - 1) // w.block_size))
+        stream = await w.engine.add_request(request.request_id or f"prefill-{id(request)}", prompt, params,
+                                            prefill_only=True)
+        firsts: dict[int, common_pb2.SampleDelta] = {}
+        output = None
+        async with aclosing(stream):
+            async for item in stream:
+                if isinstance(item, RequestOutput):
+                    output = item
+                elif item.index not in firsts:
+                    firsts[item.index] = delta_message(item)
+        prefill_s = time.perf_counter() - start
+        publish_s = await w.publish(output)
+        return prefill_pb2.PrefillResponse(
+            samples=[firsts[i] for i in sorted(firsts)], block_hashes=output.kv.block_hashes if output.kv else [],
+            num_cached_tokens=output.metrics.num_cached_tokens, prefill_seconds=prefill_s,
+            kv_transfer_seconds=fetch_s + publish_s)
+
+    @rpc
+    async def CachedPrefix(self, request, context):
+        w = self.worker
+        prompt = token_ids(request.prompt_ids)
+        blocks = await w.engine.run(w.llm.engine.cached_prefix, prompt_hashes(prompt, w.block_size))
+        return prefill_pb2.CachedPrefixResponse(num_cached_tokens=blocks * w.block_size)
+
+    @rpc
+    async def Info(self, request, context):
+        return self.worker.info()
+
+    @rpc
+    async def Stats(self, request, context):
+        return self.worker.stats()
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, worker: Worker):
+        self.worker = worker
+
+    @rpc
+    async def Decode(self, request, context):
+        w = self.worker
+        w.admit()
+        params = sampling_params(request.sampling)
+        prompt, firsts = token_ids(request.prompt_ids), token_ids(request.first_token_ids)
+        fetch_s = await w.fetch(list(request.block_hashes)) if firsts else 0.0
+        options = {"first_token_ids": firsts} if firsts else {}
+        stream = await w.engine.add_request(request.request_id or f"decode-{id(request)}", prompt, params, **options)
+        async with aclosing(stream):  # leaving early (the caller cancelled) aborts and frees the blocks
+            async for item in stream:
+                if isinstance(item, RequestOutput):
+                    m = item.metrics
+                    completion = sum(len(o.token_ids) for o in item.outputs)
+                    yield decode_pb2.DecodeResponse(
+                        usage=common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=completion,
+                                               cached_tokens=m.num_cached_tokens if m else 0),
+                        timings=common_pb2.Timings(ttft=m.ttft or 0.0, e2e=m.e2e_latency or 0.0,
+                                                   mean_itl=mean_itl(m), kv_transfer=fetch_s))
+                else:
+                    yield decode_pb2.DecodeResponse(delta=delta_message(item))
+
+    @rpc
+    async def Info(self, request, context):
+        return self.worker.info()
+
+    @rpc
+    async def Stats(self, request, context):
+        return self.worker.stats()
+
+
+def registrations(worker: Worker) -> list[Registration]:
+    """The servicers of the worker's role."""
+    regs = []
+    if worker.role in ("prefill", "both"):
+        regs.append(Registration(PrefillServicer(worker), prefill_pb2_grpc.add_PrefillServicer_to_server,
+                                 prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name))
+    if worker.role in ("decode", "both"):
+        regs.append(Registration(DecodeServicer(worker), decode_pb2_grpc.add_DecodeServicer_to_server,
+                                 decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name))
+    return regs

@@ -1,0 +1,199 @@
+"""What Client and AsyncClient share: building the Gateway's requests from Python values, the
+channel's credentials and options, call metadata, and the retry policy. Nothing here does I/O, so
+the two clients differ only in how they wait.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+
+import grpc
+from google.protobuf.descriptor import FieldDescriptor
+
+from tandem.sampling_params import SamplingParams
+from tandem.sdk.errors import DeadlineExceededError, InvalidArgumentError
+from tandem.v1 import common_pb2, gateway_pb2
+
+# Keyword -> SamplingParams proto field: the library's names, so a SamplingParams's fields can be
+# passed as they are. logits_processors travels as JSON (its values are arbitrary plugin kwargs).
+SAMPLING_FIELDS: dict[str, str] = {
+    f.name: "logits_processors_json" if f.name == "logits_processors" else f.name
+    for f in dataclasses.fields(SamplingParams)
+}
+_SCALAR_KINDS = {FieldDescriptor.CPPTYPE_INT64: "an integer", FieldDescriptor.CPPTYPE_DOUBLE: "a number",
+                 FieldDescriptor.CPPTYPE_BOOL: "a bool"}
+
+# Backoff between retries of UNAVAILABLE: the usual gRPC client schedule (0.1 s doubling, capped),
+# each delay drawn in [d/2, d] so that clients cut off together do not come back together.
+INITIAL_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 2.0
+
+
+def _invalid(name: str, expected: str, value, error: Exception | None = None) -> InvalidArgumentError:
+    reason = f" ({error})" if error else ""
+    return InvalidArgumentError(f"{name} must be {expected}, got {value!r}{reason}")
+
+
+def _set_scalar(msg: common_pb2.SamplingParams, name: str, value) -> None:
+    field = msg.DESCRIPTOR.fields_by_name[name]
+    expected = _SCALAR_KINDS[field.cpp_type]
+    # protobuf reads True as 1 in a double; the server must see the bool to reject it as the library does
+    if isinstance(value, bool) and expected != "a bool":
+        raise _invalid(name, expected, value)
+    try:
+        setattr(msg, name, value)
+    except (TypeError, ValueError) as e:
+        raise _invalid(name, expected, value, e) from e
+
+
+def _set_repeated(msg: common_pb2.SamplingParams, name: str, values, expected: str) -> None:
+    try:
+        getattr(msg, name).extend(values)
+    except (TypeError, ValueError) as e:
+        raise _invalid(name, expected, values, e) from e
+
+
+def sampling_to_pb(sampling: dict) -> common_pb2.SamplingParams:
+    """The proto of `sampling` (SamplingParams's field names -> values). Keywords left out or None
+    stay unset, so the server applies the library's defaults. Ranges are the server's to check."""
+    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown sampling keyword(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
+    msg = common_pb2.SamplingParams()
+    for name, value in sampling.items():
+        if value is None:
+            continue
+        if name == "logit_bias":
+            _set_logit_bias(msg, value)
+        elif name == "logits_processors":
+            msg.logits_processors_json = _to_json(value)
+        elif name == "stop":
+            _set_repeated(msg, name, [value] if isinstance(value, str) else value, "a string or a list of strings")
+        elif name == "stop_token_ids":
+            _set_repeated(msg, name, value, "a list of integers")
+        else:
+            _set_scalar(msg, name, value)
+    return msg
+
+
+def _set_logit_bias(msg: common_pb2.SamplingParams, bias) -> None:
+    if not isinstance(bias, dict):
+        raise _invalid("logit_bias", "a dict of token id -> number", bias)
+    for token_id, value in bias.items():
+        if isinstance(value, bool):
+            raise _invalid("logit_bias", "a dict of token id -> number", bias)
+        try:
+            msg.logit_bias[token_id] = value
+        except (TypeError, ValueError) as e:
+            raise _invalid("logit_bias", "a dict of token id -> number", bias, e) from e
+
+
+def _to_json(processors) -> str:
+    try:
+        return json.dumps(processors)
+    except (TypeError, ValueError) as e:
+        raise _invalid("logits_processors", "JSON-serializable", processors, e) from e
+
+
+def generate_request(prompt, model: str | None, request_id: str | None, sampling: dict) -> gateway_pb2.GenerateRequest:
+    """GenerateRequest of a text prompt (str) or a token-id prompt (list of ints)."""
+    request = gateway_pb2.GenerateRequest(model=model or "", request_id=request_id or "",
+                                          sampling=sampling_to_pb(sampling))
+    if isinstance(prompt, str):
+        request.text = prompt
+        return request
+    if not isinstance(prompt, (list, tuple)):
+        raise _invalid("prompt", "a string or a list of token ids", prompt)
+    try:
+        request.token_ids.ids.extend(prompt)
+    except (TypeError, ValueError) as e:
+        raise _invalid("prompt", "a string or a list of token ids", prompt, e) from e
+    if not prompt:
+        request.token_ids.SetInParent()  # an empty id list is still a token-id prompt; the server rejects it
+    return request
+
+
+def chat_request(messages, model: str | None, request_id: str | None, sampling: dict) -> gateway_pb2.ChatRequest:
+    """ChatRequest of [{"role": ..., "content": ...}, ...]."""
+    try:
+        pb_messages = [common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+    except (TypeError, ValueError, KeyError) as e:
+        raise _invalid("messages", 'a list of {"role": str, "content": str} dicts', messages, e) from e
+    return gateway_pb2.ChatRequest(model=model or "", messages=pb_messages, request_id=request_id or "",
+                                   sampling=sampling_to_pb(sampling))
+
+
+def tokenize_request(text: str, add_special_tokens: bool, parse_special: bool, model: str | None):
+    try:
+        return common_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens,
+                                          parse_special=parse_special, model=model or "")
+    except (TypeError, ValueError) as e:
+        raise _invalid("text", "a string", text, e) from e
+
+
+def detokenize_request(token_ids, skip_special_tokens: bool, model: str | None):
+    try:
+        return common_pb2.DetokenizeRequest(token_ids=token_ids, skip_special_tokens=skip_special_tokens,
+                                            model=model or "")
+    except (TypeError, ValueError) as e:
+        raise _invalid("token_ids", "a list of integers", token_ids, e) from e
+
+
+def model_cards(response: gateway_pb2.ListModelsResponse) -> list[dict]:
+    return [{"id": m.id, "max_model_len": m.max_model_len, "quantization": m.quantization} for m in response.models]
+
+
+def channel_credentials(tls) -> grpc.ChannelCredentials | None:
+    """None for an insecure channel (tls None or False); else TLS with the system's roots (True), a
+    PEM root certificate file (a path), or the given grpc.ChannelCredentials."""
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    if isinstance(tls, grpc.ChannelCredentials):
+        return tls
+    if isinstance(tls, str):
+        with open(tls, "rb") as f:
+            return grpc.ssl_channel_credentials(root_certificates=f.read())
+    raise TypeError(f"tls must be None, a bool, a PEM file path or grpc.ChannelCredentials, got {tls!r}")
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+class RetryPolicy:
+    """One call's retries: UNAVAILABLE only, at most max_retries after the first try, all within
+    the call's deadline (`timeout` seconds from now; None = no deadline)."""
+
+    def __init__(self, max_retries: int, timeout: float | None) -> None:
+        self.max_retries = max_retries
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.num_retries = 0
+
+    def remaining(self) -> float | None:
+        """Seconds left for the next try, as its gRPC timeout. Raises when none are left."""
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceededError(f"deadline exceeded after {self.num_retries + 1} tries")
+        return left
+
+    def backoff(self, error: grpc.RpcError) -> float | None:
+        """Seconds to wait before retrying after `error`, or None when it must be raised."""
+        if error.code() != grpc.StatusCode.UNAVAILABLE or self.num_retries >= self.max_retries:
+            return None
+        ceiling = min(MAX_BACKOFF_S, INITIAL_BACKOFF_S * 2 ** self.num_retries)
+        delay = random.uniform(ceiling / 2, ceiling)
+        if self.deadline is not None and time.monotonic() + delay >= self.deadline:
+            return None  # the retry could not finish in time: the UNAVAILABLE is the better answer
+        self.num_retries += 1
+        return delay

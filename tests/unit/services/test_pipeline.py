@@ -1,0 +1,223 @@
+"""The whole pipeline over gRPC on loopback, in one process (no Ray), on the tiny random model:
+gateway -> tokenizer -> prefill -> KV-cache store -> decode, through the SDK.
+
+Greedy output equals tandem.LLM's in both modes; 16 concurrent streams complete; a cancelled
+stream frees its blocks everywhere; a repeated prefix hits the prefix cache and the KV store;
+bad input, a full gateway and a missing API key get their status codes; health follows the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import tandem
+from tandem.orchestration.local import InProcessPipeline
+from tandem.sdk import (AsyncClient, Client, InvalidArgumentError, ResourceExhaustedError, UnauthenticatedError)
+from tandem.services.config import PipelineConfig
+from tandem.v1 import common_pb2, decode_pb2_grpc, kvstore_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+GREEDY = dict(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = ["hello world", "To be, or not to be, that is the question:",
+           "First Citizen:\nBefore we proceed any further, hear me speak." * 3, "a"]
+
+
+def config(tiny_hf_dir, **overrides) -> PipelineConfig:
+    return PipelineConfig(model=str(tiny_hf_dir), grpc_port=0, kv_cache_memory=16 << 20, kv_store_bytes=64 << 20,
+                          **overrides)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_hf_dir):
+    with InProcessPipeline(config(tiny_hf_dir, replicas={"prefill": 2, "decode": 1})) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def client(pipe):
+    with Client(pipe.address, timeout=60) as c:
+        yield c
+
+
+def stats(pipe, name: str) -> dict:
+    channel = grpc.insecure_channel(pipe.address_of(name))
+    stub = (kvstore_pb2_grpc.KVStoreStub if name.startswith("kvstore") else
+            decode_pb2_grpc.DecodeStub if name.startswith("decode") else prefill_pb2_grpc.PrefillStub)(channel)
+    try:
+        return dict(stub.Stats(common_pb2.StatsRequest(), timeout=10).values)
+    finally:
+        channel.close()
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_greedy_output_equals_the_library(tiny_llm, client):
+    params = tandem.SamplingParams(**GREEDY)
+    for prompt in PROMPTS:
+        want = tiny_llm.generate(prompt, params)[0]
+        got = client.complete(prompt, **GREEDY)
+        assert got.token_ids == want.token_ids and got.text == want.text, prompt
+        assert got.finish_reason == "length"
+        assert got.usage.prompt_tokens == len(want.prompt_token_ids) and got.usage.completion_tokens == 12
+        assert got.timings.ttft > 0 and got.timings.e2e >= got.timings.ttft
+
+
+def test_aggregated_mode_gives_the_same_tokens(tiny_hf_dir, tiny_llm):
+    params = tandem.SamplingParams(**GREEDY)
+    with InProcessPipeline(config(tiny_hf_dir, mode="aggregated")) as agg, Client(agg.address) as c:
+        for prompt in PROMPTS[:2]:
+            assert c.complete(prompt, **GREEDY).token_ids == tiny_llm.generate(prompt, params)[0].token_ids
+
+
+def test_token_id_prompts_stop_strings_and_n_samples(tiny_llm, client):
+    ids = tiny_llm.tokenize(PROMPTS[1])
+    want = tiny_llm.generate([ids], tandem.SamplingParams(**GREEDY))[0]
+    assert client.complete(ids, **GREEDY).token_ids == want.token_ids
+    stop = want.text[3:6]
+    if stop:
+        got = client.complete(ids, stop=[stop], **GREEDY)
+        assert got.finish_reason == "stop" and stop not in got.text
+    many = client.complete(PROMPTS[0], n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    assert len(many.texts) == 3 and all(len(t) == 6 for t in many.sample_token_ids)
+    assert many.usage.completion_tokens == 18
+    again = client.complete(PROMPTS[0], n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    assert again.sample_token_ids == many.sample_token_ids  # a seed reproduces through the pipeline
+
+
+def test_sixteen_concurrent_streams_complete(tiny_llm, pipe):
+    prompts = [f"{random.Random(i).choice(PROMPTS)} {i}" for i in range(16)]
+    params = tandem.SamplingParams(**GREEDY)
+    want = [o.token_ids for o in tiny_llm.generate(prompts, params)]
+
+    async def main():
+        async with AsyncClient(pipe.address, timeout=120) as c:
+            results = await asyncio.gather(*(c.complete(p, **GREEDY) for p in prompts))
+        return [r.token_ids for r in results]
+
+    assert asyncio.run(main()) == want
+    assert wait_until(lambda: stats(pipe, "decode-0")["kv_blocks_used"] == 0)
+
+
+def test_cancelling_a_stream_frees_its_blocks_everywhere(client, pipe):
+    stream = client.generate(PROMPTS[2], temperature=0, max_tokens=400, ignore_eos=True)
+    got = [next(stream) for _ in range(3)]
+    assert all(c.token_ids for c in got)
+    assert stats(pipe, "decode-0")["running"] == 1
+    stream.close()  # leaving the stream cancels the call
+    assert wait_until(lambda: stats(pipe, "decode-0")["running"] == 0)
+    for name in ("decode-0", "prefill-0", "prefill-1"):
+        assert wait_until(lambda: stats(pipe, name)["kv_blocks_used"] == 0), name
+
+
+def test_a_repeated_prefix_is_served_from_the_caches(client, pipe, tiny_llm):
+    prefix = "Now is the winter of our discontent made glorious summer by this sun of York; " * 3
+    first = client.complete(prefix + "and all the clouds", **GREEDY)
+    second = client.complete(prefix + "that loured upon our house", **GREEDY)
+    a, b = tiny_llm.tokenize(prefix + "and all the clouds"), tiny_llm.tokenize(prefix + "that loured upon our house")
+    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    shared = common // 16 * 16  # whole blocks of the common token prefix
+    assert shared >= 64
+    assert first.usage.cached_tokens < shared <= second.usage.cached_tokens
+    # The other prefill worker has none of it locally: it must fetch the blocks from the store.
+    prompt = tiny_llm.tokenize(prefix + "but now")
+    local = {}
+    for name in ("prefill-0", "prefill-1"):
+        with grpc.insecure_channel(pipe.address_of(name)) as channel:
+            local[name] = prefill_pb2_grpc.PrefillStub(channel).CachedPrefix(
+                prefill_pb2.CachedPrefixRequest(prompt_ids=prompt), timeout=10).num_cached_tokens
+    other = min(local, key=local.get)
+    assert local[other] == 0 and max(local.values()) >= shared  # the router kept the prefix on one worker
+    store_hits = stats(pipe, "kvstore-0")["hits"]
+    with grpc.insecure_channel(pipe.address_of(other)) as channel:
+        answer = prefill_pb2_grpc.PrefillStub(channel).Prefill(prefill_pb2.PrefillRequest(
+            request_id="direct", prompt_ids=prompt,
+            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=2)), timeout=30)
+    assert answer.num_cached_tokens >= shared
+    assert stats(pipe, "kvstore-0")["hits"] > store_hits
+
+
+def test_bad_input_is_invalid_argument_with_the_library_message(client, tiny_llm):
+    with pytest.raises(ValueError) as library:
+        tandem.SamplingParams(max_tokens=0)
+    with pytest.raises(InvalidArgumentError) as remote:
+        client.complete("hi", max_tokens=0)
+    assert remote.value.details() == str(library.value)
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(n=0), dict(logit_bias={5: 1000})):
+        with pytest.raises(InvalidArgumentError):
+            client.complete("hi", **bad)
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        client.complete([1, 2, 10**6], max_tokens=2)
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        client.complete("", max_tokens=2)
+    with pytest.raises(InvalidArgumentError, match="context window"):
+        client.complete([5] * (tiny_llm.max_model_len + 1), max_tokens=2)
+
+
+def test_a_full_gateway_answers_resource_exhausted(tiny_hf_dir):
+    with InProcessPipeline(config(tiny_hf_dir, max_inflight=1, mode="aggregated")) as p, Client(p.address) as c:
+        running = c.generate(PROMPTS[0], temperature=0, max_tokens=400, ignore_eos=True)
+        next(running)
+        with pytest.raises(ResourceExhaustedError, match="limit of 1"):
+            c.complete(PROMPTS[0], max_tokens=2)
+        running.close()
+
+
+def test_api_keys(tiny_hf_dir):
+    with InProcessPipeline(config(tiny_hf_dir, api_keys=["sk-test"], mode="aggregated")) as p:
+        with Client(p.address) as c, pytest.raises(UnauthenticatedError, match="missing"):
+            c.complete("hi", max_tokens=2)
+        with Client(p.address, api_key="wrong") as c, pytest.raises(UnauthenticatedError, match="invalid"):
+            c.tokenize("hi")
+        with Client(p.address, api_key="sk-test") as c:
+            assert c.complete("hi", max_tokens=2).usage.completion_tokens == 2
+        channel = grpc.insecure_channel(p.address)  # probes need no key
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        channel.close()
+
+
+def test_every_service_serves_health_and_reflection(pipe):
+    for name, host in pipe.hosts.items():
+        channel = grpc.insecure_channel(host.address)
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING, name
+        responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        services = {s.name for r in responses for s in r.list_services_response.service}
+        assert "grpc.health.v1.Health" in services and any(s.startswith("tandem.v1.") for s in services), name
+        channel.close()
+
+
+def test_health_is_not_serving_when_the_engine_is_dead(tiny_hf_dir):
+    with InProcessPipeline(config(tiny_hf_dir, mode="aggregated")) as p:
+        worker = p.hosts["worker-0"]
+        channel = grpc.insecure_channel(worker.address)
+        stub = health_pb2_grpc.HealthStub(channel)
+        check = lambda: stub.Check(health_pb2.HealthCheckRequest(service="tandem.v1.Decode"), timeout=5).status  # noqa: E731
+        assert check() == health_pb2.HealthCheckResponse.SERVING
+        worker.registrations[0].servicer.worker.engine.shutdown()  # the engine thread stops; the process lives
+        assert wait_until(lambda: check() == health_pb2.HealthCheckResponse.NOT_SERVING)
+        with Client(p.address, max_retries=0) as c, pytest.raises(Exception) as err:
+            c.complete("hi", max_tokens=2)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        channel.close()
+
+
+def test_tokenize_detokenize_chat_and_models(client, tiny_llm):
+    ids = client.tokenize("hello world")
+    assert ids == tiny_llm.tokenize("hello world")
+    assert client.detokenize(ids) == "hello world"
+    models = client.list_models()
+    assert models and models[0]["max_model_len"] == tiny_llm.max_model_len
