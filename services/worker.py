@@ -14,6 +14,7 @@ exact, never approximate.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import aclosing
 
@@ -76,7 +77,7 @@ class Worker:
         self.counters["requests"] += 1
 
     def stats(self) -> common_pb2.ServiceStats:
-        values = {**self.engine.stats(), **self.counters}
+        values = {**self.engine.stats(), **self.counters, "pid": os.getpid()}
         return common_pb2.ServiceStats(service=self.role, draining=self.draining,
                                        values={k: float(v) for k, v in values.items()})
 

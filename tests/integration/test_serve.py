@@ -1,0 +1,122 @@
+"""`tandem serve` as a user runs it: a subprocess starting local Ray with one actor per service,
+the real default model, and the SDK against its gateway. Greedy output equals tandem.LLM's; a
+decode worker killed mid-stream ends that stream with UNAVAILABLE, Ray restarts it, and new
+requests succeed; Ctrl-C stops everything."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+
+import tandem
+from tandem.orchestration.topology import free_port
+from tandem.sdk import Client, UnavailableError
+from tandem.v1 import common_pb2, decode_pb2_grpc
+
+START_TIMEOUT_S = 420
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three primary colors are"]
+
+
+class Server:
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem.cli", "serve", "--grpc-port", str(self.port),
+             "--object-store-memory", str(100 << 20), "--kv-cache-memory", str(256 << 20), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            if "gateway listening" in line:
+                self.ready.set()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.ready.wait(1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail("tandem serve did not start:\n" + "\n".join(self.lines[-40:]))
+
+    def address_of(self, name: str) -> str:
+        for line in self.lines:
+            match = re.match(rf"\s+{re.escape(name)}\s+(\S+)$", line)
+            if match:
+                return match.group(1)
+        raise KeyError(name)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                return self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    s.wait_ready()
+    yield s
+    assert s.stop() == 0, "\n".join(s.lines[-30:])
+
+
+def decode_stats(server) -> dict:
+    with grpc.insecure_channel(server.address_of("decode-0")) as channel:
+        return dict(decode_pb2_grpc.DecodeStub(channel).Stats(common_pb2.StatsRequest(), timeout=10).values)
+
+
+def test_sdk_greedy_output_equals_the_library(server, default_llm):
+    params = tandem.SamplingParams(temperature=0, max_tokens=24)
+    want = default_llm.generate(PROMPTS, params)
+    with Client(f"127.0.0.1:{server.port}", timeout=120) as client:
+        for prompt, expected in zip(PROMPTS, want):
+            got = client.complete(prompt, temperature=0, max_tokens=24)
+            assert got.token_ids == expected.token_ids and got.text == expected.text, prompt
+        chat = client.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+                           max_tokens=16)
+        assert chat.text == default_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                                             tandem.SamplingParams(temperature=0, max_tokens=16)).text
+
+
+def test_generate_cli_against_the_server(server, default_llm):
+    out = subprocess.run([sys.executable, "-m", "tandem.cli", "generate", "--server", f"127.0.0.1:{server.port}",
+                          "--max-tokens", "12", PROMPTS[0]], capture_output=True, text=True, timeout=120)
+    want = default_llm.generate(PROMPTS[0], tandem.SamplingParams(temperature=0, max_tokens=12))[0].text
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip("\n") == PROMPTS[0] + want
+
+
+def test_a_killed_decode_worker_ends_its_stream_unavailable_and_comes_back(server):
+    pid = int(decode_stats(server)["pid"])
+    with Client(f"127.0.0.1:{server.port}", timeout=300, max_retries=0) as client:
+        stream = client.generate("Tell me a long story.", temperature=0, max_tokens=2000, ignore_eos=True)
+        assert next(stream).token_ids
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(UnavailableError):
+            for _ in stream:
+                pass
+    deadline = time.monotonic() + 180
+    with Client(f"127.0.0.1:{server.port}", timeout=60, max_retries=8) as client:
+        while True:
+            try:
+                assert client.complete("The capital of France is", temperature=0, max_tokens=4).token_ids
+                break
+            except UnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+    assert int(decode_stats(server)["pid"]) != pid  # a new process, restarted by Ray
