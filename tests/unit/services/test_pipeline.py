@@ -18,7 +18,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import tandem
 from tandem.orchestration.local import InProcessPipeline
-from tandem.sdk import (AsyncClient, Client, InvalidArgumentError, ResourceExhaustedError, UnauthenticatedError)
+from tandem.sdk import (AsyncClient, Client, DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError,
+                        UnauthenticatedError)
 from tandem.services.config import PipelineConfig
 from tandem.v1 import common_pb2, decode_pb2_grpc, kvstore_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -119,6 +120,13 @@ def test_cancelling_a_stream_frees_its_blocks_everywhere(client, pipe):
     assert wait_until(lambda: stats(pipe, "decode-0")["running"] == 0)
     for name in ("decode-0", "prefill-0", "prefill-1"):
         assert wait_until(lambda: stats(pipe, name)["kv_blocks_used"] == 0), name
+
+
+def test_a_deadline_ends_the_request_and_frees_its_blocks(client, pipe):
+    with pytest.raises(DeadlineExceededError):
+        client.complete(PROMPTS[2], temperature=0, max_tokens=400, ignore_eos=True, timeout=0.1)
+    assert wait_until(lambda: stats(pipe, "decode-0")["running"] == 0)
+    assert wait_until(lambda: stats(pipe, "decode-0")["kv_blocks_used"] == 0)
 
 
 def test_a_repeated_prefix_is_served_from_the_caches(client, pipe, tiny_llm):

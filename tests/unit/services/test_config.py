@@ -1,0 +1,80 @@
+"""PipelineConfig from YAML and flags (flags win), its checks, and the topology it plans."""
+from __future__ import annotations
+
+import pytest
+
+from tandem.cli import build_parser, _pipeline_config
+from tandem.errors import ConfigError
+from tandem.orchestration.topology import peers, plan
+from tandem.services.config import PipelineConfig
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "tandem.yaml"
+    path.write_text("model: some.gguf\nquantization: int8\nreplicas: {decode: 2}\ngrpc_port: 6000\n"
+                    "engine: {block_size: 32}\n")
+    args = build_parser().parse_args(["serve", "--config", str(path), "--grpc-port", "7000",
+                                      "--replicas", "prefill=3", "--quantization-option", "group_size=64"])
+    config = _pipeline_config(args)
+    assert config.model == "some.gguf" and config.quantization == "int8"
+    assert config.grpc_port == 7000  # the flag wins
+    assert config.replicas == {"prefill": 3, "decode": 1}  # the flag's map replaces the file's
+    assert config.quantization_options == {"group_size": 64}
+    assert config.llm_kwargs()["block_size"] == 32
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"mode": "both"}, "mode must be one of"),
+    ({"replicas": {"router": 1}}, "unknown role"),
+    ({"replicas": {"decode": 0}}, "positive integer"),
+    ({"grpc_port": 70000}, "port number"),
+    ({"engine": {"blok_size": 8}}, "unknown keys"),
+    ({"tls_cert": "cert.pem"}, "both tls_cert and tls_key"),
+    ({"max_inflight": 0}, "positive integer"),
+])
+def test_bad_values_are_config_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        PipelineConfig(**values)
+
+
+def test_unknown_keys_and_unreadable_files(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("modle: x\n")
+    with pytest.raises(ConfigError, match="unknown settings \\['modle'\\]"):
+        PipelineConfig.load(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        PipelineConfig.load(tmp_path / "missing.yaml")
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        PipelineConfig.load(path)
+
+
+def test_api_keys_from_every_source(tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    keys.write_text("k2\n\nk3\n")
+    monkeypatch.setenv("TANDEM_API_KEYS", "k4, k5")
+    assert PipelineConfig(api_keys=["k1"], api_key_file=str(keys)).resolved_api_keys() == ["k1", "k2", "k3", "k4", "k5"]
+
+
+def test_topology_of_both_modes():
+    disagg = plan(PipelineConfig(replicas={"prefill": 2, "decode": 3}, grpc_port=0))
+    names = [i.name for i in disagg]
+    assert names[-1] == "gateway-0" and names.count("gateway-0") == 1
+    assert sum(n.startswith("prefill") for n in names) == 2 and sum(n.startswith("decode") for n in names) == 3
+    assert len({i.port for i in disagg}) == len(disagg)  # every service its own port
+    links = peers(PipelineConfig(), disagg)
+    assert len(links["prefill"]) == 2 and len(links["decode"]) == 3
+    agg = plan(PipelineConfig(mode="aggregated", replicas={"decode": 2}))
+    assert [i.service for i in agg].count("worker") == 2 and not any(i.service == "prefill" for i in agg)
+    assert len(peers(PipelineConfig(mode="aggregated"), agg)["decode"]) == 2
+
+
+def test_kv_namespace_changes_with_what_changes_the_kv(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x" * 10)
+    base = PipelineConfig().kv_namespace(model, 16)
+    assert base == PipelineConfig().kv_namespace(model, 16)
+    assert base != PipelineConfig(quantization="int8").kv_namespace(model, 16)
+    assert base != PipelineConfig(kv_cache_dtype="int8").kv_namespace(model, 16)
+    assert base != PipelineConfig().kv_namespace(model, 32)
+    assert base != PipelineConfig(dtype="bfloat16").kv_namespace(model, 16)
