@@ -122,10 +122,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.counters["rejected"] += 1
             raise QueueFullError(f"the gateway is at its limit of {self.max_inflight} requests in flight")
         request_id = request_id or f"gen-{uuid.uuid4().hex[:12]}-{next(_request_ids)}"
+        # Downstream ids are unique whatever the client chose: two clients may pick the same id.
+        internal_id = f"{request_id}/{uuid.uuid4().hex[:8]}"
         self.inflight += 1
         self.counters["requests"] += 1
         try:
-            async for response in self._run(request_id, prompt, params, context):
+            async for response in self._run(internal_id, prompt, params, context):
+                response.request_id = request_id
                 yield response
         except asyncio.CancelledError:
             raise

@@ -229,3 +229,12 @@ def test_tokenize_detokenize_chat_and_models(client, tiny_llm):
     assert client.detokenize(ids) == "hello world"
     models = client.list_models()
     assert models and models[0]["max_model_len"] == tiny_llm.max_model_len
+
+
+def test_client_request_ids_are_echoed_and_may_repeat(pipe):
+    async def main():
+        async with AsyncClient(pipe.address, timeout=60) as c:
+            return await asyncio.gather(*(c.complete(p, request_id="mine", **GREEDY) for p in PROMPTS[:3]))
+
+    results = asyncio.run(main())
+    assert [r.request_id for r in results] == ["mine"] * 3 and all(len(r.token_ids) == 12 for r in results)
