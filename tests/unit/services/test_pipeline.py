@@ -238,3 +238,21 @@ def test_client_request_ids_are_echoed_and_may_repeat(pipe):
 
     results = asyncio.run(main())
     assert [r.request_id for r in results] == ["mine"] * 3 and all(len(r.token_ids) == 12 for r in results)
+
+
+def test_tls_on_the_gateway(tiny_hf_dir, tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    with InProcessPipeline(config(tiny_hf_dir, mode="aggregated", tls_cert=str(cert), tls_key=str(key))) as p:
+        with Client(p.address, tls=str(cert), timeout=30) as c:
+            assert c.complete("hi", max_tokens=2).usage.completion_tokens == 2
+        with Client(p.address, timeout=5, max_retries=0) as plain, pytest.raises(Exception) as err:
+            plain.tokenize("hi")  # a plaintext client cannot talk to a TLS gateway
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
