@@ -23,6 +23,11 @@ def sampling_params(msg: common_pb2.SamplingParams) -> SamplingParams:
             kwargs["logits_processors"] = json.loads(msg.logits_processors_json)
         except ValueError as exc:
             raise InvalidRequestError(f"logits_processors_json is not valid JSON: {exc}") from None
+    if msg.speculative_json:
+        try:
+            kwargs["speculative"] = json.loads(msg.speculative_json)
+        except ValueError as exc:
+            raise InvalidRequestError(f"speculative_json is not valid JSON: {exc}") from None
     return SamplingParams(logit_bias=dict(msg.logit_bias), stop=list(msg.stop) or None,
                           stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos, **kwargs)
 
@@ -35,7 +40,8 @@ def sampling_message(params: SamplingParams) -> common_pb2.SamplingParams:
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         logit_bias=params.logit_bias, seed=params.seed, stop=params.stop, stop_token_ids=params.stop_token_ids,
         ignore_eos=params.ignore_eos, skip_special_tokens=params.skip_special_tokens,
-        logits_processors_json=json.dumps(params.logits_processors) if params.logits_processors else "")
+        logits_processors_json=json.dumps(params.logits_processors) if params.logits_processors else "",
+        speculative_json="" if params.speculative == "default" else json.dumps(params.speculative))
 
 
 def delta_message(delta: StreamDelta) -> common_pb2.SampleDelta:

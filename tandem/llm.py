@@ -19,6 +19,7 @@ from tandem.model.quantization import quantize_model
 from tandem.model.registry import DEFAULT_MODEL
 from tandem.outputs import RequestOutput, ScoreOutput
 from tandem.sampling_params import SamplingParams
+from tandem.speculative import SpeculativeConfig
 
 # score() runs in chunks of this many tokens: it bounds the attention-score buffer to
 # chunk x context x heads floats (512 x 8192 x 9 x 4 B = 150 MB for the default model).
@@ -39,13 +40,15 @@ class LLM:
                  num_threads: int | None = None, progress: bool = True, *, quantization: str | None = None,
                  quantization_options: dict | None = None, attention: str | None = None,
                  attention_options: dict | None = None, attention_backend: str = "sdpa",
-                 kv_cache_dtype: str = "auto", plugins=None, **engine_options):
+                 kv_cache_dtype: str = "auto", speculative: dict | None = None, plugins=None, **engine_options):
         """quantization: a quantizer plugin ("int8", "int4", "nf4", "fp8", ...), applied to the
         loaded (dequantized) weights; its options e.g. {"group_size": 64}. attention: a variant
         plugin ("sliding_window", "sinks", "alibi", "local_global", ...) with its options; None
         takes the model's own (its config's sliding window, else causal). attention_backend:
         "sdpa" or "naive" (the reference) or a plugin's. kv_cache_dtype: "auto" (the model's dtype)
-        or "int8". plugins: a tandem.plugins.PluginManager (default: the process's).
+        or "int8". speculative: the requests' default speculative decoding, e.g. {"method": "ngram",
+        "k": 5} (keys: method, k, adaptive, options; None: off); SamplingParams.speculative
+        overrides it per request. plugins: a tandem.plugins.PluginManager (default: the process's).
         engine_options are EngineConfig's fields: block_size, num_kv_blocks, kv_cache_memory,
         max_num_seqs, max_num_batched_tokens, max_waiting, enable_prefix_caching.
         Every name and option is checked before the model loads."""
@@ -63,6 +66,13 @@ class LLM:
         quantizer = None if quantization is None else self.plugins.create("quantizer", quantization,
                                                                           quantization_options)
         backend = self.plugins.create("attention_backend", attention_backend)
+        try:
+            spec = SpeculativeConfig.parse(speculative)
+        except InvalidRequestError as exc:
+            raise ConfigError(str(exc)) from None
+        proposers = lambda config: self.plugins.create("draft_proposer", config.method, config.options)  # noqa: E731
+        if spec is not None:
+            proposers(spec)  # a bad method or option fails before the model loads
         kv_format = self.plugins.create("kv_cache_format", kv_cache_dtype)
         if attention is not None:  # before loading, so a bad name or option costs nothing
             variant = self.plugins.create("attention_variant", attention, attention_options)
@@ -89,7 +99,8 @@ class LLM:
             raise ConfigError(f"max_model_len must be an integer in [2, {limit}], got {max_model_len!r}")
         self.engine = LLMEngine(self.model, self.tokenizer, max_model_len or limit, engine_config,
                                 sampler=self.plugins.sampler_pipeline(self.config.vocab_size),
-                                variant=variant, backend=backend, kv_format=kv_format)
+                                variant=variant, backend=backend, kv_format=kv_format, speculative=spec,
+                                proposer_factory=proposers)
         self.max_model_len = self.engine.max_model_len
         self._request_ids = itertools.count()
 

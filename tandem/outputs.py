@@ -34,6 +34,18 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     token_times: list[float] = field(default_factory=list)  # of sample 0, one per token
+    spec_proposed: int = 0  # speculative decoding: guesses verified, accepted, verification rounds
+    spec_accepted: int = 0
+    spec_rounds: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Accepted guesses per verification round."""
+        return self.spec_accepted / self.spec_rounds if self.spec_rounds else 0.0
 
     @property
     def ttft(self) -> float | None:

@@ -56,7 +56,9 @@ class SamplingParams:
     -> value in [-100, 100] added to its logit. logits_processors: plugin processor name -> its
     keyword arguments, e.g. {"typical_p": {"mass": 0.9}}.
     n samples are drawn per prompt, sharing the prompt's KV blocks; with a seed, sample i uses
-    seed + i. The output stops at max_tokens, an end-of-generation token (unless ignore_eos), a token in
+    seed + i. speculative: "default" (the engine's setting), None or {"method": "none"} (off), or
+    {"method": "ngram", "k": 5, "adaptive": True, "options": {...}} for this request; the output
+    is the same either way (greedy: the same tokens; sampling: the same distribution). The output stops at max_tokens, an end-of-generation token (unless ignore_eos), a token in
     stop_token_ids, or a stop string (which is not included in the text).
     """
 
@@ -76,6 +78,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    speculative: dict | None | str = "default"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
@@ -123,6 +126,10 @@ class SamplingParams:
                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids)
+        if self.speculative != "default":
+            from tandem.speculative import SpeculativeConfig
+
+            SpeculativeConfig.parse(self.speculative)  # raises InvalidRequestError
 
     @property
     def greedy(self) -> bool:

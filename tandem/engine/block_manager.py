@@ -190,6 +190,15 @@ class BlockManager:
             taken.append((i, block))
         return taken
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the table's blocks past the sequence's computed tokens (taken for speculative
+        guesses that were rejected); their slots hold nothing anyone reads."""
+        keep = max(self.blocks_for(seq.num_computed_tokens), seq.num_released_blocks)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            if block != NULL_BLOCK:
+                self._unref(block)
+
     def forget(self, block: int) -> None:
         """Drop an unreferenced block's cached content (it was never filled); it is reused first."""
         h = self.hashes[block]

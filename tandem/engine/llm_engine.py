@@ -5,6 +5,8 @@ forward, samples, and reports what every sample gained. The prefill and decode w
 """
 from __future__ import annotations
 
+import itertools
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +22,9 @@ from tandem.model.attention import DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBa
 from tandem.model.kv_pool import DEFAULT_KV_FORMAT, KVCacheFormat
 from tandem.outputs import CompletionOutput, KVHandoff, OutputBuilder, RequestMetrics, RequestOutput, StreamDelta
 from tandem.sampling import SamplerPipeline, SamplingBatch, make_generator
+from tandem.draft import DraftProposer
 from tandem.sampling_params import SamplingParams
+from tandem.speculative import SpeculationState, SpeculativeConfig, verify_greedy, verify_sampled
 from tandem.tokenizer import Tokenizer
 
 
@@ -35,6 +39,7 @@ class _Request:
     builders: list[OutputBuilder] = field(default_factory=list)
     generators: list[torch.Generator] = field(default_factory=list)
     error: str | None = None
+    spec: SpeculationState | None = None  # speculative decoding, when on for this request
     prefill_only: bool = False  # done once every sample has its first token (the prefill role)
     resumed: bool = False  # started from first tokens sampled elsewhere (the decode role)
     handoff: KVHandoff | None = None
@@ -47,12 +52,15 @@ class _Request:
 
 class LLMEngine:
     """The plugins it runs with come resolved (tandem.plugins.PluginManager does that): `sampler`
-    (the logits-processor pipeline), the attention `variant` and `backend`, and the `kv_format`."""
+    (the logits-processor pipeline), the attention `variant` and `backend`, and the `kv_format`.
+    speculative: the default speculative-decoding setting of its requests (SamplingParams can
+    override it); proposer_factory(SpeculativeConfig) -> DraftProposer makes the proposers."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_model_len: int,
                  config: EngineConfig | None = None, *, sampler: SamplerPipeline,
                  variant: AttentionVariant = DEFAULT_VARIANT, backend: AttentionBackend = DEFAULT_BACKEND,
-                 kv_format: KVCacheFormat = DEFAULT_KV_FORMAT):
+                 kv_format: KVCacheFormat = DEFAULT_KV_FORMAT, speculative: SpeculativeConfig | None = None,
+                 proposer_factory=None):
         self.config = config or EngineConfig()
         self.tokenizer, self.model_config, self.sampler = tokenizer, model.config, sampler
         self.variant, self.retention = variant, variant.retention()
@@ -79,6 +87,9 @@ class LLMEngine:
                               "prompt and its answer; raise num_kv_blocks or kv_cache_memory")
         self.requests: dict[str, _Request] = {}
         self.num_finished_requests = 0
+        self.speculative, self.proposer_factory = speculative, proposer_factory
+        self._proposers: dict[tuple[str, str], DraftProposer] = {}
+        self.num_spec_proposed = self.num_spec_accepted = 0
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
@@ -109,8 +120,12 @@ class LLMEngine:
                                           f"got {len(first_token_ids)}")
             self.tokenizer.check_ids(first_token_ids)
         sampling_args = self.sampler.prepare(params)
+        spec = self.speculative if params.speculative == "default" else SpeculativeConfig.parse(params.speculative)
+        if spec is not None and not prefill_only:
+            self._proposer(spec)  # an unknown method or bad options fail here, before any work
         request = _Request(request_id, list(prompt_ids), params, RequestMetrics(time.monotonic(), len(prompt_ids)),
-                           sampling_args, prefill_only=prefill_only, resumed=first_token_ids is not None)
+                           sampling_args, prefill_only=prefill_only, resumed=first_token_ids is not None,
+                           spec=SpeculationState(spec) if spec is not None and not prefill_only else None)
         if first_token_ids is None:
             request.seqs.append(Sequence(request_id, list(prompt_ids), len(prompt_ids), params))
         else:
@@ -143,32 +158,147 @@ class LLMEngine:
     def step(self) -> tuple[list[StreamDelta], list[RequestOutput]]:
         """One iteration. Returns the deltas of every sample that advanced and the outputs of the
         requests that finished."""
+        drafts, early = self._propose()
         plan = self.scheduler.schedule()
+        scheduled = {seq for seq, _ in plan.scheduled}
+        for seq in [s for s in drafts if s not in scheduled]:  # preempted or left out this step
+            del seq.token_ids[len(seq.token_ids) - len(drafts.pop(seq)):]
         if not plan.scheduled:
             if self.requests:  # cannot happen while every sequence fits the pool alone; never spin
                 raise RuntimeError(f"the engine cannot schedule any of {len(self.requests)} requests: "
                                    f"{self.block_manager.num_free_blocks} of {self.block_manager.num_blocks} "
                                    "KV blocks free")
-            return [], []
-        to_sample = [i for i, (seq, num) in enumerate(plan.scheduled) if num == seq.num_uncomputed_tokens]
-        logits = self.runner.execute(plan.scheduled, plan.copies, to_sample)
-        for seq, num in plan.scheduled:
+            return [], early
+        # Logits rows: one for a sequence whose last token is computed now, one per computed
+        # position for a sequence verifying guesses (the last real token and each guess).
+        to_sample, counts = [], []
+        for i, (seq, num) in enumerate(plan.scheduled):
+            if seq in drafts or num == seq.num_uncomputed_tokens:
+                to_sample.append(i)
+                counts.append(num if seq in drafts else 1)
+        rows = {"num_rows": counts} if drafts else {}  # plain steps make the plain call
+        logits = self.runner.execute(plan.scheduled, plan.copies, to_sample, **rows)
+        first_row = dict(zip(to_sample, itertools.accumulate([0, *counts])))
+        plain, verify = [], []
+        for i, (seq, num) in enumerate(plan.scheduled):
+            if seq in drafts:
+                verify.append((seq, num, first_row[i]))
+                continue
             seq.num_computed_tokens += num
-            self.block_manager.commit(seq)
-            if self.retention is not None:
-                self.block_manager.release_dead_blocks(seq, self.retention.num_sink, self.retention.window)
+            self._commit(seq)
+            if i in first_row:
+                plain.append((seq, first_row[i]))
         now = time.monotonic()
-        seqs, rows = self._expand_forks([plan.scheduled[i][0] for i in to_sample])
+        deltas, outputs, touched = self._sample(logits, plain, now)
+        spec_deltas, spec_outputs, spec_touched = self._verify(logits, verify, drafts, now)
+        return deltas + spec_deltas, early + outputs + spec_outputs + self._collect_finished(touched + spec_touched, now)
+
+    def _commit(self, seq: Sequence) -> None:
+        self.block_manager.commit(seq)
+        if self.retention is not None:
+            self.block_manager.release_dead_blocks(seq, self.retention.num_sink, self.retention.window)
+
+    def _sample(self, logits: torch.Tensor, plain: list[tuple[Sequence, int]], now: float):
+        """The ordinary draw: one token per sequence (and the forks of a request's first sample)."""
+        if not plain:
+            return [], [], []
+        seqs, rows = self._expand_forks([seq for seq, _ in plain])
+        rows = [plain[r][1] for r in rows]
         requests = [self.requests[s.request_id] for s in seqs]
         batch = SamplingBatch([s.params for s in seqs], [s.token_ids for s in seqs],
                               [s.num_prompt_tokens for s in seqs], [r.generators[s.index] for s, r in zip(seqs, requests)])
         result = self.sampler.sample(logits[rows], batch, [r.sampling_args for r in requests])
         failed = {requests[row].request_id: error for row, error in result.failures.items()}
-        deltas = [self._append(r, s, t, now) for s, r, t in zip(seqs, requests, result.tokens)
+        deltas = [self._append(r, s, [t], now) for s, r, t in zip(seqs, requests, result.tokens)
                   if r.request_id not in failed]
         outputs = [self._fail(self.requests[request_id], error, now) for request_id, error in failed.items()]
-        return deltas, outputs + self._collect_finished(requests, now)
+        return deltas, outputs, requests
 
+    # -- speculative decoding -------------------------------------------------------------------
+    def _proposer(self, config: SpeculativeConfig) -> DraftProposer:
+        key = (config.method, json.dumps(config.options, sort_keys=True, default=str))
+        if key not in self._proposers:
+            if self.proposer_factory is None:
+                raise ConfigError("this engine has no draft proposers (speculative decoding is not set up)")
+            self._proposers[key] = self.proposer_factory(config)
+        return self._proposers[key]
+
+    def _propose(self) -> tuple[dict[Sequence, list[int]], list[RequestOutput]]:
+        """Ask the proposers for guesses for every running sequence that is decoding with
+        speculation on, and append them to its tokens. A guess that would need KV blocks other
+        sequences may need is not made: speculation never preempts anyone."""
+        drafts: dict[Sequence, list[int]] = {}
+        failed: list[RequestOutput] = []
+        spare = self.block_manager.num_free_blocks - len(self.scheduler.waiting)
+        for seq in list(self.scheduler.running):
+            request = self.requests.get(seq.request_id)
+            if request is None or request.spec is None or seq.num_uncomputed_tokens != 1 or not request.builders:
+                continue
+            builder = request.builders[seq.index]
+            room = min(request.params.max_tokens - len(builder.token_ids), self.max_model_len - seq.num_tokens) - 1
+            k = min(request.spec.wants(), room)
+            if k <= 0:
+                continue
+            try:
+                guesses = [int(t) for t in self._proposer(request.spec.config).propose(seq.token_ids, k)][:k]
+            except Exception as exc:
+                failed.append(self._fail(request, PluginError(
+                    f"draft proposer {request.spec.config.method!r} failed: {type(exc).__name__}: {exc}"),
+                    time.monotonic()))
+                continue
+            if not guesses or not all(0 <= t < self.model_config.vocab_size for t in guesses):
+                continue
+            need = self.block_manager.blocks_for(seq.num_tokens + len(guesses)) - len(seq.block_table)
+            if need > spare:
+                continue
+            spare -= max(0, need)
+            seq.token_ids.extend(guesses)
+            drafts[seq] = guesses
+        return drafts, failed
+
+    def _verify(self, logits: torch.Tensor, verify: list[tuple[Sequence, int, int]],
+                drafts: dict[Sequence, list[int]], now: float):
+        """Keep each sequence's longest accepted run of guesses and one token of the target's."""
+        if not verify:
+            return [], [], []
+        params, contexts, prompt_lens, generators, args, rows = [], [], [], [], [], []
+        for seq, num, first in verify:
+            request = self.requests[seq.request_id]
+            base = seq.num_computed_tokens  # the last real token's position
+            for r in range(num):  # row r: the distribution after the real tokens and r guesses
+                params.append(seq.params)
+                contexts.append(seq.token_ids[:base + 1 + r])
+                prompt_lens.append(seq.num_prompt_tokens)
+                generators.append(request.generators[seq.index])
+                args.append(request.sampling_args)
+                rows.append(first + r)
+        processed, failures = self.sampler.process(logits[rows], SamplingBatch(params, contexts, prompt_lens,
+                                                                               generators), args)
+        deltas, outputs, touched, row = [], [], [], 0
+        for seq, num, _ in verify:
+            request = self.requests[seq.request_id]
+            guesses = drafts[seq]
+            base = seq.num_computed_tokens
+            del seq.token_ids[base + 1:]  # back to the real tokens; accepted guesses return below
+            seq.num_computed_tokens = base + 1
+            mine = range(row, row + num)
+            row += num
+            error = next((failures[r] for r in mine if r in failures), None)
+            if error is not None:
+                outputs.append(self._fail(request, error, now))
+                continue
+            checked = guesses[:num - 1]  # guesses past the token budget were not computed
+            if seq.params.greedy:
+                accepted, token = verify_greedy(processed[row - num:row].argmax(-1).tolist(), checked)
+            else:
+                accepted, token = verify_sampled(processed[row - num:row].softmax(-1), checked, None,
+                                                 request.generators[seq.index])
+            request.spec.record(len(checked), accepted)
+            self.num_spec_proposed += len(checked)
+            self.num_spec_accepted += accepted
+            deltas.append(self._append(request, seq, [*checked[:accepted], token], now, computed=accepted))
+            touched.append(request)
+        return deltas, outputs, touched
     def _fail(self, request: _Request, error: PluginError, now: float) -> RequestOutput:
         """A plugin raised for this request: stop it, free its blocks, report the error."""
         for seq in request.seqs:
@@ -207,18 +337,32 @@ class LLMEngine:
             request.builders.append(OutputBuilder(self.tokenizer, p, len(request.prompt_ids), self.max_model_len))
             request.generators.append(make_generator(None if p.seed is None else p.seed + index))
 
-    def _append(self, request: _Request, seq: Sequence, token: int, now: float) -> StreamDelta:
-        seq.token_ids.append(token)
+    def _append(self, request: _Request, seq: Sequence, tokens: list[int], now: float,
+                computed: int | None = None) -> StreamDelta:
+        """Add sampled tokens to a sample until it finishes; one delta for all of them. After a
+        verification, `computed` says how many of them already have their KV (accepted guesses):
+        the blocks the rejected guesses took are given back and the full ones committed."""
         builder = request.builders[seq.index]
-        text = builder.append(token)
-        if seq.index == 0:
-            request.metrics.first_token_time = request.metrics.first_token_time or now
-            request.metrics.token_times.append(now)
+        text, added = "", []
+        for j, token in enumerate(tokens):
+            seq.token_ids.append(token)
+            if computed is not None and j < computed:
+                seq.num_computed_tokens += 1
+            text += builder.append(token)
+            added.append(token)
+            if seq.index == 0:
+                request.metrics.first_token_time = request.metrics.first_token_time or now
+                request.metrics.token_times.append(now)
+            if builder.finished:
+                break
+        if computed is not None:
+            self.block_manager.trim(seq)
+            self._commit(seq)
         if request.prefill_only and seq.index == 0:
             request.handoff = self._export_prompt(request, seq)
         if builder.finished or request.prefill_only:
             self.scheduler.remove(seq)
-        return StreamDelta(request.request_id, seq.index, [token], text, builder.finish_reason)
+        return StreamDelta(request.request_id, seq.index, added, text, builder.finish_reason)
 
     def _collect_finished(self, requests: list[_Request], now: float) -> list[RequestOutput]:
         done = []
@@ -267,6 +411,9 @@ class LLMEngine:
     def output_of(self, request: _Request) -> RequestOutput:
         if request.resumed:
             request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
+        if request.spec is not None:
+            m, sp = request.metrics, request.spec
+            m.spec_proposed, m.spec_accepted, m.spec_rounds = sp.proposed, sp.accepted, sp.rounds
         outputs = [CompletionOutput(i, list(b.token_ids), b.text, b.finish_reason)
                    for i, b in enumerate(request.builders)]
         return RequestOutput(request.request_id, request.prompt_ids, outputs, request.finished or bool(request.error),
@@ -285,5 +432,8 @@ class LLMEngine:
             "prefix_cache_hit_tokens": bm.num_hit_tokens,
             "prefix_cache_hit_rate": bm.num_hit_tokens / bm.num_queried_tokens if bm.num_queried_tokens else 0.0,
             "preemptions": self.scheduler.num_preemptions,
+            "spec_proposed_tokens": self.num_spec_proposed,
+            "spec_accepted_tokens": self.num_spec_accepted,
+            "spec_acceptance_rate": self.num_spec_accepted / self.num_spec_proposed if self.num_spec_proposed else 0.0,
             "finished_requests": self.num_finished_requests,
         }

@@ -69,9 +69,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]],
-                sample_rows: list[int]) -> torch.Tensor:
+                sample_rows: list[int], num_rows: list[int] | None = None) -> torch.Tensor:
         """Run one step. sample_rows: indices into `scheduled` whose last computed token is to be
-        sampled from. Returns fp32 logits (len(sample_rows), vocab)."""
+        sampled from; num_rows (aligned with it, default 1 each): how many of each one's last
+        computed positions to return (speculative verification needs every guess's). Returns fp32
+        logits (sum(num_rows), vocab), sequence by sequence, positions in order."""
         self.copy_blocks(copies)
         tokens, positions, rows = [], [], []
         for seq, num in scheduled:
@@ -83,4 +85,7 @@ class ModelRunner:
         attention = PagedAttention(self.k_pools, self.v_pools, meta, self.variant, self.backend)
         hidden = self.model(torch.tensor([tokens]), torch.tensor([positions]), attention)[0]  # (N, d)
         ends = torch.tensor([n for _, n in scheduled]).cumsum(0) - 1  # last row of each sequence
-        return self.model.compute_logits(hidden[ends[sample_rows]])
+        if num_rows is None:
+            return self.model.compute_logits(hidden[ends[sample_rows]])
+        rows = torch.cat([torch.arange(int(ends[i]) - c + 1, int(ends[i]) + 1) for i, c in zip(sample_rows, num_rows)])
+        return self.model.compute_logits(hidden[rows])

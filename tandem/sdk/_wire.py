@@ -19,7 +19,7 @@ from tandem.v1 import common_pb2, gateway_pb2
 # Keyword -> SamplingParams proto field: the library's names, so a SamplingParams's fields can be
 # passed as they are. logits_processors travels as JSON (its values are arbitrary plugin kwargs).
 SAMPLING_FIELDS: dict[str, str] = {
-    f.name: "logits_processors_json" if f.name == "logits_processors" else f.name
+    f.name: f"{f.name}_json" if f.name in ("logits_processors", "speculative") else f.name
     for f in dataclasses.fields(SamplingParams)
 }
 _SCALAR_KINDS = {FieldDescriptor.CPPTYPE_INT64: "an integer", FieldDescriptor.CPPTYPE_DOUBLE: "a number",
@@ -63,6 +63,10 @@ def sampling_to_pb(sampling: dict) -> common_pb2.SamplingParams:
         raise TypeError(f"unknown sampling keyword(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
     msg = common_pb2.SamplingParams()
     for name, value in sampling.items():
+        if name == "speculative":  # None means off here, as in the library; "default" the server's setting
+            if value != "default":
+                msg.speculative_json = _to_json(value)
+            continue
         if value is None:
             continue
         if name == "logit_bias":

@@ -616,7 +616,8 @@ def test_stats_across_a_run(tiny_hf_dir):
     stats = engine.stats()
     assert stats == {"running": 0, "waiting": 0, "kv_blocks_total": 16, "kv_blocks_free": 16, "kv_blocks_used": 0,
                      "prefix_cache_queried_tokens": 0, "prefix_cache_hit_tokens": 0, "prefix_cache_hit_rate": 0.0,
-                     "preemptions": 0, "finished_requests": 0}
+                     "preemptions": 0, "finished_requests": 0,
+                     "spec_proposed_tokens": 0, "spec_accepted_tokens": 0, "spec_acceptance_rate": 0.0}
     prompt = list(range(10, 20))  # 10 tokens: 3 blocks of 4
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     engine.add_request("a", prompt, params)
