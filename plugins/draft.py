@@ -1,12 +1,27 @@
-"""Built-in draft proposer: "ngram", prompt-lookup decoding (Saxena 2023; vLLM's ngram
-speculator). If the last n tokens appeared earlier in the context, propose what followed them
-there: free guesses that pay off on summaries, code edits and RAG answers that quote their input.
+"""Built-in draft proposers.
+
+"ngram": prompt-lookup decoding (Saxena 2023; vLLM's ngram speculator). If the last n tokens
+appeared earlier in the context, propose what followed them there: free guesses that pay off on
+summaries, code edits and RAG answers that quote their input.
+
+"draft_model": a small model that shares the target's tokenizer guesses greedily, e.g. the
+default model quantized to int4 drafting for itself in fp32, or its first N layers. It keeps a KV
+cache per sequence in step with the tokens it is shown: a call whose tokens extend what a cache
+holds feeds only the new ones, and one that diverges (a guess was rejected) rolls the cache back
+to the common prefix.
 """
 from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+
+import torch
 
 from tandem.draft import DraftProposer
 from tandem.errors import ConfigError
 from tandem.plugins import hookimpl
+
+FEED_CHUNK = 512  # tokens per forward when a cache catches up (bounds the attention buffer)
 
 
 class NGramProposer(DraftProposer):
@@ -28,6 +43,106 @@ class NGramProposer(DraftProposer):
         return []
 
 
+class _Cache:
+    def __init__(self, kv, tokens: list[int]):
+        self.kv, self.tokens = kv, tokens
+
+
+class DraftModelProposer(DraftProposer):
+    name = "draft_model"
+
+    def __init__(self, model: str | None = None, quantization: str | None = "int4",
+                 quantization_options: dict | None = None, dtype: str = "float32", num_layers: int | None = None,
+                 max_sequences: int = 16):
+        """model: any model tandem loads (default: the default model); quantization: a quantizer
+        plugin applied to it (default int4; None keeps it as loaded); num_layers: keep only the
+        first N layers (a layer-truncated draft); max_sequences: KV caches kept, least recently used
+        dropped."""
+        from tandem.model.loader import load_model
+        from tandem.model.quantization import quantize_model
+        from tandem.model.registry import DEFAULT_MODEL
+        from tandem.plugins import get_plugin_manager
+
+        if not (isinstance(max_sequences, int) and max_sequences >= 1):
+            raise ConfigError(f"max_sequences must be a positive integer, got {max_sequences!r}")
+        loaded = load_model(model or DEFAULT_MODEL, dtype, progress=False)
+        self.model, self.config = loaded.model, loaded.config
+        if num_layers is not None:
+            if not (isinstance(num_layers, int) and 1 <= num_layers <= self.config.num_layers):
+                raise ConfigError(f"num_layers must be in [1, {self.config.num_layers}], got {num_layers!r}")
+            self.model.model.layers = self.model.model.layers[:num_layers]
+            self.config = dataclasses.replace(self.config, num_layers=num_layers)
+        if quantization:
+            quantize_model(self.model, get_plugin_manager().create("quantizer", quantization, quantization_options))
+        self.dtype = next(self.model.parameters()).dtype
+        self.max_sequences = max_sequences
+        self.caches: OrderedDict[int, _Cache] = OrderedDict()
+        self._ids = 0
+
+    def propose(self, token_ids, num_tokens):
+        tokens = list(token_ids)
+        if num_tokens <= 0 or not tokens or len(tokens) + num_tokens > self.config.max_position:
+            return []
+        cache, common = self._cache_for(tokens)
+        common = min(common, len(tokens) - 1)  # the last token is always fed: its logits are needed
+        cache.kv.length = common  # roll back whatever the target did not keep
+        guesses: list[int] = []
+        with torch.inference_mode():
+            last = self._feed(cache, tokens[common:])
+            for _ in range(num_tokens):
+                guesses.append(int(last.argmax()))
+                if len(guesses) < num_tokens:
+                    last = self._feed(cache, guesses[-1:])
+        cache.tokens = tokens + guesses[:-1]  # what the cache's KV now holds
+        return guesses
+
+    def _cache_for(self, tokens: list[int]) -> tuple[_Cache, int]:
+        """The cache sharing the longest prefix with tokens (a new one when none shares any)."""
+        best, best_len = None, 0
+        for key, cache in self.caches.items():
+            n = _common_prefix(cache.tokens, tokens)
+            if n > best_len:
+                best, best_len = key, n
+        if best is None:
+            from tandem.model.kv_cache import KVCache
+
+            if len(self.caches) >= self.max_sequences:
+                self.caches.popitem(last=False)
+            self._ids += 1
+            best = self._ids
+            self.caches[best] = _Cache(KVCache(self.config, self._capacity(len(tokens)), self.dtype), [])
+        self.caches.move_to_end(best)
+        return self.caches[best], best_len
+
+    def _capacity(self, needed: int) -> int:
+        return min(self.config.max_position, max(1024, 1 << (needed + 64).bit_length()))
+
+    def _feed(self, cache: _Cache, new: list[int]) -> torch.Tensor:
+        """Run new tokens through the draft; returns the logits after the last one."""
+        kv = cache.kv
+        if kv.length + len(new) > kv.max_len:  # grow: copy the kept part into a bigger cache
+            from tandem.model.kv_cache import KVCache
+
+            bigger = KVCache(self.config, self._capacity(kv.length + len(new)), self.dtype)
+            bigger.k[:, :kv.length], bigger.v[:, :kv.length] = kv.k[:, :kv.length], kv.v[:, :kv.length]
+            bigger.length, cache.kv, kv = kv.length, bigger, bigger
+        hidden = None
+        for start in range(0, len(new), FEED_CHUNK):
+            chunk = new[start:start + FEED_CHUNK]
+            positions = torch.arange(kv.length, kv.length + len(chunk)).unsqueeze(0)
+            hidden = self.model(torch.tensor([chunk]), positions, kv)
+            kv.advance(len(chunk))
+        return self.model.compute_logits(hidden[0, -1:])[0]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 @hookimpl
 def tandem_draft_proposers(api_version: int):
-    return [NGramProposer]
+    return [NGramProposer, DraftModelProposer]

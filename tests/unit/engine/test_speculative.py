@@ -268,3 +268,39 @@ def test_adaptive_k_and_pause():
     assert state.wants() == 8
     state.record(8, 8)
     assert state.k == 8 and state.acceptance_rate == pytest.approx(9 / (8 + 4 + 2 + 1 + 1 + 8))
+
+
+def test_a_draft_model_drafting_for_itself_is_always_right(tiny_hf_dir):
+    """The target as its own draft (fp32, no quantization): every guess is accepted, the output
+    is unchanged, and a layer-truncated draft keeps the output unchanged too."""
+    prompts = repetitive_prompts(4, seed=5)
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = [o.token_ids for o in make_llm(tiny_hf_dir).generate(prompts, greedy)]
+    same = {"method": "draft_model", "k": 4, "options": {"model": str(tiny_hf_dir), "quantization": None}}
+    llm = make_llm(tiny_hf_dir, speculative=same)
+    outs = llm.generate(prompts, greedy)
+    assert [o.token_ids for o in outs] == want
+    assert all(o.metrics.spec_proposed > 0 and o.metrics.spec_accepted == o.metrics.spec_proposed for o in outs)
+    truncated = {"method": "draft_model", "k": 3, "options": {"model": str(tiny_hf_dir), "quantization": None,
+                                                              "num_layers": 1}}
+    outs = make_llm(tiny_hf_dir, speculative=truncated).generate(prompts, greedy)
+    assert [o.token_ids for o in outs] == want
+    assert llm.engine.stats()["kv_blocks_used"] == 0
+
+
+def test_the_draft_cache_rolls_back(tiny_hf_dir):
+    from tandem.plugins.draft import DraftModelProposer as Proposer
+
+    kept = Proposer(model=str(tiny_hf_dir), quantization=None, max_sequences=2)
+    tokens = repetitive_prompts(1, seed=8)[0]
+    first = kept.propose(tokens, 4)
+    diverged = tokens + [(first[0] + 1) % 300]  # the target rejected the first guess
+    fresh = Proposer(model=str(tiny_hf_dir), quantization=None)
+    assert kept.propose(diverged, 4) == fresh.propose(diverged, 4)
+    accepted = tokens + first[:2] + [7]
+    assert kept.propose(accepted, 3) == fresh.propose(accepted, 3)
+    assert len(kept.caches) == 1  # the same sequence kept one cache
+    other = [(t * 7) % 300 for t in tokens]
+    kept.propose(other, 2)
+    kept.propose(list(reversed(other)), 2)
+    assert len(kept.caches) == 2  # at most max_sequences
