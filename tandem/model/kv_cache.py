@@ -31,11 +31,15 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
         self.k[layer, self.length:end] = k
         self.v[layer, self.length:end] = v
+        if k.shape[0] == 1 and self.variant.is_plain_causal:  # one new token sees every key: the decode path
+            return self.backend.decode(q, self.k[layer, None, :end], self.v[layer, None, :end], self._mask_for(end))
         return self.backend.prefill(q, self.k[layer, :end], self.v[layer, :end], self._mask_for(end))
 
     def _mask_for(self, end: int) -> AttentionMask:
         if self._mask is None or self._mask[:2] != (self.length, end):
-            if self.length == 0:
+            if end - self.length == 1 and self.variant.is_plain_causal:
+                mask = AttentionMask(torch.ones(1, 1, end, dtype=torch.bool))
+            elif self.length == 0:
                 mask = fresh_causal_mask(self.variant, end, self.num_heads)
             else:
                 mask = AttentionMask.build(self.variant, torch.arange(self.length, end), torch.arange(end),
