@@ -143,6 +143,44 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+class RemoteProposer(DraftProposer):
+    """Guesses from the draft service (tandem.v1.Draft) running `method` with its `options`: the
+    draft model lives in its own process (a Ray actor of `tandem serve`) instead of the worker's.
+    A draft service that is down or slow means no guesses for that step, never a failed request:
+    speculation is only ever an optimization."""
+
+    name = "remote"
+
+    def __init__(self, target: str = "", method: str = "ngram", options: dict | None = None, timeout: float = 2.0):
+        import json
+
+        import grpc
+
+        from tandem.v1 import draft_pb2_grpc
+
+        if not target:
+            raise ConfigError("the remote draft proposer needs target, the draft service's host:port")
+        self.method, self.options_json, self.timeout = method, json.dumps(options or {}), timeout
+        self.stub = draft_pb2_grpc.DraftStub(grpc.insecure_channel(target))
+        self.num_failures = 0
+
+    def propose(self, token_ids, num_tokens):
+        import grpc
+
+        from tandem.v1 import draft_pb2
+
+        if num_tokens <= 0:
+            return []
+        try:
+            answer = self.stub.Propose(draft_pb2.ProposeRequest(method=self.method, token_ids=list(token_ids),
+                                                                 k=num_tokens, options_json=self.options_json),
+                                       timeout=self.timeout)
+        except grpc.RpcError:
+            self.num_failures += 1
+            return []
+        return list(answer.token_ids)[:num_tokens]
+
+
 @hookimpl
 def tandem_draft_proposers(api_version: int):
-    return [NGramProposer, DraftModelProposer]
+    return [NGramProposer, DraftModelProposer, RemoteProposer]

@@ -31,7 +31,7 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
         from . import worker
 
         role = "both" if name == "worker" else name
-        w = worker.Worker.build(config, role, peers.get("kvstore"))
+        w = worker.Worker.build(_with_draft_service(config, peers.get("draft")), role, peers.get("kvstore"))
         return ServiceHost(worker.registrations(w), internal, healthy=w.healthy, on_stop=w.close)
     if name == "kvstore":
         from tandem.kv_store import KVBlockStore
@@ -66,6 +66,24 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
 
         return ServiceHost(registrations, public, healthy=lambda: "servicer" in holder and holder["servicer"].healthy())
     raise ConfigError(f"unknown service {name!r}; services are {SERVICES}")
+
+
+def _with_draft_service(config: PipelineConfig, draft: str | None) -> PipelineConfig:
+    """speculative {method: remote} without a target means this pipeline's draft service; a
+    draft model there defaults to the pipeline's model."""
+    import dataclasses
+
+    spec = config.speculative
+    if not spec or spec.get("method") != "remote" or (spec.get("options") or {}).get("target"):
+        return config
+    from tandem.errors import ConfigError
+
+    if not draft:
+        raise ConfigError("speculative method 'remote' needs the draft service's address")
+    options = {**(spec.get("options") or {}), "target": draft}
+    if options.get("method") == "draft_model":
+        options["options"] = {"model": config.model, **(options.get("options") or {})}
+    return dataclasses.replace(config, speculative={**spec, "options": options})
 
 
 __all__ = ["build", "PipelineConfig", "ServerOptions", "ServiceHost", "SERVICES"]

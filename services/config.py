@@ -11,6 +11,7 @@ file and a command line say the same thing:
     grpc_port: 50051
     api_keys: [sk-local-1]       # or api_key_file / TANDEM_API_KEYS
     kv_store_bytes: 1073741824
+    speculative: {method: ngram, k: 5}   # or {method: remote, options: {method: draft_model}}: the draft service
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class PipelineConfig:
     kv_cache_dtype: str = "auto"
     num_threads: int | None = None  # torch threads per worker (default: the worker's CPUs)
     kv_cache_memory: int = 512 << 20  # each worker's KV pool, bytes
+    speculative: dict | None = None  # the requests' default, e.g. {method: ngram, k: 5}; requests override it
     engine: dict = field(default_factory=dict)  # more EngineConfig fields: block_size, max_num_seqs, ...
     # the shape of the pipeline
     mode: str = "disaggregated"
@@ -87,6 +89,14 @@ class PipelineConfig:
         unknown = set(self.engine) - set(ENGINE_KEYS)
         if unknown:
             raise ConfigError(f"engine: unknown keys {sorted(unknown)}; known: {ENGINE_KEYS}")
+        if self.speculative is not None:
+            from tandem.errors import InvalidRequestError
+            from tandem.speculative import SpeculativeConfig
+
+            try:
+                SpeculativeConfig.parse(self.speculative)
+            except InvalidRequestError as exc:
+                raise ConfigError(str(exc)) from None
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both tls_cert and tls_key")
 
@@ -132,7 +142,8 @@ class PipelineConfig:
                     num_threads=self.num_threads, progress=False, quantization=self.quantization,
                     quantization_options=self.quantization_options or None, attention=self.attention,
                     attention_options=self.attention_options or None, attention_backend=self.attention_backend,
-                    kv_cache_dtype=self.kv_cache_dtype, kv_cache_memory=self.kv_cache_memory, **self.engine)
+                    kv_cache_dtype=self.kv_cache_dtype, kv_cache_memory=self.kv_cache_memory,
+                    speculative=self.speculative, **self.engine)
 
     def kv_namespace(self, model_path: Path, block_size: int) -> str:
         """Names the KV layout: only workers that would compute bit-identical KV share blocks."""

@@ -175,8 +175,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         yield gateway_pb2.GenerateResponse(request_id=request_id, delta=message.delta)
                     else:
                         cached = cached if self.disaggregated else message.usage.cached_tokens
-                        yield clock.final(request_id, len(prompt), cached, prefill_s,
-                                          kv_s + message.timings.kv_transfer)
+                        final = clock.final(request_id, len(prompt), cached, prefill_s,
+                                            kv_s + message.timings.kv_transfer)
+                        final.usage.spec_proposed_tokens = message.usage.spec_proposed_tokens
+                        final.usage.spec_accepted_tokens = message.usage.spec_accepted_tokens
+                        yield final
             finally:
                 call.cancel()  # no-op once finished; frees the worker's blocks when we leave early
         finally:

@@ -203,7 +203,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     completion = sum(len(o.token_ids) for o in item.outputs)
                     yield decode_pb2.DecodeResponse(
                         usage=common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=completion,
-                                               cached_tokens=m.num_cached_tokens if m else 0),
+                                               cached_tokens=m.num_cached_tokens if m else 0,
+                                               spec_proposed_tokens=m.spec_proposed if m else 0,
+                                               spec_accepted_tokens=m.spec_accepted if m else 0),
                         timings=common_pb2.Timings(ttft=m.ttft or 0.0, e2e=m.e2e_latency or 0.0,
                                                    mean_itl=mean_itl(m), kv_transfer=fetch_s))
                 else:

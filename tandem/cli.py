@@ -44,6 +44,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
                    help='turn on a plugin logits processor, e.g. typical_p=\'{"mass": 0.9}\' (repeatable)')
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--speculative", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "k": 5}\' or draft_model; "none": off')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +139,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inflight", type=int, default=None,
                    help="requests in flight at the gateway before RESOURCE_EXHAUSTED (default 256)")
     p.add_argument("--max-message-bytes", type=int, default=None, help="gRPC message limit (default 16 MiB)")
+    p.add_argument("--speculative", default=None, metavar="JSON",
+                   help='the requests\' default speculative decoding, e.g. \'{"method": "ngram", "k": 5}\'; '
+                   'method "remote" runs the proposer in the draft service')
 
 
 def _sampling_params(args):
@@ -152,7 +157,18 @@ def _sampling_params(args):
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          seed=args.seed, stop=args.stop, logits_processors=processors)
+                          seed=args.seed, stop=args.stop, logits_processors=processors,
+                          speculative="default" if args.speculative is None else _json_arg(args.speculative,
+                                                                                           "--speculative"))
+
+
+def _json_arg(raw: str, flag: str):
+    if raw.strip().lower() in ("none", "null", "off"):
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{flag}: not JSON ({exc})") from None
 
 
 def parse_options(items: list[str], flag: str) -> dict:
@@ -196,6 +212,8 @@ def _generate_remote(args, params) -> int:
 
     tls = None if args.tls is None else (True if args.tls == "system" else args.tls)
     sampling = {k: v for k, v in dataclasses.asdict(params).items() if v not in (None, [], {})}
+    if params.speculative is None:  # off for this request: say so, "unset" would mean the server's default
+        sampling["speculative"] = None
     with Client(args.server, api_key=args.api_key or os.environ.get("TANDEM_API_KEY"), tls=tls,
                 timeout=args.timeout) as client:
         print(args.prompt, end="", flush=True)
@@ -298,6 +316,8 @@ def _pipeline_config(args):
         overrides["quantization_options"] = parse_options(args.quantization_option, "--quantization-option")
     if args.attention_option:
         overrides["attention_options"] = parse_options(args.attention_option, "--attention-option")
+    if args.speculative is not None:
+        overrides["speculative"] = _json_arg(args.speculative, "--speculative") or {"method": "none"}
     if getattr(args, "replicas", None):
         replicas = parse_options(args.replicas, "--replicas")
         overrides["replicas"] = replicas

@@ -19,10 +19,13 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    spec_proposed_tokens: int = 0  # speculative decoding: guesses verified, and accepted
+    spec_accepted_tokens: int = 0
 
     @classmethod
     def from_pb(cls, pb: common_pb2.Usage) -> Usage:
-        return cls(pb.prompt_tokens, pb.completion_tokens, pb.cached_tokens)
+        return cls(pb.prompt_tokens, pb.completion_tokens, pb.cached_tokens, pb.spec_proposed_tokens,
+                   pb.spec_accepted_tokens)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from tandem.orchestration.local import InProcessPipeline
 from tandem.sdk import (AsyncClient, Client, DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError,
                         UnauthenticatedError)
 from tandem.services.config import PipelineConfig
-from tandem.v1 import common_pb2, decode_pb2_grpc, kvstore_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from tandem.v1 import common_pb2, decode_pb2_grpc, draft_pb2_grpc, kvstore_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 GREEDY = dict(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = ["hello world", "To be, or not to be, that is the question:",
@@ -256,3 +256,26 @@ def test_tls_on_the_gateway(tiny_hf_dir, tmp_path):
         with Client(p.address, timeout=5, max_retries=0) as plain, pytest.raises(Exception) as err:
             plain.tokenize("hi")  # a plaintext client cannot talk to a TLS gateway
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_speculative_decoding_through_the_pipeline(tiny_hf_dir, tiny_llm):
+    """A server default that drafts in the draft service, and a per-request override, both give
+    the library's greedy tokens and report their guesses in usage."""
+    prompt = ([17, 42, 99, 5, 8] * 8)[:37]
+    want = tiny_llm.generate([prompt], tandem.SamplingParams(**GREEDY))[0].token_ids
+    # The tiny model drafting for itself: guesses every step (n-gram would rarely match random text).
+    remote = {"method": "remote", "k": 4, "options": {"method": "draft_model", "options": {"quantization": None}}}
+    with InProcessPipeline(config(tiny_hf_dir, speculative=remote)) as p, Client(p.address, timeout=60) as c:
+        got = c.complete(prompt, **GREEDY)
+        assert got.token_ids == want and got.usage.spec_proposed_tokens > 0
+        assert stats(p, "decode-0")["spec_proposed_tokens"] > 0
+        with grpc.insecure_channel(p.address_of("draft-0")) as channel:
+            draft = draft_pb2_grpc.DraftStub(channel).Stats(common_pb2.StatsRequest(), timeout=5).values
+        assert draft["requests"] > 0  # the guesses came from the draft service
+        off = c.complete(prompt, speculative=None, **GREEDY)
+        assert off.token_ids == want and off.usage.spec_proposed_tokens == 0
+        local = c.complete(prompt, speculative={"method": "draft_model", "k": 3, "options": {
+            "model": str(tiny_hf_dir), "quantization": None}}, **GREEDY)
+        assert local.token_ids == want and local.usage.spec_accepted_tokens == local.usage.spec_proposed_tokens > 0
+        with pytest.raises(InvalidArgumentError, match="speculative k"):
+            c.complete(prompt, speculative={"method": "ngram", "k": 99}, max_tokens=2)
