@@ -37,7 +37,7 @@ def test_builtins_load_and_cover_every_category(manager):
     assert manager.names("attention_backend") == ["naive", "sdpa"]
     assert manager.names("quantizer") == ["fp8", "int4", "int8", "nf4"]
     assert manager.names("kv_cache_format") == ["auto", "int8"]
-    assert manager.names("draft_proposer") == ["draft_model", "ngram"]
+    assert manager.names("draft_proposer") == ["draft_model", "ngram", "remote"]
     assert set(manager.names("logits_processor")) == {"logit_bias", "repetition_penalty", "presence_frequency_penalty",
                                                       "temperature", "top_k", "top_p", "min_p"}
 
