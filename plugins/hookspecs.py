@@ -164,11 +164,16 @@ def tandem_kv_cache_formats(api_version: int) -> list[type]:
 def tandem_draft_proposers(api_version: int) -> list[type]:
     """Register draft proposers for speculative decoding.
 
-    Called once when the plugin loads, in the draft worker and library mode.
+    Called once when the plugin loads, in every process that proposes: library mode, the prefill
+    and decode workers, and the draft service. A request uses one with
+    `SamplingParams(speculative={"method": name, "k": 5, "options": {...}})` (options go to its
+    constructor); the engine verifies every guess against the target model, so wrong guesses cost
+    speed, never correctness.
 
     :param api_version: the running tandem's plugin API version.
     :returns: a list of `tandem.plugins.DraftProposer` subclasses with unique names;
-        `propose(token_ids, num_tokens)` returns up to num_tokens guessed next tokens.
+        `propose(token_ids, num_tokens)` returns up to num_tokens guessed next tokens for the
+        sequence whose prompt and output so far are token_ids.
 
     Not firstresult. Example::
 
