@@ -18,6 +18,8 @@ import os
 import time
 from contextlib import aclosing
 
+import grpc
+
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.block_manager import block_hash
 from tandem.llm import LLM
@@ -54,7 +56,7 @@ class Worker:
         self._store: KVStoreClient | None = None
         self.draining = False
         self.counters = {"kv_blocks_fetched": 0, "kv_blocks_published": 0, "kv_bytes_fetched": 0,
-                         "kv_bytes_published": 0, "kv_transfer_seconds": 0.0, "requests": 0}
+                         "kv_bytes_published": 0, "kv_transfer_seconds": 0.0, "kv_store_errors": 0, "requests": 0}
 
     @classmethod
     def build(cls, config: PipelineConfig, role: str, kv_store: str | None) -> Worker:
@@ -88,11 +90,21 @@ class Worker:
     # -- KV through the store -------------------------------------------------------------------
     async def fetch(self, hashes: list[bytes]) -> float:
         """Import the leading blocks of `hashes` this engine lacks and the store has. Returns the
-        seconds it took (0 without a store)."""
+        seconds it took (0 without a store). A store that fails costs recomputation, not the request."""
         store = self.store
         if store is None or not hashes:
             return 0.0
         start = time.perf_counter()
+        try:
+            await self._fetch(store, hashes)
+        except grpc.aio.AioRpcError as exc:
+            self.counters["kv_store_errors"] += 1
+            log.warning("KV store unavailable, computing the prompt instead: %s", exc.details())
+        elapsed = time.perf_counter() - start
+        self.counters["kv_transfer_seconds"] += elapsed
+        return elapsed
+
+    async def _fetch(self, store: KVStoreClient, hashes: list[bytes]) -> None:
         local = await self.engine.run(self.llm.engine.cached_prefix, hashes)
         if local < len(hashes):
             wanted = hashes[local:]
@@ -106,17 +118,24 @@ class Worker:
                 await self.engine.run(self.llm.engine.import_blocks, got, [blocks[h] for h in got])
                 self.counters["kv_blocks_fetched"] += len(got)
                 self.counters["kv_bytes_fetched"] += sum(t.nbytes for h in got for t in blocks[h])
-        elapsed = time.perf_counter() - start
-        self.counters["kv_transfer_seconds"] += elapsed
-        return elapsed
 
     async def publish(self, output: RequestOutput) -> float:
         """Make sure the store holds every full block of the prompt: the ones computed here, and
-        cached ones it has lost since."""
+        cached ones it has lost since. A store that fails means the decode side recomputes them."""
         store, kv = self.store, output.kv
         if store is None or kv is None or not kv.block_hashes:
             return 0.0
         start = time.perf_counter()
+        try:
+            await self._publish(store, kv)
+        except grpc.aio.AioRpcError as exc:
+            self.counters["kv_store_errors"] += 1
+            log.warning("KV store unavailable, blocks not published: %s", exc.details())
+        elapsed = time.perf_counter() - start
+        self.counters["kv_transfer_seconds"] += elapsed
+        return elapsed
+
+    async def _publish(self, store: KVStoreClient, kv) -> None:
         blocks = list(zip(kv.new_hashes, kv.new_blocks))
         if blocks:
             await store.put_blocks(self.namespace, blocks)
@@ -129,9 +148,6 @@ class Worker:
                 blocks += again
         self.counters["kv_blocks_published"] += len(blocks)
         self.counters["kv_bytes_published"] += sum(t.nbytes for _, ts in blocks for t in ts)
-        elapsed = time.perf_counter() - start
-        self.counters["kv_transfer_seconds"] += elapsed
-        return elapsed
 
     async def close(self) -> None:
         self.draining = True

@@ -279,3 +279,12 @@ def test_speculative_decoding_through_the_pipeline(tiny_hf_dir, tiny_llm):
         assert local.token_ids == want and local.usage.spec_accepted_tokens == local.usage.spec_proposed_tokens > 0
         with pytest.raises(InvalidArgumentError, match="speculative k"):
             c.complete(prompt, speculative={"method": "ngram", "k": 99}, max_tokens=2)
+
+
+def test_a_dead_kv_store_costs_recomputation_not_requests(tiny_hf_dir, tiny_llm):
+    with InProcessPipeline(config(tiny_hf_dir)) as p, Client(p.address, timeout=60) as c:
+        p.hosts.pop("kvstore-0").stop()
+        prompt = PROMPTS[2]
+        got = c.complete(prompt, **GREEDY)
+        assert got.token_ids == tiny_llm.generate(prompt, tandem.SamplingParams(**GREEDY))[0].token_ids
+        assert stats(p, "prefill-0")["kv_store_errors"] > 0 and stats(p, "decode-0")["kv_store_errors"] > 0
