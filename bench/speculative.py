@@ -82,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--k", type=int, default=5, help="most guesses per step (adaptive below it)")
+    parser.add_argument("--k", type=int, default=8, help="n-gram: most guesses per step (adaptive below it)")
     parser.add_argument("--draft-k", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
