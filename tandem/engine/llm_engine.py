@@ -259,6 +259,7 @@ class LLMEngine:
     def _verify(self, logits: torch.Tensor, verify: list[tuple[Sequence, int, int]],
                 drafts: dict[Sequence, list[int]], now: float):
         """Keep each sequence's longest accepted run of guesses and one token of the target's."""
+        verify = [v for v in verify if v[0].request_id in self.requests]  # a sibling's failure ended it
         if not verify:
             return [], [], []
         params, contexts, prompt_lens, generators, args, rows = [], [], [], [], [], []
@@ -276,7 +277,10 @@ class LLMEngine:
                                                                                generators), args)
         deltas, outputs, touched, row = [], [], [], 0
         for seq, num, _ in verify:
-            request = self.requests[seq.request_id]
+            request = self.requests.get(seq.request_id)
+            if request is None:  # failed by a sibling sample's error just above: its blocks are freed
+                row += num
+                continue
             guesses = drafts[seq]
             base = seq.num_computed_tokens
             del seq.token_ids[base + 1:]  # back to the real tokens; accepted guesses return below

@@ -304,3 +304,40 @@ def test_the_draft_cache_rolls_back(tiny_hf_dir):
     kept.propose(other, 2)
     kept.propose(list(reversed(other)), 2)
     assert len(kept.caches) == 2  # at most max_sequences
+
+
+def test_a_failing_processor_ends_a_speculating_request_with_n_samples(tiny_hf_dir):
+    """A logits processor that raises while n samples verify guesses fails the request once, frees
+    its blocks, and leaves the engine running."""
+    from tandem.plugins import PluginManager, hookimpl
+    from tandem.sampling import LogitsProcessor
+
+    class Boom(LogitsProcessor):
+        name = "boom"
+        calls = 0
+
+        def __call__(self, logits, args, batch):
+            Boom.calls += 1
+            if Boom.calls > 2:  # after the first token: while verifying guesses
+                raise RuntimeError("boom")
+            return logits
+
+    class Plugin:
+        @hookimpl
+        def tandem_logits_processors(self, api_version):
+            return [Boom]
+
+        @hookimpl
+        def tandem_draft_proposers(self, api_version):
+            return [OracleProposer]
+
+    plugins = PluginManager()
+    plugins.register(Plugin(), "boom-and-oracle")
+    engine = make_llm(tiny_hf_dir, plugins=plugins).engine
+    prompt = repetitive_prompts(1, seed=4)[0]
+    OracleProposer.prompt, OracleProposer.continuation = prompt, [5] * 40
+    params = SamplingParams(temperature=1.0, n=3, max_tokens=20, ignore_eos=True, logits_processors={"boom": {}},
+                            speculative={"method": "oracle", "k": 4})
+    out = drive(engine, [("r", prompt, params), ("ok", prompt, SamplingParams(temperature=0, max_tokens=6))])
+    assert out["r"].error and "boom" in out["r"].error
+    assert len(out["ok"].token_ids) == 6 and engine.stats()["kv_blocks_used"] == 0
