@@ -1,0 +1,83 @@
+"""RAG retrieval benchmark: the SQuAD v2.0 dev paragraphs in ../shared/data/squad_corpus.json (each
+one document) in a fresh temporary store, queried with the answerable questions of
+squad_dev_questions.jsonl. A question is a hit at rank r when a chunk of its gold paragraph is
+among the first r retrieved. Recall@1, recall@k, MRR (over the first k) and per-query latency
+(p50/p99, after warm-up; embedding the query included) for exact and HNSW search, with and
+without BM25 hybrid fusion.
+
+    .venv/bin/python bench/rag.py [--k 5] [--cache-dir DIR] [--json bench/rag.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from tandem.rag import Document, MiniLMEmbedder, RagStore
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+NUM_WARMUP = 20
+
+
+def load_corpus() -> tuple[list[Document], list[dict]]:
+    paragraphs = json.loads((DATA / "squad_corpus.json").read_text())["paragraphs"]
+    docs = [Document(p["id"], p["title"], p["text"]) for p in paragraphs]
+    lines = (DATA / "squad_dev_questions.jsonl").read_text().splitlines()
+    questions = [q for q in map(json.loads, filter(None, lines)) if not q["is_impossible"]]
+    return docs, questions
+
+
+def evaluate(store: RagStore, questions: list[dict], k: int, hybrid: bool) -> dict:
+    for q in questions[:NUM_WARMUP]:
+        store.retrieve(q["question"], k=k, hybrid=hybrid)
+    hits1 = hitsk = rr = 0.0
+    latencies = []
+    for q in questions:
+        start = time.perf_counter()
+        results = store.retrieve(q["question"], k=k, hybrid=hybrid)
+        latencies.append((time.perf_counter() - start) * 1e3)
+        ranks = [r for r, res in enumerate(results, 1) if res.document_id == q["paragraph_id"]]
+        if ranks:
+            hits1 += ranks[0] == 1
+            hitsk += 1
+            rr += 1 / ranks[0]
+    n, cuts = len(questions), statistics.quantiles(latencies, n=100)
+    return {"recall@1": hits1 / n, f"recall@{k}": hitsk / n, "mrr": rr / n, "p50_ms": cuts[49], "p99_ms": cuts[98]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--cache-dir", default=None, help="ONNX export cache (default ~/.cache/tandem/onnx)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    docs, questions = load_corpus()
+    embedder = MiniLMEmbedder(cache_dir=args.cache_dir)
+    rows = []
+    with tempfile.TemporaryDirectory() as data_dir:
+        for exact in (True, False):
+            with RagStore(data_dir, embedder, exact=exact) as store:
+                if exact:
+                    start = time.perf_counter()
+                    num_docs, num_chunks = store.ingest(docs)
+                    ingest_s = time.perf_counter() - start
+                for hybrid in (False, True):
+                    rows.append({"index": "flat" if exact else "hnsw", "hybrid": hybrid,
+                                 **evaluate(store, questions, args.k, hybrid)})
+    print(f"{num_docs} documents, {num_chunks} chunks ingested in {ingest_s:.1f} s; "
+          f"{len(questions)} answerable questions, k={args.k}")
+    cols = list(rows[0])
+    print(" | ".join(f"{c:>9}" for c in cols))
+    for row in rows:
+        print(" | ".join(f"{v:>9.3f}" if isinstance(v, float) else f"{str(v):>9}" for v in row.values()))
+    if args.json:
+        args.json.write_text(json.dumps({"num_documents": num_docs, "num_chunks": num_chunks, "ingest_s": ingest_s,
+                                         "num_questions": len(questions), "k": args.k, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
