@@ -11,42 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from tandem.rag import Document, MiniLMEmbedder, RagStore
+from tandem.rag import Document, MiniLMEmbedder, RagStore, evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-NUM_WARMUP = 20
 
 
 def load_corpus() -> tuple[list[Document], list[dict]]:
-    paragraphs = json.loads((DATA / "squad_corpus.json").read_text())["paragraphs"]
-    docs = [Document(p["id"], p["title"], p["text"]) for p in paragraphs]
-    lines = (DATA / "squad_dev_questions.jsonl").read_text().splitlines()
-    questions = [q for q in map(json.loads, filter(None, lines)) if not q["is_impossible"]]
-    return docs, questions
-
-
-def evaluate(store: RagStore, questions: list[dict], k: int, hybrid: bool) -> dict:
-    for q in questions[:NUM_WARMUP]:
-        store.retrieve(q["question"], k=k, hybrid=hybrid)
-    hits1 = hitsk = rr = 0.0
-    latencies = []
-    for q in questions:
-        start = time.perf_counter()
-        results = store.retrieve(q["question"], k=k, hybrid=hybrid)
-        latencies.append((time.perf_counter() - start) * 1e3)
-        ranks = [r for r, res in enumerate(results, 1) if res.document_id == q["paragraph_id"]]
-        if ranks:
-            hits1 += ranks[0] == 1
-            hitsk += 1
-            rr += 1 / ranks[0]
-    n, cuts = len(questions), statistics.quantiles(latencies, n=100)
-    return {"recall@1": hits1 / n, f"recall@{k}": hitsk / n, "mrr": rr / n, "p50_ms": cuts[49], "p99_ms": cuts[98]}
+    return (evaluation.load_corpus(DATA / "squad_corpus.json"),
+            evaluation.load_questions(DATA / "squad_dev_questions.jsonl"))
 
 
 def main() -> None:
@@ -67,7 +44,7 @@ def main() -> None:
                     ingest_s = time.perf_counter() - start
                 for hybrid in (False, True):
                     rows.append({"index": "flat" if exact else "hnsw", "hybrid": hybrid,
-                                 **evaluate(store, questions, args.k, hybrid)})
+                                 **evaluation.evaluate(store, questions, args.k, hybrid)})
     print(f"{num_docs} documents, {num_chunks} chunks ingested in {ingest_s:.1f} s; "
           f"{len(questions)} answerable questions, k={args.k}")
     cols = list(rows[0])

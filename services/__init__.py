@@ -46,7 +46,8 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
     if name == "retrieval":
         from . import retrieval
 
-        return ServiceHost([retrieval.registration()], internal)
+        reg = retrieval.registration(config.rag_data_dir, config.rag_hybrid, config.onnx_cache_dir)
+        return ServiceHost([reg], internal, on_stop=reg.servicer.close)
     if name == "gateway":
         from . import gateway
 

@@ -51,6 +51,10 @@ class PipelineConfig:
     mode: str = "disaggregated"
     replicas: dict = field(default_factory=lambda: {"prefill": 1, "decode": 1})
     kv_store_bytes: int = 1 << 30
+    # retrieval (RAG): where its documents live, hybrid BM25 + vector ranking, the ONNX export cache
+    rag_data_dir: str = "~/.local/share/tandem/rag"
+    rag_hybrid: bool = True
+    onnx_cache_dir: str | None = None  # default ~/.cache/tandem/onnx
     # the gateway: where users connect, and what it admits
     host: str = "127.0.0.1"
     grpc_port: int = 50051

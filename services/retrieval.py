@@ -1,32 +1,80 @@
-"""The retrieval service (RAG). This release wires it into the pipeline (health, reflection,
-Stats); ingestion, embedding and search land with the RAG work, and until then those calls answer
-UNIMPLEMENTED rather than pretending to find nothing."""
+"""The retrieval service (RAG): tandem.rag's durable store (SQLite + FAISS, MiniLM embeddings in
+onnxruntime) behind gRPC. The store opens on first use, so a pipeline that never retrieves never
+loads the embedder. Store calls run on worker threads: the event loop keeps serving meanwhile."""
 from __future__ import annotations
 
-import grpc
+import asyncio
+import threading
+from pathlib import Path
 
+from tandem.errors import InvalidRequestError
 from tandem.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 
 from .common import Registration, rpc
 
-_NOT_YET = "retrieval is not available in this release of tandem (the RAG index is not built yet)"
+DEFAULT_K = 5
+DEFAULT_COLLECTION = "default"
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
+    def __init__(self, data_dir: str, hybrid: bool = True, cache_dir: str | None = None):
+        self.data_dir, self.hybrid, self.cache_dir = Path(data_dir).expanduser(), hybrid, cache_dir
+        self._store = None
+        self._lock = threading.Lock()
+
+    def store(self):
+        with self._lock:
+            if self._store is None:
+                from tandem.rag import MiniLMEmbedder, RagStore
+
+                self._store = RagStore(self.data_dir, MiniLMEmbedder(cache_dir=self.cache_dir))
+            return self._store
+
+    @rpc
     async def Ingest(self, request_iterator, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _NOT_YET)
+        from tandem.rag import Document
 
+        by_collection: dict[str, list] = {}
+        async for doc in request_iterator:
+            if not doc.id:
+                raise InvalidRequestError("every document needs an id")
+            by_collection.setdefault(doc.collection or DEFAULT_COLLECTION, []).append(
+                Document(doc.id, doc.title, doc.text))
+        store = await asyncio.to_thread(self.store)
+        docs = chunks = 0
+        for collection, documents in by_collection.items():
+            d, c = await asyncio.to_thread(store.ingest, documents, collection)
+            docs, chunks = docs + d, chunks + c
+        return retrieval_pb2.IngestResponse(documents=docs, chunks=chunks)
+
+    @rpc
     async def Delete(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _NOT_YET)
+        store = await asyncio.to_thread(self.store)
+        deleted = await asyncio.to_thread(store.delete, list(request.document_ids),
+                                          request.collection or DEFAULT_COLLECTION)
+        return retrieval_pb2.DeleteResponse(deleted=deleted)
 
+    @rpc
     async def Retrieve(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _NOT_YET)
+        store = await asyncio.to_thread(self.store)
+        hybrid = request.hybrid if request.HasField("hybrid") else self.hybrid
+        found = await asyncio.to_thread(store.retrieve, request.query, request.k or DEFAULT_K,
+                                        request.collection or DEFAULT_COLLECTION, hybrid)
+        return retrieval_pb2.RetrieveResponse(chunks=[
+            retrieval_pb2.Chunk(id=str(r.chunk_id), document_id=r.document_id, title=r.title, text=r.text,
+                                score=r.score, position=r.position) for r in found])
 
     @rpc
     async def Stats(self, request, context):
-        return common_pb2.ServiceStats(service="retrieval", values={"documents": 0.0, "chunks": 0.0})
+        values = await asyncio.to_thread(lambda: self.store().stats()) if self._store is not None else {}
+        return common_pb2.ServiceStats(service="retrieval", values={
+            k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
 
 
-def registration() -> Registration:
-    return Registration(RetrievalServicer(), retrieval_pb2_grpc.add_RetrievalServicer_to_server,
+def registration(data_dir: str, hybrid: bool = True, cache_dir: str | None = None) -> Registration:
+    return Registration(RetrievalServicer(data_dir, hybrid, cache_dir), retrieval_pb2_grpc.add_RetrievalServicer_to_server,
                         retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/retrieval.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"G\n\x08\x44ocument\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"3\n\x0eIngestResponse\x12\x11\n\tdocuments\x18\x01 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x03\"9\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x02 \x03(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"?\n\x0fRetrieveRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\x03\"T\n\x05\x43hunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\"4\n\x10RetrieveResponse\x12 \n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x10.tandem.v1.Chunk2\x86\x02\n\tRetrieval\x12:\n\x06Ingest\x12\x13.tandem.v1.Document\x1a\x19.tandem.v1.IngestResponse(\x01\x12=\n\x06\x44\x65lete\x12\x18.tandem.v1.DeleteRequest\x1a\x19.tandem.v1.DeleteResponse\x12\x43\n\x08Retrieve\x12\x1a.tandem.v1.RetrieveRequest\x1a\x1b.tandem.v1.RetrieveResponse\x12\x39\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x17.tandem.v1.ServiceStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/retrieval.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"G\n\x08\x44ocument\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"3\n\x0eIngestResponse\x12\x11\n\tdocuments\x18\x01 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x03\"9\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x02 \x03(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"_\n\x0fRetrieveRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\x03\x12\x13\n\x06hybrid\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_hybrid\"f\n\x05\x43hunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x10\n\x08position\x18\x06 \x01(\x03\"4\n\x10RetrieveResponse\x12 \n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x10.tandem.v1.Chunk2\x86\x02\n\tRetrieval\x12:\n\x06Ingest\x12\x13.tandem.v1.Document\x1a\x19.tandem.v1.IngestResponse(\x01\x12=\n\x06\x44\x65lete\x12\x18.tandem.v1.DeleteRequest\x1a\x19.tandem.v1.DeleteResponse\x12\x43\n\x08Retrieve\x12\x1a.tandem.v1.RetrieveRequest\x1a\x1b.tandem.v1.RetrieveResponse\x12\x39\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x17.tandem.v1.ServiceStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,11 +41,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETERESPONSE']._serialized_start=249
   _globals['_DELETERESPONSE']._serialized_end=282
   _globals['_RETRIEVEREQUEST']._serialized_start=284
-  _globals['_RETRIEVEREQUEST']._serialized_end=347
-  _globals['_CHUNK']._serialized_start=349
-  _globals['_CHUNK']._serialized_end=433
-  _globals['_RETRIEVERESPONSE']._serialized_start=435
-  _globals['_RETRIEVERESPONSE']._serialized_end=487
-  _globals['_RETRIEVAL']._serialized_start=490
-  _globals['_RETRIEVAL']._serialized_end=752
+  _globals['_RETRIEVEREQUEST']._serialized_end=379
+  _globals['_CHUNK']._serialized_start=381
+  _globals['_CHUNK']._serialized_end=483
+  _globals['_RETRIEVERESPONSE']._serialized_start=485
+  _globals['_RETRIEVERESPONSE']._serialized_end=537
+  _globals['_RETRIEVAL']._serialized_start=540
+  _globals['_RETRIEVAL']._serialized_end=802
 # @@protoc_insertion_point(module_scope)

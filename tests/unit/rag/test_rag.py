@@ -29,11 +29,6 @@ class CharTokenizer:
         return "".join(map(chr, ids))
 
 
-@pytest.fixture(scope="session")
-def embedder(tmp_path_factory):
-    return MiniLMEmbedder(cache_dir=tmp_path_factory.mktemp("onnx"))
-
-
 DOCS = [Document("paris", "Paris", "Paris is the capital of France, home of the Eiffel Tower and the Louvre."),
         Document("python", "Python", "Python is a programming language created by Guido van Rossum in 1991."),
         Document("whale", "Blue whale", "The blue whale is the largest animal known to have ever lived, a marine mammal.")]
