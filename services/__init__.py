@@ -62,7 +62,7 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
             holder["servicer"] = gateway.GatewayServicer(
                 peers["tokenizer"], list(peers["decode"]),
                 list(peers.get("prefill") or []) if config.mode == "disaggregated" else [],
-                config.max_inflight, config.max_message_bytes)
+                config.max_inflight, config.max_message_bytes, peers.get("retrieval"))
             return [gateway.registration(holder["servicer"])]
 
         return ServiceHost(registrations, public, healthy=lambda: "servicer" in holder and holder["servicer"].healthy())

@@ -20,12 +20,27 @@ from dataclasses import dataclass
 from tandem.errors import InvalidRequestError, QueueFullError
 from tandem.sampling_params import SamplingParams
 from tandem.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2,
-                       prefill_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc)
+                       prefill_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc)
 
 from .common import Registration, Unavailable, client_channel, rpc
 from .convert import sampling_message, sampling_params, token_ids
 
 _request_ids = itertools.count()
+DEFAULT_RAG_K = 4
+RAG_INSTRUCTION = ("Answer the question using the sources below. Cite the sources you use by their "
+                   "number in square brackets, like [1].")
+
+
+def rag_prompt(question: str, chunks) -> str:
+    """Sources first, in a canonical order (document, then position), then the question: the same
+    sources give the same prompt prefix, whatever the question, so their KV comes from the cache."""
+    sources = "\n\n".join(f"[{i}] {c.title}: {c.text}" if c.title else f"[{i}] {c.text}"
+                           for i, c in enumerate(chunks, 1))
+    return f"{RAG_INSTRUCTION}\n\n{sources}\n\nQuestion: {question}"
+
+
+def canonical(chunks) -> list:
+    return sorted(chunks, key=lambda c: (c.document_id, c.position, c.id))
 
 
 @dataclass
@@ -64,13 +79,14 @@ class Router:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, tokenizer: str, decode: list[str], prefill: list[str] | None = None,
-                 max_inflight: int = 256, max_message_bytes: int = 16 << 20):
-        """tokenizer, decode, prefill: targets (host:port) of the services. Without prefill
-        targets the pipeline is aggregated: decode workers run whole requests."""
+                 max_inflight: int = 256, max_message_bytes: int = 16 << 20, retrieval: str | None = None):
+        """tokenizer, decode, prefill, retrieval: targets (host:port) of the services. Without
+        prefill targets the pipeline is aggregated: decode workers run whole requests."""
         if not decode:
             raise ValueError("the gateway needs at least one decode (or aggregated) worker")
         channel = lambda target: client_channel(target, max_message_bytes)  # noqa: E731
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(channel(tokenizer))
+        self.retrieval = retrieval_pb2_grpc.RetrievalStub(channel(retrieval)) if retrieval else None
         self.router = Router([Endpoint(t, prefill_pb2_grpc.PrefillStub(channel(t))) for t in prefill or []],
                              [Endpoint(t, decode_pb2_grpc.DecodeStub(channel(t))) for t in decode])
         self.max_inflight, self.inflight, self.draining = max_inflight, 0, False
@@ -89,31 +105,55 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         params = sampling_params(request.sampling)  # bad values fail here, before any work
         timeout = context.time_remaining()
         which = request.WhichOneof("prompt")
+        sources = []
         if which == "text":
             if not request.text:
                 raise InvalidRequestError("the prompt is empty")
-            prompt = await self._tokenize(request.text, timeout)
+            text = request.text
+            if request.HasField("rag"):
+                sources = await self._retrieve(request.rag, text, timeout)
+                text = rag_prompt(text, sources) + "\nAnswer:"
+            prompt = await self._tokenize(text, timeout)
         elif which == "token_ids":
+            if request.HasField("rag"):
+                raise InvalidRequestError("rag needs a text prompt (the question to retrieve for)")
             prompt = token_ids(request.token_ids.ids)
         else:
             raise InvalidRequestError("the request has no prompt: set text or token_ids")
-        async for response in self._generate(request.request_id, prompt, params, context):
+        async for response in self._generate(request.request_id, prompt, params, context, sources):
             yield response
 
     @rpc
     async def Chat(self, request, context):
         params = sampling_params(request.sampling)
         messages = [common_pb2.ChatMessage(role=m.role, content=m.content) for m in request.messages]
+        sources = []
+        if request.HasField("rag"):
+            if not messages or messages[-1].role != "user" or not messages[-1].content:
+                raise InvalidRequestError("rag needs the last message to be the user's question")
+            sources = await self._retrieve(request.rag, messages[-1].content, context.time_remaining())
+            messages[-1].content = rag_prompt(messages[-1].content, sources)
         answer = await self.tokenizer.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(messages=messages),
                                                         timeout=context.time_remaining())
-        async for response in self._generate(request.request_id, token_ids(answer.token_ids), params, context):
+        async for response in self._generate(request.request_id, token_ids(answer.token_ids), params, context,
+                                             sources):
             yield response
+
+    async def _retrieve(self, options, question: str, timeout: float | None) -> list:
+        if self.retrieval is None:
+            raise InvalidRequestError("this gateway has no retrieval service: rag is not available")
+        request = retrieval_pb2.RetrieveRequest(query=question, k=options.k or DEFAULT_RAG_K,
+                                                collection=options.collection)
+        if options.HasField("hybrid"):
+            request.hybrid = options.hybrid
+        answer = await self.retrieval.Retrieve(request, timeout=timeout)
+        return canonical(answer.chunks)
 
     async def _tokenize(self, text: str, timeout: float | None) -> list[int]:
         answer = await self.tokenizer.Tokenize(common_pb2.TokenizeRequest(text=text), timeout=timeout)
         return token_ids(answer.token_ids)
 
-    async def _generate(self, request_id: str, prompt: list[int], params: SamplingParams, context):
+    async def _generate(self, request_id: str, prompt: list[int], params: SamplingParams, context, sources=()):
         if not prompt:
             raise InvalidRequestError("the prompt is empty")
         if self.draining:
@@ -129,6 +169,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             async for response in self._run(internal_id, prompt, params, context):
                 response.request_id = request_id
+                if response.finished:
+                    response.sources.extend(sources)
                 yield response
         except asyncio.CancelledError:
             raise

@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a prefill worker (gateway; repeatable)")
     service.add_argument("--decode", action="append", default=[], metavar="HOST:PORT",
                          help="a decode worker, or an aggregated one (gateway; repeatable)")
+    service.add_argument("--retrieval", default=None, metavar="HOST:PORT", help="the retrieval service (gateway: rag)")
+    service.add_argument("--draft", default=None, metavar="HOST:PORT",
+                         help="the draft service (workers: speculative method remote)")
     return parser
 
 
@@ -162,6 +165,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inflight", type=int, default=None,
                    help="requests in flight at the gateway before RESOURCE_EXHAUSTED (default 256)")
     p.add_argument("--max-message-bytes", type=int, default=None, help="gRPC message limit (default 16 MiB)")
+    p.add_argument("--rag-data-dir", default=None, help="the retrieval service's store (default ~/.local/share/tandem/rag)")
+    p.add_argument("--onnx-cache-dir", default=None, help="the embedder's ONNX export cache (default ~/.cache/tandem/onnx)")
     p.add_argument("--speculative", default=None, metavar="JSON",
                    help='the requests\' default speculative decoding, e.g. \'{"method": "ngram", "k": 5}\'; '
                    'method "remote" runs the proposer in the draft service')
@@ -328,7 +333,7 @@ def cmd_plugins_list(args) -> int:
 _PIPELINE_KEYS = ("model", "dtype", "num_threads", "quantization", "attention", "attention_backend", "kv_cache_dtype",
                   "max_model_len", "kv_cache_memory", "mode", "host", "grpc_port", "http_port", "api_keys",
                   "api_key_file", "tls_cert", "tls_key", "kv_store_bytes", "max_inflight", "max_message_bytes",
-                  "ray_address", "dashboard", "object_store_memory")
+                  "ray_address", "dashboard", "object_store_memory", "rag_data_dir", "onnx_cache_dir")
 
 
 def _pipeline_config(args):
@@ -362,7 +367,8 @@ def cmd_service(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = _pipeline_config(args)
-    peers = {"kvstore": args.kv_store, "tokenizer": args.tokenizer, "prefill": args.prefill, "decode": args.decode}
+    peers = {"kvstore": args.kv_store, "tokenizer": args.tokenizer, "prefill": args.prefill, "decode": args.decode,
+             "retrieval": args.retrieval, "draft": args.draft}
     host = config.host if args.name == "gateway" else (args.host or config.service_host)
     server = build(args.name, config, port=args.port, peers=peers, host=host)
     stop = threading.Event()

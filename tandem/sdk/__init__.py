@@ -5,6 +5,8 @@ protos/tandem/v1/gateway.proto) without touching protobuf.
 
     with Client("localhost:50051") as client:
         print(client.complete("Hello", max_tokens=16).text)
+        answer = client.complete("Who founded Normandy?", rag={"k": 4}, max_tokens=64)
+        answer.text, answer.sources   # with rag: the answer cites the retrieved chunks as [n]
 
 Client blocks; AsyncClient is the same for asyncio. Failures raise TandemRpcError subclasses
 carrying the gRPC status (`.code()`, `.details()`).
@@ -23,13 +25,14 @@ from tandem.sdk.errors import (
     UnavailableError,
     from_rpc_error,
 )
-from tandem.sdk.types import Chunk, Completion, Timings, Usage
+from tandem.sdk.types import Chunk, Completion, Source, Timings, Usage
 
 __all__ = [
     "Client",
     "AsyncClient",
     "Chunk",
     "Completion",
+    "Source",
     "Usage",
     "Timings",
     "TandemRpcError",

@@ -101,10 +101,27 @@ def _to_json(processors) -> str:
         raise _invalid("logits_processors", "JSON-serializable", processors, e) from e
 
 
+def rag_options(rag) -> gateway_pb2.RagOptions | None:
+    """rag=True (defaults) or {"k": 4, "collection": "docs", "hybrid": True}; None/False: no retrieval."""
+    if rag is None or rag is False:
+        return None
+    if rag is True:
+        return gateway_pb2.RagOptions()
+    if not isinstance(rag, dict) or set(rag) - {"k", "collection", "hybrid"}:
+        raise _invalid("rag", 'True or a dict with k, collection, hybrid', rag)
+    try:
+        return gateway_pb2.RagOptions(**rag)
+    except (TypeError, ValueError) as e:
+        raise _invalid("rag", 'True or a dict with k, collection, hybrid', rag, e) from e
+
+
 def generate_request(prompt, model: str | None, request_id: str | None, sampling: dict) -> gateway_pb2.GenerateRequest:
-    """GenerateRequest of a text prompt (str) or a token-id prompt (list of ints)."""
+    """GenerateRequest of a text prompt (str) or a token-id prompt (list of ints). sampling may
+    carry rag= (see rag_options) besides SamplingParams' fields."""
+    sampling = dict(sampling)
+    rag = rag_options(sampling.pop("rag", None))
     request = gateway_pb2.GenerateRequest(model=model or "", request_id=request_id or "",
-                                          sampling=sampling_to_pb(sampling))
+                                          sampling=sampling_to_pb(sampling), rag=rag)
     if isinstance(prompt, str):
         request.text = prompt
         return request
@@ -120,13 +137,15 @@ def generate_request(prompt, model: str | None, request_id: str | None, sampling
 
 
 def chat_request(messages, model: str | None, request_id: str | None, sampling: dict) -> gateway_pb2.ChatRequest:
-    """ChatRequest of [{"role": ..., "content": ...}, ...]."""
+    """ChatRequest of [{"role": ..., "content": ...}, ...]; sampling may carry rag=."""
+    sampling = dict(sampling)
+    rag = rag_options(sampling.pop("rag", None))
     try:
         pb_messages = [common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
     except (TypeError, ValueError, KeyError) as e:
         raise _invalid("messages", 'a list of {"role": str, "content": str} dicts', messages, e) from e
     return gateway_pb2.ChatRequest(model=model or "", messages=pb_messages, request_id=request_id or "",
-                                   sampling=sampling_to_pb(sampling))
+                                   sampling=sampling_to_pb(sampling), rag=rag)
 
 
 def tokenize_request(text: str, add_special_tokens: bool, parse_special: bool, model: str | None):

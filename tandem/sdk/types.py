@@ -45,6 +45,18 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class Source:
+    """A retrieved chunk a RAG answer was given: `[n]` in the answer cites the n-th source."""
+
+    id: str
+    document_id: str
+    title: str
+    text: str
+    score: float
+    position: int
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One streamed piece of a request: new token ids and text of sample `index`. finish_reason
     ("stop", "length", "abort" or "error") is set on a sample's last chunk, None before. The
@@ -58,6 +70,7 @@ class Chunk:
     finished: bool = False
     usage: Usage | None = None
     timings: Timings | None = None
+    sources: list[Source] = field(default_factory=list)  # with rag, on the last chunk
 
     @classmethod
     def from_pb(cls, pb: gateway_pb2.GenerateResponse) -> Chunk:
@@ -71,6 +84,7 @@ class Chunk:
             finished=pb.finished,
             usage=Usage.from_pb(pb.usage) if pb.finished else None,
             timings=Timings.from_pb(pb.timings) if pb.finished else None,
+            sources=[Source(c.id, c.document_id, c.title, c.text, c.score, c.position) for c in pb.sources],
         )
 
 
@@ -91,6 +105,7 @@ class Completion:
     finish_reasons: list[str | None] = field(default_factory=list)
     usage: Usage | None = None
     timings: Timings | None = None
+    sources: list[Source] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -123,4 +138,4 @@ class Completion:
         if chunk.finish_reason is not None:
             self.finish_reasons[chunk.index] = chunk.finish_reason
         if chunk.finished:
-            self.usage, self.timings = chunk.usage, chunk.timings
+            self.usage, self.timings, self.sources = chunk.usage, chunk.timings, list(chunk.sources)

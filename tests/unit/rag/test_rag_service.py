@@ -78,3 +78,75 @@ def test_rag_cli(tmp_path, onnx_cache, embedder, capsys):
     assert result["questions"] == 3 and result["recall@1"] == 1.0 and result["recall@2"] == 1.0
     assert main(["rag", "query", "x", "--k", "0", *common]) == 2  # bad input: one line, status 2
     assert "k must be" in capsys.readouterr().err
+
+
+def test_the_gateway_answers_from_retrieved_chunks(tmp_path, onnx_cache, embedder, tiny_hf_dir, tiny_llm):
+    """Generate with rag: the gateway retrieves, puts the sources (canonical order) before the
+    question, the answer equals the library's on that prompt, the sources come back, and a second
+    question over the same sources reuses their KV from the prefix cache."""
+    import tandem
+    from tandem.orchestration.local import InProcessPipeline
+    from tandem.sdk import Client, InvalidArgumentError
+    from tandem.services.config import PipelineConfig
+    from tandem.services.gateway import canonical, rag_prompt
+
+    config = PipelineConfig(model=str(tiny_hf_dir), grpc_port=0, kv_cache_memory=16 << 20, mode="aggregated",
+                            rag_data_dir=str(tmp_path / "rag"), onnx_cache_dir=str(onnx_cache))
+    greedy = dict(temperature=0, max_tokens=8, ignore_eos=True)
+    with InProcessPipeline(config) as pipe, Client(pipe.address, timeout=60) as client:
+        async def ingest():
+            stub = retrieval_pb2_grpc.RetrievalStub(client_channel(pipe.address_of("retrieval-0")))
+            await stub.Ingest(iter([retrieval_pb2.Document(id=i, title=t, text=x) for i, t, x in DOCS]))
+        asyncio.run(ingest())
+        question = "Who created the Python language?"
+        answer = client.complete(question, rag={"k": 3}, **greedy)
+        assert [s.document_id for s in answer.sources] == ["everest", "paris", "python"]  # canonical order
+        prompt = rag_prompt(question, canonical(answer.sources)) + "\nAnswer:"
+        want = tiny_llm.generate(prompt, tandem.SamplingParams(**greedy))[0]
+        assert answer.token_ids == want.token_ids
+        again = client.complete("What is the capital of France?", rag={"k": 3}, **greedy)
+        assert again.usage.cached_tokens >= 16  # the sources' blocks came from the prefix cache
+        chat = client.chat([{"role": "user", "content": question}], rag={"k": 1}, **greedy)
+        assert [s.document_id for s in chat.sources] == ["python"] and len(chat.token_ids) == 8
+        with pytest.raises(InvalidArgumentError, match="text prompt"):
+            client.complete([1, 2, 3], rag=True, max_tokens=2)
+        with pytest.raises(InvalidArgumentError, match="k must be"):
+            client.complete(question, rag={"k": 500}, max_tokens=2)
+
+
+def test_acknowledged_documents_survive_kill_9_of_the_service(tmp_path, onnx_cache, embedder):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tandem.orchestration.topology import free_port
+
+    def start():
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "service", "retrieval", "--port", str(port),
+                                 "--rag-data-dir", str(tmp_path / "rag"), "--onnx-cache-dir", str(onnx_cache)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            if "listening" in line:
+                return proc, f"127.0.0.1:{port}"
+        raise AssertionError("the retrieval service did not start")
+
+    proc, address = start()
+    with grpc.insecure_channel(address) as channel:
+        stub = retrieval_pb2_grpc.RetrievalStub(channel)
+        for i in range(8):  # each acknowledged on its own
+            stub.Ingest(iter([retrieval_pb2.Document(id=f"doc{i}", text=f"Document number {i} is about topic {i}.")]),
+                        timeout=60)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc, address = start()
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = retrieval_pb2_grpc.RetrievalStub(channel)
+            found = stub.Retrieve(retrieval_pb2.RetrieveRequest(query="topic 5", k=8), timeout=60)
+            assert sorted(c.document_id for c in found.chunks) == [f"doc{i}" for i in range(8)]
+            assert stub.Stats(common_pb2.StatsRequest(), timeout=10).values["documents"] == 8
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
