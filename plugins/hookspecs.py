@@ -189,3 +189,22 @@ def tandem_draft_proposers(api_version: int) -> list[type]:
 
     .. versionadded:: 1
     """
+
+
+@hookspec
+def tandem_embedders(api_version: int) -> list[type]:
+    """Register embedding models for retrieval (RAG).
+
+    Called once when the plugin loads, in the retrieval service and wherever `tandem rag` runs.
+
+    :param api_version: the running tandem's plugin API version.
+    :returns: a list of `tandem.rag.Embedder` subclasses with unique names. An embedder has `dim`,
+        `tokenizer` (encode/decode, to size chunks) and `embed(texts) -> (N, dim)` float32 rows of
+        unit length; its constructor takes the options of the `rag_embedder_options` setting.
+        Selected with `rag_embedder: NAME` (the server) or `--embedder NAME` (`tandem rag`).
+        A store remembers the embedder that filled it and refuses another.
+
+    Not firstresult. Example: the built-in "all-MiniLM-L6-v2" in `tandem.plugins.embedders`.
+
+    .. versionadded:: 1
+    """

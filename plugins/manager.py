@@ -17,6 +17,7 @@ from typing import Any
 import pluggy
 
 from tandem.draft import DraftProposer
+from tandem.rag.embedding import Embedder
 from tandem.errors import ConfigError, PluginError
 from tandem.model.attention import AttentionBackend, AttentionVariant
 from tandem.model.kv_pool import KVCacheFormat
@@ -34,6 +35,7 @@ CATEGORIES: dict[str, tuple[str, type]] = {
     "quantizer": ("tandem_quantizers", Quantizer),
     "kv_cache_format": ("tandem_kv_cache_formats", KVCacheFormat),
     "draft_proposer": ("tandem_draft_proposers", DraftProposer),
+    "embedder": ("tandem_embedders", Embedder),
 }
 
 DEFAULT_PLUGINS = (
@@ -42,6 +44,7 @@ DEFAULT_PLUGINS = (
     "tandem.plugins.quantizers",
     "tandem.plugins.kv_cache",
     "tandem.plugins.draft",
+    "tandem.plugins.embedders",
 )
 BUILTIN_SOURCE = "built-in"
 

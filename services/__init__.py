@@ -46,7 +46,8 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
     if name == "retrieval":
         from . import retrieval
 
-        reg = retrieval.registration(config.rag_data_dir, config.rag_hybrid, config.onnx_cache_dir)
+        reg = retrieval.registration(config.rag_data_dir, config.rag_hybrid, config.onnx_cache_dir,
+                                     config.rag_embedder, config.rag_embedder_options)
         return ServiceHost([reg], internal, on_stop=reg.servicer.close)
     if name == "gateway":
         from . import gateway

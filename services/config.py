@@ -54,6 +54,8 @@ class PipelineConfig:
     # retrieval (RAG): where its documents live, hybrid BM25 + vector ranking, the ONNX export cache
     rag_data_dir: str = "~/.local/share/tandem/rag"
     rag_hybrid: bool = True
+    rag_embedder: str = "all-MiniLM-L6-v2"  # an embedder plugin
+    rag_embedder_options: dict = field(default_factory=dict)
     onnx_cache_dir: str | None = None  # default ~/.cache/tandem/onnx
     # the gateway: where users connect, and what it admits
     host: str = "127.0.0.1"

@@ -17,17 +17,21 @@ DEFAULT_COLLECTION = "default"
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
-    def __init__(self, data_dir: str, hybrid: bool = True, cache_dir: str | None = None):
+    def __init__(self, data_dir: str, hybrid: bool = True, cache_dir: str | None = None, embedder: str | None = None,
+                 embedder_options: dict | None = None):
         self.data_dir, self.hybrid, self.cache_dir = Path(data_dir).expanduser(), hybrid, cache_dir
+        self.embedder, self.embedder_options = embedder, embedder_options
         self._store = None
         self._lock = threading.Lock()
 
     def store(self):
         with self._lock:
             if self._store is None:
-                from tandem.rag import MiniLMEmbedder, RagStore
+                from tandem.rag import RagStore
+                from tandem.rag.embedding import create_embedder
 
-                self._store = RagStore(self.data_dir, MiniLMEmbedder(cache_dir=self.cache_dir))
+                embedder = create_embedder(self.embedder, self.embedder_options, self.cache_dir)
+                self._store = RagStore(self.data_dir, embedder)
             return self._store
 
     @rpc
@@ -75,6 +79,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             self._store.close()
 
 
-def registration(data_dir: str, hybrid: bool = True, cache_dir: str | None = None) -> Registration:
-    return Registration(RetrievalServicer(data_dir, hybrid, cache_dir), retrieval_pb2_grpc.add_RetrievalServicer_to_server,
+def registration(data_dir: str, hybrid: bool = True, cache_dir: str | None = None, embedder: str | None = None,
+                 embedder_options: dict | None = None) -> Registration:
+    return Registration(RetrievalServicer(data_dir, hybrid, cache_dir, embedder, embedder_options),
+                        retrieval_pb2_grpc.add_RetrievalServicer_to_server,
                         retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name)

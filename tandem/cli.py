@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         p_.add_argument("--no-hybrid", dest="hybrid", action="store_false", help="vector ranking only (no BM25)")
     for p_ in (ingest, query, evaluate, rebuild):
         p_.add_argument("--onnx-cache-dir", default=None, help="ONNX export cache (default ~/.cache/tandem/onnx)")
+        p_.add_argument("--embedder", default=None, help="embedder plugin (default: all-MiniLM-L6-v2)")
 
     service = sub.add_parser("service", help="run one service as a plain gRPC server (no Ray)",
                              description="Run one service of the pipeline standalone. The gateway needs "
@@ -387,9 +388,10 @@ def cmd_rag(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from tandem.rag import MiniLMEmbedder, RagStore, evaluation, load_documents
+    from tandem.rag import RagStore, evaluation, load_documents
+    from tandem.rag.embedding import create_embedder
 
-    embedder = MiniLMEmbedder(cache_dir=args.onnx_cache_dir)
+    embedder = create_embedder(args.embedder, cache_dir=args.onnx_cache_dir)
     if args.rag_command == "eval":
         docs, questions = evaluation.load_corpus(args.corpus), evaluation.load_questions(args.questions)
         with tempfile.TemporaryDirectory() as data_dir, RagStore(data_dir, embedder) as store:

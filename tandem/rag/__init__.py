@@ -1,9 +1,24 @@
-"""RAG retrieval core: documents are chunked (chunking), embedded (embedding) and kept in a
-durable SQLite + FAISS store (store). The gRPC service and CLI are built on this package."""
-from tandem.rag.chunking import (Chunk, ChunkingConfig, Document, chunk_document, load_documents, parse_jsonl,
-                                 parse_markdown, parse_text)
-from tandem.rag.embedding import Embedder, MiniLMEmbedder
-from tandem.rag.store import IndexOutOfDateError, RagStore, Retrieved
+"""RAG retrieval core: documents are chunked (chunking), embedded (embedding: an embedder plugin,
+all-MiniLM-L6-v2 on onnxruntime built in) and kept in a durable SQLite + FAISS store (store);
+evaluation measures recall. The retrieval service and `tandem rag` are built on this package.
+Names load on first use (the plugin manager imports the Embedder base without FAISS)."""
+from __future__ import annotations
 
-__all__ = ["Chunk", "ChunkingConfig", "Document", "Embedder", "IndexOutOfDateError", "MiniLMEmbedder", "RagStore",
-           "Retrieved", "chunk_document", "load_documents", "parse_jsonl", "parse_markdown", "parse_text"]
+import importlib
+
+_LAZY = {
+    "Chunk": "chunking", "ChunkingConfig": "chunking", "Document": "chunking", "chunk_document": "chunking",
+    "load_documents": "chunking", "parse_jsonl": "chunking", "parse_markdown": "chunking", "parse_text": "chunking",
+    "Embedder": "embedding", "MiniLMEmbedder": "embedding",
+    "IndexOutOfDateError": "store", "RagStore": "store", "Retrieved": "store",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"tandem.rag.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tandem.rag' has no attribute {name!r}")

@@ -27,10 +27,11 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class Embedder:
-    """What retrieval needs of an embedding model. `embed` returns (N, dim) float32 rows of unit
+    """Base class of embedder plugins (hook `tandem_embedders`). What retrieval needs of an embedding model. `embed` returns (N, dim) float32 rows of unit
     length; `tokenizer` (encode/decode) is the model's own, so chunks can be sized to fit it."""
 
     name: str = "embedder"
+    api_version: int = 1  # the tandem.plugins.API_VERSION it was written for
     dim: int = 0
     tokenizer = None
 
@@ -160,3 +161,16 @@ class MiniLMEmbedder(Embedder):
             idx = order[start:start + BATCH_SIZE]
             out[idx] = self._embed_batch([texts[i] for i in idx])
         return out
+
+
+def create_embedder(name: str | None = None, options: dict | None = None, cache_dir: str | Path | None = None,
+                    plugins=None) -> Embedder:
+    """An embedder plugin by name (default: the built-in all-MiniLM-L6-v2). cache_dir is the
+    built-in's ONNX export cache; other embedders take what `options` gives them."""
+    from tandem.plugins import get_plugin_manager
+
+    name = name or MiniLMEmbedder.name
+    options = dict(options or {})
+    if cache_dir is not None and name == MiniLMEmbedder.name:
+        options.setdefault("cache_dir", cache_dir)
+    return (plugins or get_plugin_manager()).create("embedder", name, options)

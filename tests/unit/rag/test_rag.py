@@ -212,3 +212,37 @@ def test_a_different_embedder_is_refused(tmp_path, embedder):
     RagStore(tmp_path, hash_embedder()).close()
     with pytest.raises(ConfigError, match="hash"):
         RagStore(tmp_path, embedder)
+
+
+def test_an_embedder_plugin_is_found_by_name(tmp_path):
+    from tandem.plugins import PluginManager, hookimpl
+    from tandem.rag import Embedder
+    from tandem.rag.embedding import create_embedder
+
+    class HashEmbedder(Embedder):
+        """Bag of hashed words: enough to tell documents apart, no model."""
+
+        name, dim = "hash", 64
+        tokenizer = CharTokenizer()
+
+        def embed(self, texts):
+            out = np.zeros((len(texts), self.dim), np.float32)
+            for row, text in enumerate(texts):
+                for word in text.lower().split():
+                    out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1
+            return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+    class Plugin:
+        @hookimpl
+        def tandem_embedders(self, api_version):
+            return [HashEmbedder]
+
+    plugins = PluginManager()
+    plugins.register(Plugin(), "hash-embedder")
+    embedder = create_embedder("hash", plugins=plugins)
+    assert isinstance(embedder, HashEmbedder) and "all-MiniLM-L6-v2" in plugins.names("embedder")
+    with RagStore(tmp_path, embedder, exact=True) as store:
+        store.ingest([Document("a", "A", "alpha beta gamma"), Document("b", "B", "delta epsilon")])
+        assert store.retrieve("alpha beta", k=1)[0].document_id == "a"
+    with pytest.raises(ConfigError, match="available"):
+        create_embedder("nope", plugins=plugins)
