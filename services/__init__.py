@@ -44,10 +44,13 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
 
         return ServiceHost([draft.registration()], internal)
     if name == "retrieval":
+        from tandem.rag.chunking import ChunkingConfig
+
         from . import retrieval
 
         reg = retrieval.registration(config.rag_data_dir, config.rag_hybrid, config.onnx_cache_dir,
-                                     config.rag_embedder, config.rag_embedder_options)
+                                     config.rag_embedder, config.rag_embedder_options,
+                                     ChunkingConfig(config.rag_chunk_tokens, config.rag_chunk_overlap))
         return ServiceHost([reg], internal, on_stop=reg.servicer.close)
     if name == "gateway":
         from . import gateway

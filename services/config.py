@@ -54,6 +54,8 @@ class PipelineConfig:
     # retrieval (RAG): where its documents live, hybrid BM25 + vector ranking, the ONNX export cache
     rag_data_dir: str = "~/.local/share/tandem/rag"
     rag_hybrid: bool = True
+    rag_chunk_tokens: int = 200  # chunk size in the embedder's tokens, and the overlap between chunks
+    rag_chunk_overlap: int = 40
     rag_embedder: str = "all-MiniLM-L6-v2"  # an embedder plugin
     rag_embedder_options: dict = field(default_factory=dict)
     onnx_cache_dir: str | None = None  # default ~/.cache/tandem/onnx

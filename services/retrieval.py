@@ -18,8 +18,9 @@ DEFAULT_COLLECTION = "default"
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     def __init__(self, data_dir: str, hybrid: bool = True, cache_dir: str | None = None, embedder: str | None = None,
-                 embedder_options: dict | None = None):
+                 embedder_options: dict | None = None, chunking=None):
         self.data_dir, self.hybrid, self.cache_dir = Path(data_dir).expanduser(), hybrid, cache_dir
+        self.chunking = chunking
         self.embedder, self.embedder_options = embedder, embedder_options
         self._store = None
         self._lock = threading.Lock()
@@ -31,7 +32,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
                 from tandem.rag.embedding import create_embedder
 
                 embedder = create_embedder(self.embedder, self.embedder_options, self.cache_dir)
-                self._store = RagStore(self.data_dir, embedder)
+                kwargs = {"chunking": self.chunking} if self.chunking is not None else {}
+                self._store = RagStore(self.data_dir, embedder, **kwargs)
             return self._store
 
     @rpc
@@ -80,7 +82,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
 
 
 def registration(data_dir: str, hybrid: bool = True, cache_dir: str | None = None, embedder: str | None = None,
-                 embedder_options: dict | None = None) -> Registration:
-    return Registration(RetrievalServicer(data_dir, hybrid, cache_dir, embedder, embedder_options),
+                 embedder_options: dict | None = None, chunking=None) -> Registration:
+    return Registration(RetrievalServicer(data_dir, hybrid, cache_dir, embedder, embedder_options, chunking),
                         retrieval_pb2_grpc.add_RetrievalServicer_to_server,
                         retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name)
