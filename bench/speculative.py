@@ -3,8 +3,10 @@
 Two workloads, each request run three ways side by side (no speculation, then each proposer, the
 order interleaved per prompt so machine noise hits all alike), outputs checked token-identical:
 
-- extractive: a SQuAD paragraph (../shared/data/squad_corpus.json) and a question in the chat
-  template, asking for the answer quoted from the passage: n-gram prompt lookup's home ground.
+- quote: a SQuAD paragraph (../shared/data/squad_corpus.json) in the chat template and the request
+  to quote it word for word: n-gram prompt lookup's home ground.
+- extractive: the paragraph and a question, asking for the answer quoted from the passage (the
+  model quotes only part of its answer: a harder case for prompt lookup).
 - open: continue a tinyshakespeare excerpt: where a draft model has to guess.
 
 Decode speed = (generated tokens - 1) / (last token time - first token time): prefill excluded.
@@ -41,6 +43,13 @@ def extractive_prompts(llm: tandem.LLM, count: int) -> list[list[int]]:
         if len(prompts) == count:
             break
     return prompts
+
+
+def quote_prompts(llm: tandem.LLM, count: int) -> list[list[int]]:
+    paragraphs = json.loads((DATA / "squad_corpus.json").read_text())["paragraphs"][:count]
+    return [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": p["text"] + "\n\nQuote the passage above, word for word."}]), parse_special=True)
+        for p in paragraphs]
 
 
 def open_prompts(llm: tandem.LLM, count: int) -> list[list[int]]:
@@ -96,7 +105,8 @@ def main() -> None:
     }
     llm.generate("warm up", tandem.SamplingParams(max_tokens=4, speculative=methods["draft int4"]))
     report = {"args": vars(args), "torch": torch.__version__}
-    for workload, prompts in (("extractive", extractive_prompts(llm, args.prompts)),
+    for workload, prompts in (("quote", quote_prompts(llm, args.prompts)),
+                              ("extractive", extractive_prompts(llm, args.prompts)),
                               ("open", open_prompts(llm, args.prompts))):
         start = time.perf_counter()
         report[workload] = run(llm, prompts, methods, args.max_tokens)
