@@ -88,21 +88,25 @@ class Worker:
                                       max_model_len=self.llm.max_model_len, kv_namespace=self.namespace)
 
     # -- KV through the store -------------------------------------------------------------------
-    async def fetch(self, hashes: list[bytes]) -> float:
-        """Import the leading blocks of `hashes` this engine lacks and the store has. Returns the
-        seconds it took (0 without a store). A store that fails costs recomputation, not the request."""
-        store = self.store
-        if store is None or not hashes:
-            return 0.0
+    async def _through_store(self, work, failure: str) -> float:
+        """Run a KV-store exchange and time it. A store that fails costs recomputation (`failure`
+        says what), never the request."""
         start = time.perf_counter()
         try:
-            await self._fetch(store, hashes)
+            await work
         except grpc.aio.AioRpcError as exc:
             self.counters["kv_store_errors"] += 1
-            log.warning("KV store unavailable, computing the prompt instead: %s", exc.details())
+            log.warning("KV store unavailable, %s: %s", failure, exc.details())
         elapsed = time.perf_counter() - start
         self.counters["kv_transfer_seconds"] += elapsed
         return elapsed
+
+    async def fetch(self, hashes: list[bytes]) -> float:
+        """Import the leading blocks of `hashes` this engine lacks and the store has. Returns the
+        seconds it took (0 without a store)."""
+        if self.store is None or not hashes:
+            return 0.0
+        return await self._through_store(self._fetch(self.store, hashes), "computing the prompt instead")
 
     async def _fetch(self, store: KVStoreClient, hashes: list[bytes]) -> None:
         local = await self.engine.run(self.llm.engine.cached_prefix, hashes)
@@ -121,19 +125,11 @@ class Worker:
 
     async def publish(self, output: RequestOutput) -> float:
         """Make sure the store holds every full block of the prompt: the ones computed here, and
-        cached ones it has lost since. A store that fails means the decode side recomputes them."""
-        store, kv = self.store, output.kv
-        if store is None or kv is None or not kv.block_hashes:
+        cached ones it has lost since (else the decode side recomputes them)."""
+        kv = output.kv
+        if self.store is None or kv is None or not kv.block_hashes:
             return 0.0
-        start = time.perf_counter()
-        try:
-            await self._publish(store, kv)
-        except grpc.aio.AioRpcError as exc:
-            self.counters["kv_store_errors"] += 1
-            log.warning("KV store unavailable, blocks not published: %s", exc.details())
-        elapsed = time.perf_counter() - start
-        self.counters["kv_transfer_seconds"] += elapsed
-        return elapsed
+        return await self._through_store(self._publish(self.store, kv), "blocks not published")
 
     async def _publish(self, store: KVStoreClient, kv) -> None:
         blocks = list(zip(kv.new_hashes, kv.new_blocks))

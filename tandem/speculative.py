@@ -99,6 +99,7 @@ class SpeculationState:
     request stops proposing for a while, then tries again (the text may start repeating)."""
 
     config: SpeculativeConfig
+    proposer: object = None  # the DraftProposer, resolved once when the request is added
     k: int = 0
     proposed: int = 0
     accepted: int = 0
@@ -133,12 +134,3 @@ class SpeculationState:
         self.misses = self.misses + 1 if accepted == 0 else 0
         if self.misses >= self.PAUSE_AFTER:
             self.paused, self.misses, self.k = self.PAUSE_STEPS, 0, self.config.k
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Accepted guesses per verification round."""
-        return self.accepted / self.rounds if self.rounds else 0.0

@@ -121,11 +121,13 @@ class LLMEngine:
             self.tokenizer.check_ids(first_token_ids)
         sampling_args = self.sampler.prepare(params)
         spec = self.speculative if params.speculative == "default" else SpeculativeConfig.parse(params.speculative)
-        if spec is not None and not prefill_only:
-            self._proposer(spec)  # an unknown method or bad options fail here, before any work
+        if spec is not None and not prefill_only:  # an unknown method or bad options fail here, before any work
+            spec_state = SpeculationState(spec, self._proposer(spec))
+        else:
+            spec_state = None
         request = _Request(request_id, list(prompt_ids), params, RequestMetrics(time.monotonic(), len(prompt_ids)),
                            sampling_args, prefill_only=prefill_only, resumed=first_token_ids is not None,
-                           spec=SpeculationState(spec) if spec is not None and not prefill_only else None)
+                           spec=spec_state)
         if first_token_ids is None:
             request.seqs.append(Sequence(request_id, list(prompt_ids), len(prompt_ids), params))
         else:
@@ -240,7 +242,7 @@ class LLMEngine:
             if k <= 0:
                 continue
             try:
-                guesses = [int(t) for t in self._proposer(request.spec.config).propose(seq.token_ids, k)][:k]
+                guesses = [int(t) for t in request.spec.proposer.propose(seq.token_ids, k)][:k]
             except Exception as exc:
                 failed.append(self._fail(request, PluginError(
                     f"draft proposer {request.spec.config.method!r} failed: {type(exc).__name__}: {exc}"),
