@@ -3,9 +3,15 @@ default model for integration tests."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+
+# Triton decides at decoration time (import of tandem.kernels) whether kernels compile for a GPU or
+# run in its interpreter: without a GPU every kernel test runs interpreted, on the CPU.
+if not os.environ.get("TANDEM_TEST_GPU"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.tiny_models import TINY_CONFIG, write_tiny_gguf, write_tiny_hf_dir
 
