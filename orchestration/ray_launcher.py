@@ -16,7 +16,7 @@ import time
 
 from tandem.services.config import PipelineConfig
 
-from .topology import Instance, peers, plan
+from .topology import Instance, peers, plan, stages
 
 log = logging.getLogger(__name__)
 NAMESPACE = "tandem"
@@ -40,7 +40,14 @@ class ServiceActor:
         self.host = build(service, cfg, port=port, peers=links, host=host).start()
 
     def address(self) -> str:
-        return self.host.address
+        """Where peers reach this service: a wildcard listen address (0.0.0.0 on a cluster) is
+        advertised as this node's IP."""
+        host, port = self.host.address.rsplit(":", 1)
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        return f"{host}:{port}"
 
     def pid(self) -> int:
         return os.getpid()
@@ -51,8 +58,11 @@ class ServiceActor:
 
 def actor_options(config: PipelineConfig, inst: Instance, gpus: bool) -> dict:
     worker = inst.service in WORKERS
-    return dict(name=f"tandem-{inst.name}", namespace=NAMESPACE, max_restarts=-1, max_task_retries=0,
-                num_cpus=1 if worker else 0, num_gpus=1 if (worker and gpus) else 0, max_concurrency=4)
+    options = dict(name=f"tandem-{inst.name}", namespace=NAMESPACE, max_restarts=-1, max_task_retries=0,
+                   num_cpus=1 if worker else 0, num_gpus=1 if (worker and gpus) else 0, max_concurrency=4)
+    if inst.service == "gateway" and config.gateway_resources:
+        options["resources"] = dict(config.gateway_resources)  # e.g. {tandem_gateway: 1}: the head pod
+    return options
 
 
 class RayPipeline:
@@ -62,6 +72,7 @@ class RayPipeline:
         self.config = config
         self.instances = plan(config)
         self.actors: dict[str, object] = {}
+        self.advertised: dict[str, str] = {}  # instance name -> the address its actor reported
         self._owns_ray = False
 
     def start(self) -> RayPipeline:
@@ -81,16 +92,15 @@ class RayPipeline:
             self._owns_ray = True
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         remote = ray.remote(ServiceActor)
-        links = peers(c, self.instances)
         try:
-            services = [i for i in self.instances if i.service != "gateway"]
-            gateway = [i for i in self.instances if i.service == "gateway"]
-            for group in (services, gateway):  # the gateway once everything it calls listens
+            for group in stages(self.instances):  # each once everything it calls listens
+                links = peers(c, self.instances, self.advertised)
                 for inst in group:
                     host = c.host if inst.service == "gateway" else c.service_host
                     self.actors[inst.name] = remote.options(**actor_options(c, inst, gpus)).remote(
                         inst.service, c.to_dict(), inst.port, links, host)
-                ray.get([self.actors[i.name].address.remote() for i in group], timeout=READY_TIMEOUT_S)
+                addresses = ray.get([self.actors[i.name].address.remote() for i in group], timeout=READY_TIMEOUT_S)
+                self.advertised.update({i.name: a for i, a in zip(group, addresses)})
         except BaseException:
             self.stop()
             raise
@@ -101,8 +111,7 @@ class RayPipeline:
         return f"{self.config.host}:{self.config.grpc_port}"
 
     def addresses(self) -> dict[str, str]:
-        return {i.name: f"{self.config.host if i.service == 'gateway' else self.config.service_host}:{i.port}"
-                for i in self.instances}
+        return dict(self.advertised)
 
     def stop(self) -> None:
         import ray

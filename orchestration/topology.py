@@ -28,6 +28,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def stages(instances: list[Instance]) -> list[list[Instance]]:
+    """Start order: the services that call nobody, then the workers (they call the KV store and the
+    draft service), then the gateway (it calls everyone)."""
+    workers = {"prefill", "decode", "worker"}
+    return [[i for i in instances if i.service not in workers and i.service != "gateway"],
+            [i for i in instances if i.service in workers],
+            [i for i in instances if i.service == "gateway"]]
+
+
 def plan(config: PipelineConfig, gateway_port: int | None = None) -> list[Instance]:
     host = config.service_host
     instances = [Instance(name, 0, free_port(host)) for name in ("kvstore", "tokenizer", "draft", "retrieval")]
@@ -40,12 +49,13 @@ def plan(config: PipelineConfig, gateway_port: int | None = None) -> list[Instan
     return [*instances, Instance("gateway", 0, port)]
 
 
-def peers(config: PipelineConfig, instances: list[Instance]) -> dict:
-    """The addresses each service is given (tandem.services.build's peers)."""
-    host = config.service_host
+def peers(config: PipelineConfig, instances: list[Instance], advertised: dict[str, str] | None = None) -> dict:
+    """The addresses each service is given (tandem.services.build's peers): what a started service
+    advertised (its node's IP on a cluster), else service_host and the planned port."""
+    advertised = advertised or {}
 
     def addresses(service: str) -> list[str]:
-        return [f"{host}:{i.port}" for i in instances if i.service == service]
+        return [advertised.get(i.name, f"{config.service_host}:{i.port}") for i in instances if i.service == service]
 
     decode = addresses("worker") if config.mode == "aggregated" else addresses("decode")
     return {"kvstore": addresses("kvstore")[0], "tokenizer": addresses("tokenizer")[0],

@@ -73,7 +73,10 @@ class PipelineConfig:
     ray_address: str | None = None
     dashboard: bool = False
     object_store_memory: int | None = None  # bytes; default: Ray's own sizing, capped at 1 GiB
-    service_host: str = "127.0.0.1"  # where the internal services listen (a pod IP on a cluster)
+    service_host: str = "127.0.0.1"  # where the internal services listen; 0.0.0.0 on a cluster: each
+    # then advertises its node's IP to its peers
+    gateway_resources: dict = field(default_factory=dict)  # Ray custom resources the gateway actor
+    # asks for, e.g. {tandem_gateway: 1} offered only by the head pod (the chart): it lands there
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -105,6 +108,10 @@ class PipelineConfig:
                 SpeculativeConfig.parse(self.speculative)
             except InvalidRequestError as exc:
                 raise ConfigError(str(exc)) from None
+        if not isinstance(self.gateway_resources, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.gateway_resources.values()):
+            raise ConfigError(f"gateway_resources must map Ray resource names to positive amounts, "
+                              f"got {self.gateway_resources!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both tls_cert and tls_key")
 

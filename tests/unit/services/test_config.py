@@ -69,6 +69,25 @@ def test_topology_of_both_modes():
     assert len(peers(PipelineConfig(mode="aggregated"), agg)["decode"]) == 2
 
 
+def test_cluster_wiring_uses_advertised_addresses_and_starts_in_dependency_order():
+    from tandem.orchestration.ray_launcher import actor_options
+    from tandem.orchestration.topology import stages
+
+    config = PipelineConfig(service_host="0.0.0.0", gateway_resources={"tandem_gateway": 1}, grpc_port=0)
+    instances = plan(config)
+    first, workers, gateway = stages(instances)
+    assert {i.service for i in first} == {"kvstore", "tokenizer", "draft", "retrieval"}
+    assert {i.service for i in workers} == {"prefill", "decode"} and [i.service for i in gateway] == ["gateway"]
+    kvstore = next(i for i in instances if i.service == "kvstore")
+    links = peers(config, instances, {kvstore.name: f"10.0.0.7:{kvstore.port}"})
+    assert links["kvstore"] == f"10.0.0.7:{kvstore.port}"  # what the started actor reported
+    assert links["tokenizer"].startswith("0.0.0.0:")  # not started yet: the plan's address
+    assert actor_options(config, gateway[0], gpus=False)["resources"] == {"tandem_gateway": 1}
+    assert "resources" not in actor_options(config, workers[0], gpus=False)
+    with pytest.raises(ConfigError, match="gateway_resources"):
+        PipelineConfig(gateway_resources={"tandem_gateway": -1})
+
+
 def test_kv_namespace_changes_with_what_changes_the_kv(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"x" * 10)
