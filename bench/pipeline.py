@@ -129,7 +129,7 @@ async def tokens_per_s(request, target, prompts: list[list[int]], max_tokens: in
 
 
 def start_pipeline(args):
-    config = PipelineConfig(mode=args.mode, grpc_port=free_port(), num_threads=args.threads,
+    config = PipelineConfig(mode=args.mode, grpc_port=free_port(), http_port=None, num_threads=args.threads,
                             kv_cache_memory=KV_CACHE_MEMORY, object_store_memory=RAY_OBJECT_STORE_BYTES)
     if args.launcher == "ray":
         from tandem.orchestration.ray_launcher import RayPipeline

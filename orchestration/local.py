@@ -35,6 +35,12 @@ class InProcessPipeline:
     def address(self) -> str:
         return self.hosts["gateway-0"].address
 
+    @property
+    def http_address(self) -> str | None:
+        """host:port of the gateway's HTTP API (None when http_port is null)."""
+        frontend = self.hosts["gateway-0"].http
+        return frontend.address if frontend else None
+
     def address_of(self, name: str) -> str:
         return self.hosts[name].address
 

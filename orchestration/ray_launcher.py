@@ -49,6 +49,9 @@ class ServiceActor:
             host = ray.util.get_node_ip_address()
         return f"{host}:{port}"
 
+    def http_address(self) -> str | None:
+        return self.host.http.address if self.host.http else None
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -110,6 +113,12 @@ class RayPipeline:
     def address(self) -> str:
         return f"{self.config.host}:{self.config.grpc_port}"
 
+    def http_address(self) -> str | None:
+        import ray
+
+        gateway = self.actors.get("gateway-0")
+        return ray.get(gateway.http_address.remote(), timeout=30) if gateway else None
+
     def addresses(self) -> dict[str, str]:
         return dict(self.advertised)
 
@@ -145,6 +154,10 @@ def serve(config: PipelineConfig, out=print) -> int:
                 out(f"  {name:<12} {address}")
         keys = " (API keys required)" if config.resolved_api_keys() else ""
         tls = "TLS" if config.tls_cert else "plaintext"
+        http = pipeline.http_address()
+        if http:
+            scheme = "https" if config.tls_cert else "http"
+            out(f"tandem: OpenAI-compatible API on {scheme}://{http}/v1, metrics on {scheme}://{http}/metrics")
         out(f"tandem: gateway listening on {pipeline.address} (gRPC, {tls}){keys}; "
             f"ready in {time.monotonic() - started:.1f} s. Ctrl-C stops.")
         while not stop.wait(0.5):

@@ -66,10 +66,22 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
             holder["servicer"] = gateway.GatewayServicer(
                 peers["tokenizer"], list(peers["decode"]),
                 list(peers.get("prefill") or []) if config.mode == "disaggregated" else [],
-                config.max_inflight, config.max_message_bytes, peers.get("retrieval"))
+                config.max_inflight, config.max_message_bytes, peers.get("retrieval"), peers.get("kvstore"),
+                peers.get("draft"))
             return [gateway.registration(holder["servicer"])]
 
-        return ServiceHost(registrations, public, healthy=lambda: "servicer" in holder and holder["servicer"].healthy())
+        frontend = None
+        if config.http_port is not None:
+            from .http import HttpFrontend, HttpOptions, create_app
+
+            options = HttpOptions(host=public.host, port=config.http_port, api_keys=public.api_keys,
+                                  max_body_bytes=config.max_message_bytes, served_model_name=config.model,
+                                  tls_cert=config.tls_cert, tls_key=config.tls_key)
+            frontend = HttpFrontend(lambda: create_app(holder["servicer"], options), options)
+        service = ServiceHost(registrations, public, healthy=lambda: "servicer" in holder and holder["servicer"].healthy(),
+                              on_start=frontend and frontend.start, on_stop=frontend and frontend.stop)
+        service.http = frontend
+        return service
     raise ConfigError(f"unknown service {name!r}; services are {SERVICES}")
 
 

@@ -72,27 +72,36 @@ def _report(name: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def rpc(method: Callable) -> Callable:
-    """Map the exceptions of a servicer method (a coroutine or an async generator) to statuses."""
+    """Map the exceptions of a servicer method (a coroutine or an async generator) to statuses,
+    and count the servicer's rpcs and errors (its Stats report them: services.metrics)."""
+    from .metrics import rpc_tally
+
     name = method.__qualname__
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
+            tally = rpc_tally(self)
+            tally["rpc_requests"] += 1
             try:
                 async for item in method(self, request, context):
                     yield item
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:
+                tally["rpc_errors"] += 1
                 await context.abort(*_report(name, exc))
         return stream
 
     @functools.wraps(method)
     async def unary(self, request, context):
+        tally = rpc_tally(self)
+        tally["rpc_requests"] += 1
         try:
             return await method(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
+            tally["rpc_errors"] += 1
             await context.abort(*_report(name, exc))
     return unary
 
@@ -185,6 +194,7 @@ class ServiceHost:
         self.registrations, self.options = registrations, options or ServerOptions()
         self.healthy, self.on_start, self.on_stop = healthy or (lambda: True), on_start, on_stop
         self.port: int | None = None
+        self.http = None  # the gateway's HttpFrontend (services.http), when it serves HTTP
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()

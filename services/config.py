@@ -62,7 +62,7 @@ class PipelineConfig:
     # the gateway: where users connect, and what it admits
     host: str = "127.0.0.1"
     grpc_port: int = 50051
-    http_port: int = 8000
+    http_port: int | None = 8000  # the OpenAI-compatible API, /metrics, /health; null: no HTTP
     api_keys: list = field(default_factory=list)
     api_key_file: str | None = None
     tls_cert: str | None = None
@@ -91,7 +91,9 @@ class PipelineConfig:
                 raise ConfigError(f"replicas: {role} must be a positive integer, got {count!r}")
         for key in ("grpc_port", "http_port"):
             value = getattr(self, key)
-            if not isinstance(value, int) or not 0 <= value < 65536:
+            if value is None and key == "http_port":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 65536:
                 raise ConfigError(f"{key} must be a port number, got {value!r}")
         for key in ("kv_store_bytes", "kv_cache_memory", "max_inflight", "max_message_bytes"):
             value = getattr(self, key)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 
 from tandem.errors import InvalidRequestError
-from tandem.outputs import RequestMetrics, StreamDelta
+from tandem.outputs import RequestMetrics, StreamDelta, TokenLogprob
 from tandem.sampling_params import SamplingParams
+from tandem.tokenizer import Tokenizer
 from tandem.v1 import common_pb2
 
 _OPTIONAL = ("max_tokens", "n", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-             "presence_penalty", "frequency_penalty", "seed", "skip_special_tokens")
+             "presence_penalty", "frequency_penalty", "seed", "skip_special_tokens", "logprobs")
 
 
 def sampling_params(msg: common_pb2.SamplingParams) -> SamplingParams:
@@ -41,12 +42,23 @@ def sampling_message(params: SamplingParams) -> common_pb2.SamplingParams:
         logit_bias=params.logit_bias, seed=params.seed, stop=params.stop, stop_token_ids=params.stop_token_ids,
         ignore_eos=params.ignore_eos, skip_special_tokens=params.skip_special_tokens,
         logits_processors_json=json.dumps(params.logits_processors) if params.logits_processors else "",
-        speculative_json="" if params.speculative == "default" else json.dumps(params.speculative))
+        speculative_json="" if params.speculative == "default" else json.dumps(params.speculative),
+        logprobs=params.logprobs)
 
 
-def delta_message(delta: StreamDelta) -> common_pb2.SampleDelta:
+def delta_message(delta: StreamDelta, tokenizer: Tokenizer) -> common_pb2.SampleDelta:
     return common_pb2.SampleDelta(index=delta.index, token_ids=delta.token_ids, text=delta.text,
-                                  finish_reason=delta.finish_reason or "")
+                                  finish_reason=delta.finish_reason or "",
+                                  logprobs=[logprob_message(lp, tokenizer) for lp in delta.logprobs or ()])
+
+
+def logprob_message(lp: TokenLogprob, tokenizer: Tokenizer) -> common_pb2.TokenLogprob:
+    def token(token_id: int) -> bytes:
+        return tokenizer.decode_bytes([token_id], skip_special_tokens=False)
+
+    return common_pb2.TokenLogprob(
+        token_id=lp.token_id, logprob=lp.logprob, token=token(lp.token_id),
+        top=[common_pb2.TokenLogprob(token_id=t, logprob=v, token=token(t)) for t, v in lp.top])
 
 
 def token_ids(values) -> list[int]:

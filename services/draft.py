@@ -9,6 +9,7 @@ from tandem.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 from .common import Registration, rpc
 from .convert import token_ids
+from .metrics import with_rpc_counts
 
 MAX_PROPOSALS = 64
 MAX_CONTEXT_TOKENS = 1 << 17
@@ -48,7 +49,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
 
     @rpc
     async def Stats(self, request, context):
-        return common_pb2.ServiceStats(service="draft", values={k: float(v) for k, v in self.counters.items()})
+        return common_pb2.ServiceStats(service="draft", values=with_rpc_counts(self, self.counters))
 
 
 def registration(plugins=None) -> Registration:

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 
 from tandem.errors import InvalidRequestError, QueueFullError
 from tandem.sampling_params import SamplingParams
-from tandem.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2,
-                       prefill_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc)
+from tandem.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, draft_pb2_grpc, gateway_pb2, gateway_pb2_grpc,
+                       kvstore_pb2_grpc, prefill_pb2, prefill_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc,
+                       tokenizer_pb2, tokenizer_pb2_grpc)
 
-from .common import Registration, Unavailable, client_channel, rpc
+from .common import Registration, Unavailable, client_channel, rpc, status_of
 from .convert import sampling_message, sampling_params, token_ids
+from .metrics import GatewayMetrics
 
 _request_ids = itertools.count()
 DEFAULT_RAG_K = 4
@@ -41,6 +43,20 @@ def rag_prompt(question: str, chunks) -> str:
 
 def canonical(chunks) -> list:
     return sorted(chunks, key=lambda c: (c.document_id, c.position, c.id))
+
+
+class Deadline:
+    """When a request must be done by: the gRPC client's deadline, or an HTTP request's limit."""
+
+    def __init__(self, timeout: float | None = None):
+        self.at = None if timeout is None else time.monotonic() + timeout
+
+    @classmethod
+    def of(cls, context) -> Deadline:
+        return cls(context.time_remaining())
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
 
 
 @dataclass
@@ -79,9 +95,11 @@ class Router:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, tokenizer: str, decode: list[str], prefill: list[str] | None = None,
-                 max_inflight: int = 256, max_message_bytes: int = 16 << 20, retrieval: str | None = None):
-        """tokenizer, decode, prefill, retrieval: targets (host:port) of the services. Without
-        prefill targets the pipeline is aggregated: decode workers run whole requests."""
+                 max_inflight: int = 256, max_message_bytes: int = 16 << 20, retrieval: str | None = None,
+                 kvstore: str | None = None, draft: str | None = None):
+        """tokenizer, decode, prefill, retrieval, kvstore, draft: targets (host:port) of the
+        services. Without prefill targets the pipeline is aggregated: decode workers run whole
+        requests. kvstore and draft are only asked for their Stats (/metrics)."""
         if not decode:
             raise ValueError("the gateway needs at least one decode (or aggregated) worker")
         channel = lambda target: client_channel(target, max_message_bytes)  # noqa: E731
@@ -91,6 +109,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                              [Endpoint(t, decode_pb2_grpc.DecodeStub(channel(t))) for t in decode])
         self.max_inflight, self.inflight, self.draining = max_inflight, 0, False
         self.counters = {"requests": 0, "rejected": 0, "errors": 0}
+        self.metrics = GatewayMetrics()
+        role = "prefill" if self.disaggregated else "worker"
+        self._stats_stubs = {("tokenizer", tokenizer): self.tokenizer,
+                             **{(role, e.target): e.stub for e in self.router.prefill},
+                             **{("decode" if self.disaggregated else "worker", e.target): e.stub
+                                for e in self.router.decode}}
+        if self.retrieval is not None:
+            self._stats_stubs[("retrieval", retrieval)] = self.retrieval
+        if kvstore:
+            self._stats_stubs[("kvstore", kvstore)] = kvstore_pb2_grpc.KVStoreStub(channel(kvstore))
+        if draft:
+            self._stats_stubs[("draft", draft)] = draft_pb2_grpc.DraftStub(channel(draft))
 
     @property
     def disaggregated(self) -> bool:
@@ -103,41 +133,68 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @rpc
     async def Generate(self, request, context):
         params = sampling_params(request.sampling)  # bad values fail here, before any work
-        timeout = context.time_remaining()
+        deadline = Deadline.of(context)
         which = request.WhichOneof("prompt")
-        sources = []
-        if which == "text":
-            if not request.text:
-                raise InvalidRequestError("the prompt is empty")
-            text = request.text
-            if request.HasField("rag"):
-                sources = await self._retrieve(request.rag, text, timeout)
-                text = rag_prompt(text, sources) + "\nAnswer:"
-            prompt = await self._tokenize(text, timeout)
-        elif which == "token_ids":
-            if request.HasField("rag"):
-                raise InvalidRequestError("rag needs a text prompt (the question to retrieve for)")
-            prompt = token_ids(request.token_ids.ids)
-        else:
+        if which is None:
             raise InvalidRequestError("the request has no prompt: set text or token_ids")
-        async for response in self._generate(request.request_id, prompt, params, context, sources):
+        rag = request.rag if request.HasField("rag") else None
+        prompt, sources = await self.completion_prompt(
+            request.text if which == "text" else None,
+            token_ids(request.token_ids.ids) if which == "token_ids" else None, rag, deadline)
+        async for response in self.generate(request.request_id, prompt, params, deadline, sources,
+                                            api="grpc", endpoint="generate"):
             yield response
 
     @rpc
     async def Chat(self, request, context):
         params = sampling_params(request.sampling)
+        deadline = Deadline.of(context)
         messages = [common_pb2.ChatMessage(role=m.role, content=m.content) for m in request.messages]
+        prompt, sources = await self.chat_prompt(messages, request.rag if request.HasField("rag") else None,
+                                                 deadline)
+        async for response in self.generate(request.request_id, prompt, params, deadline, sources,
+                                            api="grpc", endpoint="chat"):
+            yield response
+
+    # -- what both APIs (gRPC and the OpenAI-compatible HTTP) call -----------------------------
+    async def completion_prompt(self, text: str | None, ids: list[int] | None, rag, deadline: Deadline):
+        """(prompt token ids, RAG sources) of a text or token-id prompt; rag: RagOptions or None."""
         sources = []
-        if request.HasField("rag"):
+        if ids is not None:
+            if rag is not None:
+                raise InvalidRequestError("rag needs a text prompt (the question to retrieve for)")
+            return ids, sources
+        if not text:
+            raise InvalidRequestError("the prompt is empty")
+        if rag is not None:
+            sources = await self._retrieve(rag, text, deadline.remaining())
+            text = rag_prompt(text, sources) + "\nAnswer:"
+        return await self._tokenize(text, deadline.remaining()), sources
+
+    async def chat_prompt(self, messages: list, rag, deadline: Deadline):
+        """(prompt token ids, RAG sources) of chat messages (common_pb2.ChatMessage) through the
+        model's chat template."""
+        sources = []
+        if rag is not None:
             if not messages or messages[-1].role != "user" or not messages[-1].content:
                 raise InvalidRequestError("rag needs the last message to be the user's question")
-            sources = await self._retrieve(request.rag, messages[-1].content, context.time_remaining())
+            sources = await self._retrieve(rag, messages[-1].content, deadline.remaining())
             messages[-1].content = rag_prompt(messages[-1].content, sources)
         answer = await self.tokenizer.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(messages=messages),
-                                                        timeout=context.time_remaining())
-        async for response in self._generate(request.request_id, token_ids(answer.token_ids), params, context,
-                                             sources):
-            yield response
+                                                        timeout=deadline.remaining())
+        return token_ids(answer.token_ids), sources
+
+    async def model_card(self, deadline: Deadline | None = None) -> gateway_pb2.ModelCard:
+        endpoint = self.router.decode[0]
+        info = await endpoint.stub.Info(prefill_pb2.WorkerInfoRequest(),
+                                        timeout=(deadline or Deadline(10.0)).remaining())
+        return gateway_pb2.ModelCard(id=info.model, max_model_len=info.max_model_len)
+
+    async def render_metrics(self) -> bytes:
+        """Prometheus text: the gateway's instruments and every service's Stats, asked now."""
+        self.metrics.inflight.set(self.inflight)
+        await self.metrics.refresh(self._stats_stubs)
+        return self.metrics.render()
 
     async def _retrieve(self, options, question: str, timeout: float | None) -> list:
         if self.retrieval is None:
@@ -153,45 +210,59 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         answer = await self.tokenizer.Tokenize(common_pb2.TokenizeRequest(text=text), timeout=timeout)
         return token_ids(answer.token_ids)
 
-    async def _generate(self, request_id: str, prompt: list[int], params: SamplingParams, context, sources=()):
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty")
-        if self.draining:
-            raise Unavailable("the gateway is draining")
-        if self.inflight >= self.max_inflight:
-            self.counters["rejected"] += 1
-            raise QueueFullError(f"the gateway is at its limit of {self.max_inflight} requests in flight")
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: Deadline,
+                       sources=(), api: str = "grpc", endpoint: str = "generate"):
+        """Run one request: its GenerateResponses (deltas, then the finished one with usage and
+        timings). Admission control, counting and metrics happen here, for both APIs."""
+        try:
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty")
+            if self.draining:
+                raise Unavailable("the gateway is draining")
+            if self.inflight >= self.max_inflight:
+                self.counters["rejected"] += 1
+                raise QueueFullError(f"the gateway is at its limit of {self.max_inflight} requests in flight")
+        except Exception as exc:
+            self.metrics.count(api, endpoint, status_of(exc)[0].name)
+            raise
         request_id = request_id or f"gen-{uuid.uuid4().hex[:12]}-{next(_request_ids)}"
         # Downstream ids are unique whatever the client chose: two clients may pick the same id.
         internal_id = f"{request_id}/{uuid.uuid4().hex[:8]}"
         self.inflight += 1
         self.counters["requests"] += 1
+        clock = _Clock(time.perf_counter())
+        status = "CANCELLED"
         try:
-            async for response in self._run(internal_id, prompt, params, context):
+            async for response in self._run(internal_id, prompt, params, deadline, clock):
                 response.request_id = request_id
                 if response.finished:
                     response.sources.extend(sources)
+                    u = response.usage
+                    self.metrics.observe_finished(api, response.timings.ttft, clock.gaps(), response.timings.e2e,
+                                                  u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+                    status = "OK"
                 yield response
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             self.counters["errors"] += 1
+            status = status_of(exc)[0].name
             raise
         finally:
             self.inflight -= 1
+            self.metrics.count(api, endpoint, status)
 
-    async def _run(self, request_id: str, prompt: list[int], params: SamplingParams, context):
-        arrival = time.perf_counter()
+    async def _run(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: Deadline,
+                   clock: _Clock):
         sampling = sampling_message(params)
-        clock = _Clock(arrival)
         first_tokens, hashes, cached, prefill_s, kv_s = [], [], 0, 0.0, 0.0
         if self.disaggregated:
-            endpoint = await self.router.pick_prefill(prompt, context.time_remaining())
+            endpoint = await self.router.pick_prefill(prompt, deadline.remaining())
             endpoint.inflight += 1
             try:
                 answer = await endpoint.stub.Prefill(
                     prefill_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling),
-                    timeout=context.time_remaining())
+                    timeout=deadline.remaining())
             finally:
                 endpoint.inflight -= 1
             cached, prefill_s, kv_s = answer.num_cached_tokens, answer.prefill_seconds, answer.kv_transfer_seconds
@@ -209,7 +280,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             call = endpoint.stub.Decode(
                 decode_pb2.DecodeRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling,
                                          first_token_ids=first_tokens, block_hashes=hashes),
-                timeout=context.time_remaining())
+                timeout=deadline.remaining())
             try:
                 async for message in call:
                     if message.HasField("delta"):
@@ -238,10 +309,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @rpc
     async def ListModels(self, request, context):
-        endpoint = self.router.decode[0]
-        info = await endpoint.stub.Info(prefill_pb2.WorkerInfoRequest(), timeout=context.time_remaining())
-        return gateway_pb2.ListModelsResponse(models=[gateway_pb2.ModelCard(id=info.model,
-                                                                            max_model_len=info.max_model_len)])
+        return gateway_pb2.ListModelsResponse(models=[await self.model_card(Deadline.of(context))])
 
     def stats(self) -> common_pb2.ServiceStats:
         values = {**self.counters, "inflight": self.inflight}
@@ -257,6 +325,9 @@ class _Clock:
         self.times0: list[float] = []  # token arrival times of sample 0
         self.completion_tokens = 0
 
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.times0, self.times0[1:])]
+
     def tick(self, delta: common_pb2.SampleDelta) -> None:
         now = time.perf_counter()
         self.completion_tokens += len(delta.token_ids)
@@ -268,7 +339,7 @@ class _Clock:
 
     def final(self, request_id: str, prompt_tokens: int, cached: int, prefill_s: float,
               kv_s: float) -> gateway_pb2.GenerateResponse:
-        gaps = [b - a for a, b in zip(self.times0, self.times0[1:])]
+        gaps = self.gaps()
         end = self.last or time.perf_counter()
         return gateway_pb2.GenerateResponse(
             request_id=request_id, finished=True,

@@ -19,6 +19,7 @@ from tandem.kv_store import (REJECTED, STORED, KVBlockStore, TensorSpec, specs_n
 from tandem.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
 from .common import Registration, rpc
+from .metrics import with_rpc_counts
 
 SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -160,7 +161,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @rpc
     async def Stats(self, request, context):
-        return common_pb2.ServiceStats(service="kvstore", values=self.store.stats())
+        return common_pb2.ServiceStats(service="kvstore", values=with_rpc_counts(self, self.store.stats()))
 
 
 def registration(store: KVBlockStore) -> Registration:

@@ -11,6 +11,7 @@ from tandem.errors import InvalidRequestError
 from tandem.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 
 from .common import Registration, rpc
+from .metrics import with_rpc_counts
 
 DEFAULT_K = 5
 DEFAULT_COLLECTION = "default"
@@ -73,8 +74,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     @rpc
     async def Stats(self, request, context):
         values = await asyncio.to_thread(lambda: self.store().stats()) if self._store is not None else {}
-        return common_pb2.ServiceStats(service="retrieval", values={
-            k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return common_pb2.ServiceStats(service="retrieval", values=with_rpc_counts(self, {
+            k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}))
 
     def close(self) -> None:
         if self._store is not None:

@@ -7,6 +7,7 @@ from tandem.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 from .common import Registration, rpc
 from .convert import token_ids
+from .metrics import with_rpc_counts
 
 MAX_TEXT_BYTES = 4 << 20  # a prompt is limited in tokens by the engine; this bounds the work before that
 
@@ -48,6 +49,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             model=self.model, vocab_size=t.vocab_size,
             bos_token_id=-1 if t.bos_id is None else t.bos_id, eos_token_id=-1 if t.eos_id is None else t.eos_id,
             has_chat_template=bool(t.chat_template))
+
+
+    @rpc
+    async def Stats(self, request, context):
+        return common_pb2.ServiceStats(service="tokenizer", values=with_rpc_counts(self, {}))
 
 
 def _check_size(text: str) -> None:

@@ -30,6 +30,7 @@ from .common import Registration, Unavailable, client_channel, rpc
 from .config import PipelineConfig
 from .convert import delta_message, mean_itl, sampling_params, token_ids
 from .kvstore import KVStoreClient
+from .metrics import rpc_tally, with_rpc_counts
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Worker:
 
     def __init__(self, llm: LLM, config: PipelineConfig, role: str, kv_store: str | None):
         self.llm, self.config, self.role = llm, config, role
+        self.rpc_tally = rpc_tally(self)
         self.engine = AsyncEngine(llm.engine)
         self.block_size = llm.engine.config.block_size
         self.namespace = config.kv_namespace(llm.model_path, self.block_size)
@@ -79,9 +81,8 @@ class Worker:
         self.counters["requests"] += 1
 
     def stats(self) -> common_pb2.ServiceStats:
-        values = {**self.engine.stats(), **self.counters, "pid": os.getpid()}
-        return common_pb2.ServiceStats(service=self.role, draining=self.draining,
-                                       values={k: float(v) for k, v in values.items()})
+        values = with_rpc_counts(self, {**self.engine.stats(), **self.counters, "pid": os.getpid()})
+        return common_pb2.ServiceStats(service=self.role, draining=self.draining, values=values)
 
     def info(self) -> prefill_pb2.WorkerInfo:
         return prefill_pb2.WorkerInfo(model=self.llm.model_path.stem, role=self.role, block_size=self.block_size,
@@ -153,6 +154,7 @@ class Worker:
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, worker: Worker):
         self.worker = worker
+        self._rpc_tally = worker.rpc_tally  # one count for the worker's two servicers
 
     @rpc
     async def Prefill(self, request, context):
@@ -171,7 +173,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 if isinstance(item, RequestOutput):
                     output = item
                 elif item.index not in firsts:
-                    firsts[item.index] = delta_message(item)
+                    firsts[item.index] = delta_message(item, w.llm.tokenizer)
         prefill_s = time.perf_counter() - start
         publish_s = await w.publish(output)
         return prefill_pb2.PrefillResponse(
@@ -198,6 +200,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, worker: Worker):
         self.worker = worker
+        self._rpc_tally = worker.rpc_tally
 
     @rpc
     async def Decode(self, request, context):
@@ -221,7 +224,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                         timings=common_pb2.Timings(ttft=m.ttft or 0.0, e2e=m.e2e_latency or 0.0,
                                                    mean_itl=mean_itl(m), kv_transfer=fetch_s))
                 else:
-                    yield decode_pb2.DecodeResponse(delta=delta_message(item))
+                    yield decode_pb2.DecodeResponse(delta=delta_message(item, w.llm.tokenizer))
 
     @rpc
     async def Info(self, request, context):

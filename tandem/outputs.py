@@ -14,14 +14,26 @@ from tandem.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @dataclass
+class TokenLogprob:
+    """A sampled token's log-probability and the `top` most likely tokens [(id, logprob), ...],
+    from the model's raw distribution."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class CompletionOutput:
     """One generated sample. finish_reason: "stop" (EOS, stop token or stop string), "length",
-    "abort", "error" (a plugin failed: see RequestOutput.error), or None while it is still running."""
+    "abort", "error" (a plugin failed: see RequestOutput.error), or None while it is still running.
+    logprobs: one per token id when SamplingParams.logprobs is set, else None."""
 
     index: int
     token_ids: list[int]
     text: str
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -107,6 +119,7 @@ class StreamDelta:
     token_ids: list[int]
     text: str
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
 
 
 @dataclass
@@ -128,6 +141,7 @@ class OutputBuilder:
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_len: int, max_model_len: int):
         self.params = params
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         self.text = ""
         self.finish_reason: str | None = None
         self._detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
@@ -136,12 +150,14 @@ class OutputBuilder:
         self._longest_stop = max((len(s) for s in params.stop), default=0)
         self._streamed = 0  # characters of text already handed out by append()
 
-    def append(self, token_id: int) -> str:
+    def append(self, token_id: int, logprob: TokenLogprob | None = None) -> str:
         """Record a sampled token; return the text now safe to stream. While a stop string could
         still be forming, its possible beginning is held back; once finished, nothing is added."""
         if self.finished:
             return ""
         self.token_ids.append(token_id)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
         if token_id in self._stop_ids:
             self.finish_reason = "stop"
             self.text += self._detok.flush()

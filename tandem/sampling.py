@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from tandem.errors import InvalidRequestError, PluginError
+from tandem.outputs import TokenLogprob
 from tandem.sampling_params import SamplingParams
 
 
@@ -82,6 +83,18 @@ class LogitsProcessor:
 class SampleResult:
     tokens: list[int]
     failures: dict[int, PluginError] = field(default_factory=dict)  # row -> the plugin error that hit it
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], num_top: Sequence[int]) -> list[TokenLogprob]:
+    """Row i's token tokens[i] with its log-probability under softmax(logits[i]) (raw logits, fp32)
+    and the num_top[i] most likely tokens. logits (R, V)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, dtype=torch.long).unsqueeze(1)).squeeze(1).tolist()
+    k = max(num_top, default=0)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [TokenLogprob(int(t), lp, list(zip(top_ids[i][:n], top_values[i][:n])))
+            for i, (t, lp, n) in enumerate(zip(tokens, chosen, num_top))]
 
 
 class SamplerPipeline:

@@ -13,6 +13,7 @@ MAX_TOKENS_LIMIT = 1 << 20  # anything above is a typo, whatever the context win
 MAX_STOP_STRINGS = 16
 MAX_N = 64  # samples per prompt
 MAX_LOGIT_BIAS_ENTRIES = 1024  # OpenAI allows 300; a little more room for programmatic callers
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
 MAX_PROCESSOR_ARG_BYTES = 4096  # a plugin's per-request arguments, as JSON
 # Temperatures below this are greedy: dividing fp32 logits by less overflows (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
@@ -60,6 +61,9 @@ class SamplingParams:
     {"method": "ngram", "k": 5, "adaptive": True, "options": {...}} for this request; the output
     is the same either way (greedy: the same tokens; sampling: the same distribution). The output stops at max_tokens, an end-of-generation token (unless ignore_eos), a token in
     stop_token_ids, or a stop string (which is not included in the text).
+    logprobs: None (off) or k in [0, 20]: each sampled token's log-probability plus the k most
+    likely alternatives, from the model's raw distribution (before penalties, temperature and
+    filters: vLLM's default "raw_logprobs").
     """
 
     max_tokens: int = 16
@@ -79,6 +83,7 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     speculative: dict | None | str = "default"
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
@@ -126,6 +131,9 @@ class SamplingParams:
                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids)
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                         and 0 <= self.logprobs <= MAX_LOGPROBS),
+               f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.speculative != "default":
             from tandem.speculative import SpeculativeConfig
 

@@ -20,8 +20,9 @@ from tandem.engine.sequence import Sequence
 from tandem.errors import ConfigError, InvalidRequestError, PluginError, QueueFullError
 from tandem.model.attention import DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBackend, AttentionVariant
 from tandem.model.kv_pool import DEFAULT_KV_FORMAT, KVCacheFormat
-from tandem.outputs import CompletionOutput, KVHandoff, OutputBuilder, RequestMetrics, RequestOutput, StreamDelta
-from tandem.sampling import SamplerPipeline, SamplingBatch, make_generator
+from tandem.outputs import (CompletionOutput, KVHandoff, OutputBuilder, RequestMetrics, RequestOutput, StreamDelta,
+                            TokenLogprob)
+from tandem.sampling import SamplerPipeline, SamplingBatch, make_generator, token_logprobs
 from tandem.draft import DraftProposer
 from tandem.sampling_params import SamplingParams
 from tandem.speculative import SpeculationState, SpeculativeConfig, verify_greedy, verify_sampled
@@ -211,10 +212,24 @@ class LLMEngine:
                               [s.num_prompt_tokens for s in seqs], [r.generators[s.index] for s, r in zip(seqs, requests)])
         result = self.sampler.sample(logits[rows], batch, [r.sampling_args for r in requests])
         failed = {requests[row].request_id: error for row, error in result.failures.items()}
-        deltas = [self._append(r, s, [t], now) for s, r, t in zip(seqs, requests, result.tokens)
-                  if r.request_id not in failed]
+        logprobs = self._logprobs(logits, rows, result.tokens, [s.params for s in seqs])
+        deltas = [self._append(r, s, [t], now, logprobs=lp)
+                  for s, r, t, lp in zip(seqs, requests, result.tokens, logprobs) if r.request_id not in failed]
         outputs = [self._fail(self.requests[request_id], error, now) for request_id, error in failed.items()]
         return deltas, outputs, requests
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int],
+                  params: list[SamplingParams]) -> list[list[TokenLogprob] | None]:
+        """Per row, [the logprob of its token], for the rows whose request asked; None for the others."""
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        out: list[list[TokenLogprob] | None] = [None] * len(rows)
+        if wanted:
+            found = token_logprobs(logits[[rows[i] for i in wanted]], [tokens[i] for i in wanted],
+                                   [params[i].logprobs for i in wanted])
+            for i, lp in zip(wanted, found):
+                out[i] = [lp]
+        return out
 
     # -- speculative decoding -------------------------------------------------------------------
     def _proposer(self, config: SpeculativeConfig) -> DraftProposer:
@@ -302,7 +317,12 @@ class LLMEngine:
             request.spec.record(len(checked), accepted)
             self.num_spec_proposed += len(checked)
             self.num_spec_accepted += accepted
-            deltas.append(self._append(request, seq, [*checked[:accepted], token], now, computed=accepted))
+            kept = [*checked[:accepted], token]  # kept[j] was drawn from logits row `first + j`
+            logprobs = None
+            if seq.params.logprobs is not None:
+                first = rows[row - num]
+                logprobs = token_logprobs(logits[first:first + len(kept)], kept, [seq.params.logprobs] * len(kept))
+            deltas.append(self._append(request, seq, kept, now, computed=accepted, logprobs=logprobs))
             touched.append(request)
         return deltas, outputs, touched
     def _fail(self, request: _Request, error: PluginError, now: float) -> RequestOutput:
@@ -344,17 +364,18 @@ class LLMEngine:
             request.generators.append(make_generator(None if p.seed is None else p.seed + index))
 
     def _append(self, request: _Request, seq: Sequence, tokens: list[int], now: float,
-                computed: int | None = None) -> StreamDelta:
+                computed: int | None = None, logprobs: list[TokenLogprob] | None = None) -> StreamDelta:
         """Add sampled tokens to a sample until it finishes; one delta for all of them. After a
         verification, `computed` says how many of them already have their KV (accepted guesses):
-        the blocks the rejected guesses took are given back and the full ones committed."""
+        the blocks the rejected guesses took are given back and the full ones committed.
+        logprobs: one per token, when the request asked for them."""
         builder = request.builders[seq.index]
         text, added = "", []
         for j, token in enumerate(tokens):
             seq.token_ids.append(token)
             if computed is not None and j < computed:
                 seq.num_computed_tokens += 1
-            text += builder.append(token)
+            text += builder.append(token, logprobs[j] if logprobs else None)
             added.append(token)
             if seq.index == 0:
                 request.metrics.first_token_time = request.metrics.first_token_time or now
@@ -368,7 +389,8 @@ class LLMEngine:
             request.handoff = self._export_prompt(request, seq)
         if builder.finished or request.prefill_only:
             self.scheduler.remove(seq)
-        return StreamDelta(request.request_id, seq.index, added, text, builder.finish_reason)
+        return StreamDelta(request.request_id, seq.index, added, text, builder.finish_reason,
+                           logprobs[:len(added)] if logprobs else None)
 
     def _collect_finished(self, requests: list[_Request], now: float) -> list[RequestOutput]:
         done = []
@@ -420,7 +442,8 @@ class LLMEngine:
         if request.spec is not None:
             m, sp = request.metrics, request.spec
             m.spec_proposed, m.spec_accepted, m.spec_rounds = sp.proposed, sp.accepted, sp.rounds
-        outputs = [CompletionOutput(i, list(b.token_ids), b.text, b.finish_reason)
+        outputs = [CompletionOutput(i, list(b.token_ids), b.text, b.finish_reason,
+                                    None if b.logprobs is None else list(b.logprobs))
                    for i, b in enumerate(request.builders)]
         return RequestOutput(request.request_id, request.prompt_ids, outputs, request.finished or bool(request.error),
                              request.metrics, request.error, request.handoff)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/tokenizer.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"?\n\x13\x43hatTemplateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"\x16\n\x14TokenizerInfoRequest\"y\n\rTokenizerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x03\x12\x14\n\x0c\x62os_token_id\x18\x03 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\x04 \x01(\x03\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x32\xb0\x02\n\tTokenizer\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.tandem.v1.DetokenizeRequest\x1a\x1d.tandem.v1.DetokenizeResponse\x12P\n\x11\x41pplyChatTemplate\x12\x1e.tandem.v1.ChatTemplateRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12\x41\n\x04Info\x12\x1f.tandem.v1.TokenizerInfoRequest\x1a\x18.tandem.v1.TokenizerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/tokenizer.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"?\n\x13\x43hatTemplateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"\x16\n\x14TokenizerInfoRequest\"y\n\rTokenizerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x03\x12\x14\n\x0c\x62os_token_id\x18\x03 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\x04 \x01(\x03\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x32\xeb\x02\n\tTokenizer\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.tandem.v1.DetokenizeRequest\x1a\x1d.tandem.v1.DetokenizeResponse\x12P\n\x11\x41pplyChatTemplate\x12\x1e.tandem.v1.ChatTemplateRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12\x41\n\x04Info\x12\x1f.tandem.v1.TokenizerInfoRequest\x1a\x18.tandem.v1.TokenizerInfo\x12\x39\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x17.tandem.v1.ServiceStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,5 +39,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIZERINFO']._serialized_start=153
   _globals['_TOKENIZERINFO']._serialized_end=274
   _globals['_TOKENIZER']._serialized_start=277
-  _globals['_TOKENIZER']._serialized_end=581
+  _globals['_TOKENIZER']._serialized_end=640
 # @@protoc_insertion_point(module_scope)

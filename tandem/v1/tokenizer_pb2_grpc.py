@@ -55,6 +55,11 @@ class TokenizerStub:
                 request_serializer=tandem_dot_v1_dot_tokenizer__pb2.TokenizerInfoRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_tokenizer__pb2.TokenizerInfo.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/tandem.v1.Tokenizer/Stats',
+                request_serializer=tandem_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_common__pb2.ServiceStats.FromString,
+                _registered_method=True)
 
 
 class TokenizerServicer:
@@ -85,6 +90,13 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """The service's counters (rpc_requests, rpc_errors): what the gateway's /metrics reports.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +119,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=tandem_dot_v1_dot_tokenizer__pb2.TokenizerInfoRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_tokenizer__pb2.TokenizerInfo.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=tandem_dot_v1_dot_common__pb2.StatsRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_common__pb2.ServiceStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +234,33 @@ class Tokenizer:
             '/tandem.v1.Tokenizer/Info',
             tandem_dot_v1_dot_tokenizer__pb2.TokenizerInfoRequest.SerializeToString,
             tandem_dot_v1_dot_tokenizer__pb2.TokenizerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Tokenizer/Stats',
+            tandem_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
+            tandem_dot_v1_dot_common__pb2.ServiceStats.FromString,
             options,
             channel_credentials,
             insecure,

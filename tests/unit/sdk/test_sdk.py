@@ -145,7 +145,7 @@ def test_sampling_keywords_reach_the_proto(client, fake):
     assert s.ignore_eos and s.HasField("skip_special_tokens") and not s.skip_special_tokens
     assert json.loads(s.logits_processors_json) == {"typical_p": {"mass": 0.9}}
     assert [f for f in OPTIONAL_SAMPLING_FIELDS if not s.HasField(f)] == [
-        "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"]
+        "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs"]
 
 
 def test_unset_and_none_sampling_fields_stay_unset(client, fake):

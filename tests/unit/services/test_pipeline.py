@@ -29,7 +29,7 @@ PROMPTS = ["hello world", "To be, or not to be, that is the question:",
 
 
 def config(tiny_hf_dir, **overrides) -> PipelineConfig:
-    return PipelineConfig(model=str(tiny_hf_dir), grpc_port=0, kv_cache_memory=16 << 20, kv_store_bytes=64 << 20,
+    return PipelineConfig(model=str(tiny_hf_dir), grpc_port=0, http_port=0, kv_cache_memory=16 << 20, kv_store_bytes=64 << 20,
                           **overrides)
 
 
