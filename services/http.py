@@ -153,7 +153,7 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
         try:
             body.check_supported()
             name, _ = await model_id(body.model)
-            params = body.sampling(body.max_tokens or 16, body.logprobs)
+            params = body.sampling(16 if body.max_tokens is None else body.max_tokens, body.logprobs)
             deadline = Deadline()
             rag = body.rag.to_pb() if body.rag else None
             prompts = [await gateway.completion_prompt(p if isinstance(p, str) else None,
@@ -175,11 +175,12 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
         try:
             body.check_supported()
             name, max_len = await model_id(body.model)
-            params = body.sampling(body.max_completion_tokens or body.max_tokens or 1, body.num_logprobs())
+            limit = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+            params = body.sampling(1 if limit is None else limit, body.num_logprobs())
             deadline = Deadline()
             ids, sources = await gateway.chat_prompt(body.pb_messages(), body.rag.to_pb() if body.rag else None,
                                                      deadline)
-            if not (body.max_completion_tokens or body.max_tokens):  # OpenAI's default: the rest of the context
+            if limit is None:  # OpenAI's default: the rest of the context
                 params = dataclasses.replace(params, max_tokens=max(1, max_len - len(ids)))
             runs = [gateway.generate("", ids, params, deadline, sources, api="http", endpoint="chat_completions")]
             firsts = await _start(runs)
