@@ -1,4 +1,4 @@
-"""The `tandem` command line: generate, chat, model info, plugins list, serve, service.
+"""The `tandem` command line: generate, chat, model info, plugins list, serve, service, bench.
 
 Bad input prints one line (`tandem: error: ...`) and exits with status 2, like argparse does.
 """
@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 
+from tandem.benchmark.cli import add_parser as add_bench_parser
 from tandem.model.registry import DEFAULT_MODEL
 
 EXIT_USAGE = 2
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--retrieval", default=None, metavar="HOST:PORT", help="the retrieval service (gateway: rag)")
     service.add_argument("--draft", default=None, metavar="HOST:PORT",
                          help="the draft service (workers: speculative method remote)")
+    add_bench_parser(sub)
     return parser
 
 
@@ -424,7 +426,13 @@ def cmd_rag(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "service": cmd_service}
+def cmd_bench(args) -> int:
+    from tandem.benchmark.cli import run
+
+    return run(args)
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "service": cmd_service, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
