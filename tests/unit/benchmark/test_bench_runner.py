@@ -66,25 +66,33 @@ def run_measure(backend, rate, cap, seed=0):
     return asyncio.run(measure(backend, REQUESTS, rate, cap, CONFIG, np.random.default_rng(seed)))
 
 
+def finish_times(records) -> list[float]:
+    return sorted(r.start + r.e2el for r in records)
+
+
+# Timing checks are one-sided or logical (who started before whom finished): on a loaded machine
+# the event loop can stall, which makes everything later but never earlier.
 def test_a_concurrency_cap_bounds_requests_in_flight():
     backend = SleepyBackend(0.04)
     m = run_measure(backend, math.inf, 3)
     assert backend.max_in_flight == 3 and m.metrics["completed"] == 12
-    assert m.duration == pytest.approx(4 * 0.04, abs=0.1)  # 12 requests in 4 waves of 3
     starts = sorted(r.start for r in m.records)
-    assert starts[3] >= 0.03  # the fourth waited for a free slot
+    assert starts[3] >= finish_times(m.records)[0] - 1e-3  # the fourth waited for a free slot
+    assert m.duration >= 4 * 0.04 * 0.9  # 12 requests in (at least) 4 waves of 3
     assert m.metrics["total_input_tokens"] == 60 and m.metrics["total_output_tokens"] == 48
 
 
 def test_infinite_rate_without_a_cap_sends_all_at_once():
     backend = SleepyBackend(0.04)
     m = run_measure(backend, math.inf, None)
-    assert backend.max_in_flight == 12 and max(r.start for r in m.records) < 0.03
+    assert backend.max_in_flight == 12
+    assert max(r.start for r in m.records) <= finish_times(m.records)[0]  # all sent before any finished
 
 
 def test_a_request_rate_spreads_the_sends_over_the_schedule():
-    offsets = arrival_offsets(12, 100.0, 1.0, np.random.default_rng(5))
-    m = run_measure(SleepyBackend(0.01), 100.0, None, seed=5)
-    starts = sorted(r.start for r in m.records)
-    assert starts == pytest.approx(offsets, abs=0.03)
-    assert m.label == "rate 100" and m.metrics["completed"] == 12
+    offsets = arrival_offsets(12, 20.0, 1.0, np.random.default_rng(5))
+    m = run_measure(SleepyBackend(0.01), 20.0, None, seed=5)
+    lateness = np.asarray(sorted(r.start for r in m.records)) - np.asarray(offsets)
+    assert lateness.min() >= -2e-3  # never before its arrival time
+    assert np.median(lateness) < 0.05 and offsets[-1] > 0.2  # the schedule spreads the sends
+    assert m.label == "rate 20" and m.metrics["completed"] == 12
