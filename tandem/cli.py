@@ -158,7 +158,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="separate prefill and decode workers (default), or one worker doing both")
     p.add_argument("--host", default=None, help="address the gateway binds (default 127.0.0.1: loopback only)")
     p.add_argument("--grpc-port", type=int, default=None, help="the gateway's gRPC port (default 50051)")
-    p.add_argument("--http-port", type=int, default=None, help="the gateway's HTTP port (default 8000)")
+    p.add_argument("--http-port", type=int, default=None, help="the gateway's HTTP port: the OpenAI-compatible API, /metrics and /health (default 8000; "
+                   "0: any free port; http_port: null in the YAML turns HTTP off)")
     p.add_argument("--api-key", dest="api_keys", action="append", default=None,
                    help="accept this API key (repeatable); also api_key_file and $TANDEM_API_KEYS")
     p.add_argument("--api-key-file", default=None, help="file with one API key per line")

@@ -27,10 +27,11 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 class Server:
     def __init__(self, *args: str):
-        self.port = free_port()
+        self.port, self.http_port = free_port(), free_port()
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tandem.cli", "serve", "--grpc-port", str(self.port),
+             "--http-port", str(self.http_port),
              "--object-store-memory", str(100 << 20), "--kv-cache-memory", str(256 << 20), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
         self.ready = threading.Event()
@@ -98,6 +99,35 @@ def test_generate_cli_against_the_server(server, default_llm):
     want = default_llm.generate(PROMPTS[0], tandem.SamplingParams(temperature=0, max_tokens=12))[0].text
     assert out.returncode == 0, out.stderr
     assert out.stdout.rstrip("\n") == PROMPTS[0] + want
+
+
+def test_the_openai_client_against_the_server(server, default_llm):
+    """The official openai client: completions, chat and streaming, greedy output equal to the library's."""
+    import httpx
+    import openai
+
+    base = f"http://127.0.0.1:{server.http_port}"
+    assert any(f"{base}/v1" in line for line in server.lines)  # serve prints where the API is
+    with openai.OpenAI(base_url=f"{base}/v1", api_key="none", timeout=120, max_retries=0) as oai:
+        model = oai.models.list().data[0].id
+        want = default_llm.generate(PROMPTS[0], tandem.SamplingParams(temperature=0, max_tokens=24))[0].text
+        got = oai.completions.create(model=model, prompt=PROMPTS[0], max_tokens=24, temperature=0)
+        assert got.choices[0].text == want and got.usage.completion_tokens == 24
+        streamed = oai.completions.create(model=model, prompt=PROMPTS[0], max_tokens=24, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == want
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        expected = default_llm.chat(question, tandem.SamplingParams(temperature=0, max_tokens=16))
+        want_chat = expected.text
+        chat = oai.chat.completions.create(model=model, messages=question, max_tokens=16, temperature=0)
+        assert chat.choices[0].message.content == want_chat
+        chunks = oai.chat.completions.create(model=model, messages=question, max_tokens=16, temperature=0,
+                                             stream=True, stream_options={"include_usage": True})
+        chunks = list(chunks)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want_chat
+        assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    metrics = httpx.get(f"{base}/metrics", timeout=30).text
+    assert re.search(r'^tandem_requests_total\{api="http",endpoint="chat_completions",status="OK"\} 2\.0$', metrics, re.M)
+    assert re.search(r'^tandem_service_up\{instance="[^"]+",service="decode"\} 1\.0$', metrics, re.M)
 
 
 def test_a_killed_decode_worker_ends_its_stream_unavailable_and_comes_back(server):
