@@ -25,13 +25,14 @@ from tandem.sdk.errors import (
     UnavailableError,
     from_rpc_error,
 )
-from tandem.sdk.types import Chunk, Completion, Source, Timings, Usage
+from tandem.sdk.types import Chunk, Completion, Logprob, Source, Timings, Usage
 
 __all__ = [
     "Client",
     "AsyncClient",
     "Chunk",
     "Completion",
+    "Logprob",
     "Source",
     "Usage",
     "Timings",

@@ -57,6 +57,21 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """A sampled token's log-probability (logprobs=k): `token` is its bytes (a byte-level BPE token
+    may be part of a UTF-8 character), `top` the k most likely tokens there, most likely first."""
+
+    token_id: int
+    logprob: float
+    token: bytes
+    top: list[Logprob] = field(default_factory=list)
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.TokenLogprob) -> Logprob:
+        return cls(pb.token_id, pb.logprob, pb.token, [cls.from_pb(t) for t in pb.top])
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One streamed piece of a request: new token ids and text of sample `index`. finish_reason
     ("stop", "length", "abort" or "error") is set on a sample's last chunk, None before. The
@@ -71,6 +86,7 @@ class Chunk:
     usage: Usage | None = None
     timings: Timings | None = None
     sources: list[Source] = field(default_factory=list)  # with rag, on the last chunk
+    logprobs: list[Logprob] = field(default_factory=list)  # one per token id, with logprobs=k
 
     @classmethod
     def from_pb(cls, pb: gateway_pb2.GenerateResponse) -> Chunk:
@@ -85,6 +101,7 @@ class Chunk:
             usage=Usage.from_pb(pb.usage) if pb.finished else None,
             timings=Timings.from_pb(pb.timings) if pb.finished else None,
             sources=[Source(c.id, c.document_id, c.title, c.text, c.score, c.position) for c in pb.sources],
+            logprobs=[Logprob.from_pb(lp) for lp in delta.logprobs],
         )
 
 
@@ -106,6 +123,7 @@ class Completion:
     usage: Usage | None = None
     timings: Timings | None = None
     sources: list[Source] = field(default_factory=list)
+    sample_logprobs: list[list[Logprob]] = field(default_factory=list)  # per sample, with logprobs=k
 
     @property
     def text(self) -> str:
@@ -120,6 +138,11 @@ class Completion:
     def finish_reason(self) -> str | None:
         return self.finish_reasons[0] if self.finish_reasons else None
 
+    @property
+    def logprobs(self) -> list[Logprob]:
+        """Sample 0's token logprobs (empty unless the request set logprobs)."""
+        return self.sample_logprobs[0] if self.sample_logprobs else []
+
     @classmethod
     def from_chunks(cls, chunks: Iterable[Chunk]) -> Completion:
         result = cls()
@@ -133,8 +156,10 @@ class Completion:
             self.texts.append("")
             self.sample_token_ids.append([])
             self.finish_reasons.append(None)
+            self.sample_logprobs.append([])
         self.texts[chunk.index] += chunk.text
         self.sample_token_ids[chunk.index].extend(chunk.token_ids)
+        self.sample_logprobs[chunk.index].extend(chunk.logprobs)
         if chunk.finish_reason is not None:
             self.finish_reasons[chunk.index] = chunk.finish_reason
         if chunk.finished:

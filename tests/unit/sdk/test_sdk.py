@@ -196,7 +196,7 @@ def test_stream_chunks_and_complete(client, fake):
 
     result = client.complete("Hi", n=2)
     assert result == Completion("req-1", ["Hello", "Bonjour"], [[1, 2, 3], [7, 8, 9]], ["stop", "length"],
-                                Usage(4, 6, 2), Timings(0.5, 1.5, 0.25))
+                                Usage(4, 6, 2), Timings(0.5, 1.5, 0.25), sample_logprobs=[[], []])
     assert result.text == "Hello"
 
 

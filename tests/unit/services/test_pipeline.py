@@ -223,6 +223,19 @@ def test_health_is_not_serving_when_the_engine_is_dead(tiny_hf_dir):
         channel.close()
 
 
+def test_logprobs_through_the_pipeline(client, tiny_llm):
+    """The first token's logprob comes from the prefill worker, the rest from decode: all equal a
+    full forward's, and the SDK hands them out per sample."""
+    got = client.complete(PROMPTS[1], logprobs=2, **GREEDY)
+    ids = tiny_llm.tokenize(PROMPTS[1])
+    want = tiny_llm.score(ids + got.token_ids).logprobs[len(ids) - 1:]
+    assert [lp.token_id for lp in got.logprobs] == got.token_ids
+    assert [lp.logprob for lp in got.logprobs] == pytest.approx(want, abs=1e-4)
+    assert all(len(lp.top) == 2 and lp.top[0].token_id == lp.token_id for lp in got.logprobs)
+    assert got.logprobs[0].token == tiny_llm.tokenizer.decode_bytes([got.token_ids[0]], skip_special_tokens=False)
+    assert client.complete(PROMPTS[1], **GREEDY).logprobs == []
+
+
 def test_tokenize_detokenize_chat_and_models(client, tiny_llm):
     ids = client.tokenize("hello world")
     assert ids == tiny_llm.tokenize("hello world")
