@@ -42,6 +42,7 @@ DEFAULT_PLUGINS = (
     "tandem.plugins.samplers",
     "tandem.plugins.attention",
     "tandem.plugins.quantizers",
+    "tandem.plugins.triton_quantizers",
     "tandem.plugins.kv_cache",
     "tandem.plugins.draft",
     "tandem.plugins.embedders",
