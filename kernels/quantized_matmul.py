@@ -34,9 +34,9 @@ import triton
 import triton.language as tl
 
 from tandem.kernels._utils import dot, is_interpreting, kernel_flags
+from tandem.model.quantization import SCALE_DTYPE, int4_codes, int8_codes
 
 GROUP_SIZES = (32, 64, 128)
-SCALE_DTYPE = torch.bfloat16  # scales and zeros: tandem's int4/int8 convention (and half the bytes of fp32)
 GEMV_MAX_M = 4  # decode batches up to this take the GEMV path
 # Tile shapes: chosen for an H100 by reasoning (16 B per thread per load, >= 4 programs per SM for
 # N = 4096), not yet measured: no GPU has been lent. `bench/kernels.py --tune-gemv` sweeps them.
@@ -49,12 +49,9 @@ INTERPRETER_BLOCK_N = 64  # the interpreter runs programs one by one: fewer, lar
 # -- the layout: quantize, pack, dequantize ---------------------------------------------------
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight (N, K) -> qweight (N, K) int8, scales (N,) bf16: symmetric per output channel,
-    quantized against the bf16-rounded scale (tandem's int8 quantizer's math)."""
-    weight = weight.float()
-    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10).to(SCALE_DTYPE)
-    qweight = (weight / scales.float().unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
-    return qweight, scales
+    """weight (N, K) -> qweight (N, K) int8, scales (N,) bf16: symmetric per output channel
+    (tandem.model.quantization.int8_codes, the int8 quantizer's math)."""
+    return int8_codes(weight)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,12 +61,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     if group_size not in GROUP_SIZES or k % group_size or n % 2:
         raise ValueError(f"int4 needs an even N and a group_size in {GROUP_SIZES} dividing K; "
                          f"got N = {n}, K = {k}, group_size {group_size}")
-    groups = weight.float().view(n, k // group_size, group_size)
-    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
-    scales = ((high - low) / 15).clamp(min=1e-10).to(SCALE_DTYPE)
-    zeros = (low + 8 * scales.float()).to(SCALE_DTYPE)  # the value of q = 8
-    q = ((groups - zeros.float()) / scales.float() + 8).round().clamp(0, 15).to(torch.uint8)
-    return pack_int4(q.view(n, k)), scales.squeeze(-1), zeros.squeeze(-1)
+    q, scales, zeros = int4_codes(weight, group_size)  # the int4 quantizer's math
+    return pack_int4(q), scales, zeros
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.errors import ConfigError
-from tandem.model.quantization import Quantizer
+from tandem.model.quantization import Quantizer, int4_codes, int8_codes
 from tandem.plugins import hookimpl
 
 PACKED_DTYPE = torch.bfloat16  # activation dtype of the packed CPU kernels' fast paths
@@ -51,10 +51,7 @@ class Int8WeightOnly(Quantizer):
     name = "int8"
 
     def quantize(self, weight):
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
-        scales = scales.to(PACKED_DTYPE).float()  # quantize against the scale the kernel will use
-        qweight = (weight / scales.unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
-        return Int8Linear(qweight, scales)
+        return Int8Linear(*int8_codes(weight))
 
 
 # -- int4 -------------------------------------------------------------------------------------
@@ -92,15 +89,10 @@ class Int4WeightOnly(Quantizer):
                               f"{self.group_size}; pick a group_size that divides them")
 
     def quantize(self, weight):
-        n, k = weight.shape
-        groups = weight.view(n, k // self.group_size, self.group_size)
-        low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
-        scales = ((high - low) / 15).clamp(min=1e-10).to(PACKED_DTYPE).float()
-        zeros = (low + 8 * scales).to(PACKED_DTYPE).float()  # the value of q = 8
-        q = ((groups - zeros) / scales + 8).round().clamp(0, 15).to(torch.int32).view(n, k)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-        scales_zeros = torch.stack([scales.squeeze(-1), zeros.squeeze(-1)], dim=-1).transpose(0, 1)
-        return Int4Linear(packed, scales_zeros.contiguous().to(PACKED_DTYPE), self.group_size, n)
+        q, scales, zeros = int4_codes(weight, self.group_size)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1)  # (K / group, N, 2)
+        return Int4Linear(packed, scales_zeros.contiguous().to(PACKED_DTYPE), self.group_size, weight.shape[0])
 
 
 # -- nf4 --------------------------------------------------------------------------------------

@@ -15,6 +15,31 @@ from torch import nn
 from tandem.errors import ConfigError
 
 
+SCALE_DTYPE = torch.bfloat16  # int8/int4 scales and zeros: what the packed CPU and Triton kernels read
+
+
+def int8_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel: weight (N, K) -> q (N, K) int8 in [-127, 127], scales
+    (N,) bf16, w ~= q * scale; q is computed against the bf16-rounded scale the kernels use."""
+    weight = weight.float()
+    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10).to(SCALE_DTYPE)
+    q = (weight / scales.float().unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def int4_codes(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of `group_size` input channels: weight (N, K) -> q (N, K) uint8
+    in [0, 15], scales and zeros (N, K / group_size) bf16, w ~= (q - 8) * scale + zero (zero is
+    the value of q = 8: PyTorch's int4pack convention). The caller checks group_size divides K."""
+    n, k = weight.shape
+    groups = weight.float().view(n, k // group_size, group_size)
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    scales = ((high - low) / 15).clamp(min=1e-10).to(SCALE_DTYPE)
+    zeros = (low + 8 * scales.float()).to(SCALE_DTYPE)
+    q = ((groups - zeros.float()) / scales.float() + 8).round().clamp(0, 15).to(torch.uint8)
+    return q.view(n, k), scales.squeeze(-1), zeros.squeeze(-1)
+
+
 class Quantizer:
     """Base class of weight quantizers. Subclass it, set `name`, validate options in __init__
     (raise ConfigError), and implement `quantize`."""
