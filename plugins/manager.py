@@ -41,6 +41,7 @@ CATEGORIES: dict[str, tuple[str, type]] = {
 DEFAULT_PLUGINS = (
     "tandem.plugins.samplers",
     "tandem.plugins.attention",
+    "tandem.plugins.triton_attention",
     "tandem.plugins.quantizers",
     "tandem.plugins.triton_quantizers",
     "tandem.plugins.kv_cache",

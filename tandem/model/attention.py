@@ -88,12 +88,26 @@ class AttentionVariant:
 
 
 @dataclass(frozen=True)
+class ConsecutiveKeys:
+    """How a mask was built, for kernels that compute the mask from positions instead of reading
+    it: by `variant`, over keys that are, in every row, the first `num_keys` key slots at
+    consecutive positions, the last of them the row's last query's (its queries consecutive too:
+    bottom-right aligned). A variant whose rule depends on key - query distance only is then a
+    kernel's causal/window/bias parameters, exactly."""
+
+    variant: AttentionVariant
+    num_keys: torch.Tensor  # (...,) int64: real keys per row (the mask's leading dims)
+
+
+@dataclass(frozen=True)
 class AttentionMask:
     """allowed: bool (..., T, S), or None for plain causal attention of fresh tokens (keys ==
-    queries, SDPA's is_causal). bias: fp32 (..., H, T, S) or None."""
+    queries, SDPA's is_causal). bias: fp32 (..., H, T, S) or None. keys: set by `build` when
+    the keys are consecutive (see ConsecutiveKeys), else None."""
 
     allowed: torch.Tensor | None
     bias: torch.Tensor | None = None
+    keys: ConsecutiveKeys | None = None
 
     @staticmethod
     def build(variant: AttentionVariant, q_pos: torch.Tensor, k_pos: torch.Tensor, num_heads: int,
@@ -104,7 +118,29 @@ class AttentionMask:
         allowed = variant.allowed(q, k)
         if valid is not None:
             allowed = allowed & valid.unsqueeze(-2)
-        return AttentionMask(allowed, variant.bias(q, k, num_heads))
+        return AttentionMask(allowed, variant.bias(q, k, num_heads), _consecutive_keys(variant, q_pos, k_pos, valid))
+
+
+def _consecutive_keys(variant: AttentionVariant, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                      valid: torch.Tensor | None) -> ConsecutiveKeys | None:
+    num_queries, num_slots = q_pos.shape[-1], k_pos.shape[-1]
+    lead = torch.broadcast_shapes(q_pos.shape[:-1], k_pos.shape[:-1], () if valid is None else valid.shape[:-1])
+    q_pos, k_pos = q_pos.expand(*lead, num_queries), k_pos.expand(*lead, num_slots)
+    slots = torch.arange(num_slots, device=k_pos.device)
+    if valid is None:
+        num_keys = torch.full(lead, num_slots, dtype=torch.long, device=k_pos.device)
+    else:
+        valid = valid.expand(*lead, num_slots)
+        num_keys = valid.sum(-1)
+        if not torch.equal(valid, slots < num_keys.unsqueeze(-1)):
+            return None  # real keys are not a prefix of the slots
+    last_query = q_pos[..., -1:]
+    if not torch.equal(q_pos, last_query - torch.arange(num_queries - 1, -1, -1, device=q_pos.device)):
+        return None
+    expected = last_query - num_keys.unsqueeze(-1) + 1 + slots  # (..., S) consecutive, ending at the last query
+    if not bool(((k_pos == expected) | (slots >= num_keys.unsqueeze(-1))).all()):
+        return None
+    return ConsecutiveKeys(variant, num_keys)
 
 
 def fresh_causal_mask(variant: AttentionVariant, num_tokens: int, num_heads: int) -> AttentionMask:

@@ -34,8 +34,8 @@ def test_builtins_load_and_cover_every_category(manager):
     assert [p for p in manager.plugins] == list(DEFAULT_PLUGINS)
     assert all(info.loaded and info.source == "built-in" for info in manager.plugins.values())
     assert manager.names("attention_variant") == ["alibi", "causal", "local_global", "sinks", "sliding_window"]
-    assert manager.names("attention_backend") == ["naive", "sdpa"]
-    assert manager.names("quantizer") == ["fp8", "int4", "int8", "nf4"]
+    assert manager.names("attention_backend") == ["naive", "sdpa", "triton"]
+    assert manager.names("quantizer") == ["fp8", "int4", "int4_triton", "int8", "int8_triton", "nf4"]
     assert manager.names("kv_cache_format") == ["auto", "int8"]
     assert manager.names("draft_proposer") == ["draft_model", "ngram", "remote"]
     assert manager.names("embedder") == ["all-MiniLM-L6-v2"]
@@ -44,7 +44,7 @@ def test_builtins_load_and_cover_every_category(manager):
 
 
 def test_unknown_name_lists_the_available_ones(manager):
-    with pytest.raises(ConfigError, match="unknown quantizer 'int3'; available: fp8, int4, int8, nf4"):
+    with pytest.raises(ConfigError, match="unknown quantizer 'int3'; available: fp8, int4, int4_triton, int8, int8_triton, nf4"):
         manager.get("quantizer", "int3")
 
 
