@@ -36,6 +36,7 @@ class PipelineConfig:
     # the model, as tandem.LLM takes it
     model: str = DEFAULT_MODEL
     dtype: str = "float32"
+    device: str = "auto"  # where each worker runs: auto (its GPU when Ray gave it one), cpu, cuda
     max_model_len: int | None = None
     quantization: str | None = None
     quantization_options: dict = field(default_factory=dict)
@@ -155,17 +156,18 @@ class PipelineConfig:
     # -- what a worker builds ------------------------------------------------------------------
     def llm_kwargs(self) -> dict:
         """tandem.LLM's arguments for a worker of this pipeline."""
-        return dict(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len,
+        return dict(model=self.model, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
                     num_threads=self.num_threads, progress=False, quantization=self.quantization,
                     quantization_options=self.quantization_options or None, attention=self.attention,
                     attention_options=self.attention_options or None, attention_backend=self.attention_backend,
                     kv_cache_dtype=self.kv_cache_dtype, kv_cache_memory=self.kv_cache_memory,
                     speculative=self.speculative, **self.engine)
 
-    def kv_namespace(self, model_path: Path, block_size: int) -> str:
-        """Names the KV layout: only workers that would compute bit-identical KV share blocks."""
+    def kv_namespace(self, model_path: Path, block_size: int, device: str = "cpu") -> str:
+        """Names the KV layout: only workers that would compute bit-identical KV share blocks
+        (device: the type a worker resolved, cpu or cuda: their kernels round differently)."""
         stat = model_path.stat() if model_path.is_file() else None
-        key = json.dumps([str(model_path), stat.st_size if stat else None, self.dtype, self.quantization,
+        key = json.dumps([str(model_path), stat.st_size if stat else None, self.dtype, device, self.quantization,
                           self.quantization_options, self.attention, self.attention_options,
                           self.kv_cache_dtype, block_size], sort_keys=True, default=str)
         return f"{model_path.stem}-{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}"

@@ -53,7 +53,7 @@ class Worker:
         self.rpc_tally = rpc_tally(self)
         self.engine = AsyncEngine(llm.engine)
         self.block_size = llm.engine.config.block_size
-        self.namespace = config.kv_namespace(llm.model_path, self.block_size)
+        self.namespace = config.kv_namespace(llm.model_path, self.block_size, llm.device.type)
         self.kv_store_target = kv_store
         self._store: KVStoreClient | None = None
         self.draining = False

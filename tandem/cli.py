@@ -28,8 +28,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: the model's own)")
     p.add_argument("--attention-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the variant, e.g. window=256 (repeatable)")
-    p.add_argument("--attention-backend", default="sdpa", help="sdpa (default), naive (the reference), or a plugin's")
+    p.add_argument("--attention-backend", default="sdpa",
+                   help="sdpa (default), naive (the reference), triton (GPU kernels), or a plugin's")
     p.add_argument("--kv-cache-dtype", default="auto", help="KV-cache format: auto (the model's dtype) or int8")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (a GPU when there is one)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -150,7 +152,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--attention", default=None, help="attention variant plugin (default: the model's own)")
     p.add_argument("--attention-option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--attention-backend", default=None, help="sdpa (default), naive, or a plugin's")
+    p.add_argument("--attention-backend", default=None, help="sdpa (default), naive, triton (GPU kernels), or a plugin's")
+    p.add_argument("--device", default=None, help="where workers run: auto (default: a GPU when the worker has one), "
+                   "cpu, cuda")
     p.add_argument("--kv-cache-dtype", default=None, help="auto (default) or int8")
     p.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV pool per worker (default 512 MiB)")
@@ -224,7 +228,7 @@ def _load(args):
                quantization=args.quantization,
                quantization_options=parse_options(args.quantization_option, "--quantization-option"),
                attention=args.attention, attention_options=parse_options(args.attention_option, "--attention-option"),
-               attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype)
+               attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype, device=args.device)
 
 
 def cmd_generate(args) -> int:
@@ -334,7 +338,7 @@ def cmd_plugins_list(args) -> int:
     return 0
 
 
-_PIPELINE_KEYS = ("model", "dtype", "num_threads", "quantization", "attention", "attention_backend", "kv_cache_dtype",
+_PIPELINE_KEYS = ("model", "dtype", "device", "num_threads", "quantization", "attention", "attention_backend", "kv_cache_dtype",
                   "max_model_len", "kv_cache_memory", "mode", "host", "grpc_port", "http_port", "api_keys",
                   "api_key_file", "tls_cert", "tls_key", "kv_store_bytes", "max_inflight", "max_message_bytes",
                   "ray_address", "dashboard", "object_store_memory", "rag_data_dir", "onnx_cache_dir")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from tandem.engine import EngineConfig, LLMEngine
+from tandem.engine.config import resolve_device
 from tandem.errors import ConfigError, InvalidRequestError, PluginError
 from tandem.model.kv_cache import KVCache
 from tandem.model.loader import load_model
@@ -40,7 +41,8 @@ class LLM:
                  num_threads: int | None = None, progress: bool = True, *, quantization: str | None = None,
                  quantization_options: dict | None = None, attention: str | None = None,
                  attention_options: dict | None = None, attention_backend: str = "sdpa",
-                 kv_cache_dtype: str = "auto", speculative: dict | None = None, plugins=None, **engine_options):
+                 kv_cache_dtype: str = "auto", speculative: dict | None = None, device: str = "cpu", plugins=None,
+                 **engine_options):
         """quantization: a quantizer plugin ("int8", "int4", "nf4", "fp8", ...), applied to the
         loaded (dequantized) weights; its options e.g. {"group_size": 64}. attention: a variant
         plugin ("sliding_window", "sinks", "alibi", "local_global", ...) with its options; None
@@ -48,7 +50,11 @@ class LLM:
         "sdpa" or "naive" (the reference) or a plugin's. kv_cache_dtype: "auto" (the model's dtype)
         or "int8". speculative: the requests' default speculative decoding, e.g. {"method": "ngram",
         "k": 5} (keys: method, k, adaptive, options; None: off); SamplingParams.speculative
-        overrides it per request. plugins: a tandem.plugins.PluginManager (default: the process's).
+        overrides it per request. device: "cpu" (default), "cuda", "cuda:N" or "auto" (a GPU when
+        PyTorch sees one): where the weights, the KV pool and the forward live; sampling runs on
+        the host. On a GPU pick attention_backend="triton" and the "int8_triton"/"int4_triton"
+        quantizers: "int8"/"int4" are PyTorch's packed CPU kernels.
+        plugins: a tandem.plugins.PluginManager (default: the process's).
         engine_options are EngineConfig's fields: block_size, num_kv_blocks, kv_cache_memory,
         max_num_seqs, max_num_batched_tokens, max_waiting, enable_prefix_caching.
         Every name and option is checked before the model loads."""
@@ -62,6 +68,7 @@ class LLM:
             if not (isinstance(num_threads, int) and num_threads > 0):
                 raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
             torch.set_num_threads(num_threads)
+        self.device = resolve_device(device)
         self.plugins = plugins or get_plugin_manager()
         quantizer = None if quantization is None else self.plugins.create("quantizer", quantization,
                                                                           quantization_options)
@@ -92,6 +99,7 @@ class LLM:
                 raise PluginError(f"quantizer {quantization!r} from plugin "
                                   f"{self.plugins.owner('quantizer', quantization)!r} failed: "
                                   f"{type(exc).__name__}: {exc}") from exc
+        self.model.to(self.device)  # after quantizing: the quantizers work on host weights
         self.quantization, self.variant, self.backend = quantization, variant, backend
         self.dtype = next(self.model.parameters()).dtype
         limit = self.config.max_position
@@ -178,8 +186,8 @@ class LLM:
         return ids
 
     def _forward(self, token_ids: list[int], cache: KVCache) -> torch.Tensor:
-        positions = torch.arange(cache.length, cache.length + len(token_ids)).unsqueeze(0)
-        hidden = self.model(torch.tensor([token_ids]), positions, cache)
+        positions = torch.arange(cache.length, cache.length + len(token_ids), device=self.device).unsqueeze(0)
+        hidden = self.model(torch.tensor([token_ids], device=self.device), positions, cache)
         cache.advance(len(token_ids))
         return hidden
 
@@ -191,11 +199,11 @@ class LLM:
         self.tokenizer.check_ids(ids)
         if not 2 <= len(ids) <= self.max_model_len:
             raise InvalidRequestError(f"score needs 2 to {self.max_model_len} tokens, got {len(ids)}")
-        cache = KVCache(self.config, len(ids), self.dtype, variant=self.variant, backend=self.backend)
+        cache = KVCache(self.config, len(ids), self.dtype, self.device, variant=self.variant, backend=self.backend)
         logprobs, argmax = [], []
         for start in range(0, len(ids) - 1, PREFILL_CHUNK):
             chunk = ids[start:start + PREFILL_CHUNK]
-            targets = torch.tensor(ids[start + 1:start + 1 + len(chunk)])
+            targets = torch.tensor(ids[start + 1:start + 1 + len(chunk)], device=self.device)
             logits = self.model.compute_logits(self._forward(chunk, cache)[0, :len(targets)])
             logprobs += logits.log_softmax(-1).gather(-1, targets.unsqueeze(1)).squeeze(1).tolist()
             argmax += logits.argmax(-1).tolist()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from tandem.errors import ConfigError
 
 # Default KV pool: 2 GiB (vLLM's CPU backend defaults to 4 GiB). The pool is zero-filled, so it is
@@ -40,8 +42,26 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_memory must be a fraction in (0, 1] or a byte count, got {memory!r}")
 
 
-def available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux); physical memory elsewhere."""
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" (a CUDA GPU when PyTorch sees one, else the CPU), "cpu", "cuda", "cuda:N"."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: PyTorch sees no CUDA GPU here")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: tandem runs on cpu or cuda")
+    return resolved
+
+
+def available_memory_bytes(device: torch.device | None = None) -> int:
+    """Free memory of a CUDA device; for the CPU, MemAvailable from /proc/meminfo (Linux),
+    physical memory elsewhere."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -54,13 +74,15 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def num_kv_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int) -> int:
-    """Pool size in blocks: explicit, or from the memory budget, capped at what max_num_seqs
-    sequences of max_model_len tokens could ever use."""
+def num_kv_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int,
+                  device: torch.device | None = None) -> int:
+    """Pool size in blocks: explicit, or from the memory budget (a fraction is of the free memory
+    of the device the pool lives on), capped at what max_num_seqs sequences of max_model_len
+    tokens could ever use."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     memory = config.kv_cache_memory
-    budget = int(memory * available_memory_bytes()) if memory <= 1 else int(memory)
+    budget = int(memory * available_memory_bytes(device)) if memory <= 1 else int(memory)
     blocks = budget // (bytes_per_token * config.block_size)
     ceiling = config.max_num_seqs * -(-max_model_len // config.block_size)
     if blocks < 1:

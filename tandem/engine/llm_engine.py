@@ -67,7 +67,7 @@ class LLMEngine:
         self.variant, self.retention = variant, variant.retention()
         c, block_size = self.model_config, self.config.block_size
         per_token = kv_format.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, next(model.parameters()).dtype)
-        blocks = num_kv_blocks(self.config, per_token, max_model_len)
+        blocks = num_kv_blocks(self.config, per_token, max_model_len, next(model.parameters()).device)
         # A windowed variant frees blocks as it goes, so a shared prefix does not stay whole.
         caching = self.config.enable_prefix_caching and self.retention is None
         self.block_manager = BlockManager(blocks, block_size, caching)

@@ -20,18 +20,20 @@ class ModelRunner:
         self.model, self.config = model, config
         self.block_size, self.num_blocks = block_size, num_blocks
         self.variant, self.backend = variant, backend
-        dtype = next(model.parameters()).dtype
+        dtype, self.device = next(model.parameters()).dtype, next(model.parameters()).device
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        # One pool per layer for K and for V.
-        self.k_pools = [kv_format.create_pool(*shape, dtype) for _ in range(config.num_layers)]
-        self.v_pools = [kv_format.create_pool(*shape, dtype) for _ in range(config.num_layers)]
+        # One pool per layer for K and for V, on the model's device (the default device while a
+        # format plugin allocates, so plugins need not know about devices).
+        with self.device:
+            self.k_pools = [kv_format.create_pool(*shape, dtype) for _ in range(config.num_layers)]
+            self.v_pools = [kv_format.create_pool(*shape, dtype) for _ in range(config.num_layers)]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks in every layer before the forward writes to them."""
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies])
-        dst = torch.tensor([d for _, d in copies])
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
         for pool in (*self.k_pools, *self.v_pools):
             pool.copy_blocks(src, dst)
 
@@ -46,10 +48,10 @@ class ModelRunner:
         return [(t.dtype, (len(states), *t.shape[1:])) for t in states[0]]
 
     def export_blocks(self, block_ids: list[int]) -> list[list[torch.Tensor]]:
-        """Copies of the blocks' KV, every layer's K then V: one list of tensors per block."""
-        ids = torch.tensor(block_ids, dtype=torch.long)
+        """Copies of the blocks' KV, every layer's K then V, in host memory: one list of tensors per block."""
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         states = self._states()
-        stacked = [torch.stack([s[j].index_select(0, ids) for s in states], 1) for j in range(len(states[0]))]
+        stacked = [torch.stack([s[j].index_select(0, ids) for s in states], 1).cpu() for j in range(len(states[0]))]
         return [[x[i] for x in stacked] for i in range(len(block_ids))]
 
     def import_blocks(self, block_ids: list[int], blocks: list[list[torch.Tensor]]) -> None:
@@ -61,9 +63,9 @@ class ModelRunner:
                 raise ValueError(f"a KV block of layout {got} does not fit this pool's {layout}")
         if not blocks:
             return
-        ids = torch.tensor(block_ids, dtype=torch.long)
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         for j in range(len(layout)):
-            x = torch.stack([b[j] for b in blocks])  # (n, 2 x layers, ...)
+            x = torch.stack([b[j] for b in blocks]).to(self.device)  # (n, 2 x layers, ...)
             for p, state in enumerate(self._states()):
                 state[j][ids] = x[:, p]
 
@@ -73,7 +75,8 @@ class ModelRunner:
         """Run one step. sample_rows: indices into `scheduled` whose last computed token is to be
         sampled from; num_rows (aligned with it, default 1 each): how many of each one's last
         computed positions to return (speculative verification needs every guess's). Returns fp32
-        logits (sum(num_rows), vocab), sequence by sequence, positions in order."""
+        logits (sum(num_rows), vocab) in host memory (sampling runs on the host), sequence by
+        sequence, positions in order."""
         self.copy_blocks(copies)
         tokens, positions, rows = [], [], []
         for seq, num in scheduled:
@@ -81,11 +84,13 @@ class ModelRunner:
             tokens += seq.token_ids[start:start + num]
             positions += range(start, start + num)
             rows.append((seq.block_table, start, num))
-        meta = build_metadata(rows, self.block_size, self.variant, self.config.num_heads)
+        meta = build_metadata(rows, self.block_size, self.variant, self.config.num_heads).to(self.device)
         attention = PagedAttention(self.k_pools, self.v_pools, meta, self.variant, self.backend)
-        hidden = self.model(torch.tensor([tokens]), torch.tensor([positions]), attention)[0]  # (N, d)
+        inputs = torch.tensor([tokens, positions], device=self.device)
+        hidden = self.model(inputs[:1], inputs[1:], attention)[0]  # (N, d)
         ends = torch.tensor([n for _, n in scheduled]).cumsum(0) - 1  # last row of each sequence
         if num_rows is None:
-            return self.model.compute_logits(hidden[ends[sample_rows]])
-        rows = torch.cat([torch.arange(int(ends[i]) - c + 1, int(ends[i]) + 1) for i, c in zip(sample_rows, num_rows)])
-        return self.model.compute_logits(hidden[rows])
+            picked = ends[sample_rows]
+        else:
+            picked = torch.cat([torch.arange(int(ends[i]) - c + 1, int(ends[i]) + 1) for i, c in zip(sample_rows, num_rows)])
+        return self.model.compute_logits(hidden[picked.to(self.device)]).float().cpu()

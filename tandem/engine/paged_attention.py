@@ -17,7 +17,7 @@ import torch
 
 from tandem.engine.block_manager import NULL_BLOCK
 from tandem.errors import PluginError
-from tandem.model.attention import AttentionBackend, AttentionMask, AttentionVariant, fresh_causal_mask
+from tandem.model.attention import AttentionBackend, AttentionMask, AttentionVariant, fresh_causal_mask, tensors_to
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,10 @@ class PagedAttentionMetadata:
     slots: torch.Tensor  # (N,) where the new tokens' K/V go
     prefills: tuple[PrefillChunk, ...]
     decodes: DecodeBatch | None
+
+    def to(self, device: torch.device) -> PagedAttentionMetadata:
+        """The same metadata with every tensor on `device` (built on the host, used where the model is)."""
+        return tensors_to(self, device)
 
 
 class PagedAttention:

@@ -17,6 +17,7 @@ Masks and biases are built once per step (not per layer) from positions, into an
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -85,6 +86,21 @@ class AttentionVariant:
     def describe(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{self.name}({options})"
+
+
+def tensors_to(x, device: torch.device):
+    """x with every tensor in it on `device`: a tensor, or frozen dataclasses and tuples of them
+    (attention metadata is built on the host and used where the model is). No-op for the CPU."""
+    if device.type == "cpu":
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: tensors_to(getattr(x, f.name), device)
+                                         for f in dataclasses.fields(x) if f.init})
+    if isinstance(x, tuple):
+        return tuple(tensors_to(v, device) for v in x)
+    return x
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 
 from tandem.config import ModelConfig
 from tandem.model.attention import (DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBackend, AttentionMask,
-                                    AttentionVariant, fresh_causal_mask)
+                                    AttentionVariant, fresh_causal_mask, tensors_to)
 
 
 class KVCache:
@@ -44,7 +44,7 @@ class KVCache:
             else:
                 mask = AttentionMask.build(self.variant, torch.arange(self.length, end), torch.arange(end),
                                            self.num_heads)
-            self._mask = (self.length, end, mask)
+            self._mask = (self.length, end, tensors_to(mask, self.k.device))
         return self._mask[2]
 
     def advance(self, num_tokens: int) -> None:
