@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from tandem.kernels._utils import dot, is_interpreting, kernel_flags
-from tandem.model.quantization import SCALE_DTYPE, int4_codes, int8_codes
+from tandem.model.quantization import int4_codes, int8_codes
 
 GROUP_SIZES = (32, 64, 128)
 GEMV_MAX_M = 4  # decode batches up to this take the GEMV path
