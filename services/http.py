@@ -197,16 +197,14 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
 
 # -- running requests --------------------------------------------------------------------------
 async def _start(runs: list) -> list:
-    """Each run's first response: admission and validation errors surface here, before the HTTP
-    status is sent. A failure closes the runs already started."""
-    firsts = []
-    try:
-        for run in runs:
-            firsts.append(await anext(run))
-    except BaseException:
+    """Each run's first response, the runs started together: admission and validation errors
+    surface here, before the HTTP status is sent. A failure closes every run."""
+    firsts = await asyncio.gather(*(anext(run) for run in runs), return_exceptions=True)
+    failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if failed is not None:
         for run in runs:
             await run.aclose()
-        raise
+        raise failed
     return firsts
 
 
