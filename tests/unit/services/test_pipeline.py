@@ -269,6 +269,15 @@ def test_tls_on_the_gateway(tiny_hf_dir, tmp_path):
         with Client(p.address, timeout=5, max_retries=0) as plain, pytest.raises(Exception) as err:
             plain.tokenize("hi")  # a plaintext client cannot talk to a TLS gateway
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        import ssl
+
+        import httpx  # the HTTP API is HTTPS with the same certificate
+
+        host_port = p.http_address
+        trust = ssl.create_default_context(cafile=str(cert))
+        assert httpx.get(f"https://{host_port}/health", verify=trust).status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://{host_port}/health", timeout=5)
 
 
 def test_speculative_decoding_through_the_pipeline(tiny_hf_dir, tiny_llm):
