@@ -78,7 +78,8 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
                                   max_body_bytes=config.max_message_bytes, served_model_name=config.model,
                                   tls_cert=config.tls_cert, tls_key=config.tls_key)
             frontend = HttpFrontend(lambda: create_app(holder["servicer"], options), options)
-        service = ServiceHost(registrations, public, healthy=lambda: "servicer" in holder and holder["servicer"].healthy(),
+        healthy = lambda: "servicer" in holder and holder["servicer"].healthy()  # noqa: E731
+        service = ServiceHost(registrations, public, healthy=healthy,
                               on_start=frontend and frontend.start, on_stop=frontend and frontend.stop)
         service.http = frontend
         return service

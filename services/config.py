@@ -111,8 +111,8 @@ class PipelineConfig:
                 SpeculativeConfig.parse(self.speculative)
             except InvalidRequestError as exc:
                 raise ConfigError(str(exc)) from None
-        if not isinstance(self.gateway_resources, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.gateway_resources.values()):
+        amounts = self.gateway_resources.values() if isinstance(self.gateway_resources, dict) else [None]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in amounts):
             raise ConfigError(f"gateway_resources must map Ray resource names to positive amounts, "
                               f"got {self.gateway_resources!r}")
         if bool(self.tls_cert) != bool(self.tls_key):

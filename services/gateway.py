@@ -110,9 +110,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.max_inflight, self.inflight, self.draining = max_inflight, 0, False
         self.counters = {"requests": 0, "rejected": 0, "errors": 0}
         self.metrics = GatewayMetrics()
-        role = "prefill" if self.disaggregated else "worker"
         self._stats_stubs = {("tokenizer", tokenizer): self.tokenizer,
-                             **{(role, e.target): e.stub for e in self.router.prefill},
+                             **{("prefill", e.target): e.stub for e in self.router.prefill},
                              **{("decode" if self.disaggregated else "worker", e.target): e.stub
                                 for e in self.router.decode}}
         if self.retrieval is not None:

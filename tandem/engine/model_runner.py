@@ -92,5 +92,6 @@ class ModelRunner:
         if num_rows is None:
             picked = ends[sample_rows]
         else:
-            picked = torch.cat([torch.arange(int(ends[i]) - c + 1, int(ends[i]) + 1) for i, c in zip(sample_rows, num_rows)])
+            picked = torch.cat([torch.arange(int(ends[i]) - c + 1, int(ends[i]) + 1)
+                                for i, c in zip(sample_rows, num_rows)])
         return self.model.compute_logits(hidden[picked.to(self.device)]).float().cpu()

@@ -242,7 +242,9 @@ def test_metrics_move_after_requests(pipe, oai, model):
 
 def test_a_client_that_goes_away_frees_its_blocks(pipe, model):
     url = f"http://{pipe.http_address}/metrics"
-    cancelled = lambda: metric(httpx.get(url).text, "tandem_requests_total", api="http", status="CANCELLED")  # noqa: E731
+    def cancelled() -> float:
+        return metric(httpx.get(url).text, "tandem_requests_total", api="http", status="CANCELLED")
+
     before = cancelled()
     body = {"model": model, "prompt": PROMPTS[2], "max_tokens": 400, "temperature": 0, "stream": True,
             "ignore_eos": True}
