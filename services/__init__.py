@@ -79,8 +79,12 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
                                   tls_cert=config.tls_cert, tls_key=config.tls_key)
             frontend = HttpFrontend(lambda: create_app(holder["servicer"], options), options)
         healthy = lambda: "servicer" in holder and holder["servicer"].healthy()  # noqa: E731
-        service = ServiceHost(registrations, public, healthy=healthy,
-                              on_start=frontend and frontend.start, on_stop=frontend and frontend.stop)
+        def drain():  # new requests get UNAVAILABLE (HTTP 503, /health 503) while in-flight ones finish
+            if "servicer" in holder:
+                holder["servicer"].draining = True
+
+        service = ServiceHost(registrations, public, healthy=healthy, on_start=frontend and frontend.start,
+                              on_stop=frontend and frontend.stop, on_drain=drain)
         service.http = frontend
         return service
     raise ConfigError(f"unknown service {name!r}; services are {SERVICES}")

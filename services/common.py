@@ -190,9 +190,10 @@ class ServiceHost:
     def __init__(self, registrations: list[Registration] | Callable[[], list[Registration]],
                  options: ServerOptions | None = None,
                  healthy: Callable[[], bool] | None = None, on_start: Callable[[], object] | None = None,
-                 on_stop: Callable[[], object] | None = None):
+                 on_stop: Callable[[], object] | None = None, on_drain: Callable[[], object] | None = None):
         self.registrations, self.options = registrations, options or ServerOptions()
         self.healthy, self.on_start, self.on_stop = healthy or (lambda: True), on_start, on_stop
+        self.on_drain = on_drain  # called when stop() begins, before the grace period
         self.port: int | None = None
         self.http = None  # the gateway's HttpFrontend (services.http), when it serves HTTP
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -272,8 +273,10 @@ class ServiceHost:
         self._started.set()
         watcher = asyncio.create_task(self._watch_health())
         await self._stopped.wait()
-        await self._set_health(False)  # draining: probes see it before the port closes
         watcher.cancel()
+        if self.on_drain is not None:
+            self.on_drain()
+        await self._set_health(False)  # draining: probes see it before the port closes
         await self._server.stop(o.grace_s)
         if self.on_stop is not None:
             result = self.on_stop()

@@ -5,7 +5,8 @@ uvicorn, on the gateway's own event loop, beside its gRPC server).
     POST /v1/completions        text completions (prompt: a string, strings, token ids)
     POST /v1/chat/completions   chat through the model's chat template
     GET  /metrics               Prometheus text (docs/metrics.md); no API key needed
-    GET  /health                200 while the gateway serves, 503 while it drains
+    GET  /health                200 while the gateway serves; 503 once it drains (then the port
+                                closes when the requests in flight are done)
 
 Both APIs call the same GatewayServicer methods, so a request is admitted, routed, counted and
 measured the same way whichever door it came in by. With API keys configured, /v1 routes need

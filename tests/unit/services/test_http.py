@@ -272,3 +272,29 @@ def test_a_client_that_goes_away_frees_its_blocks(pipe, model):
     assert wait_until(lambda: stats(pipe, "decode-0")["running"] == 0)
     assert wait_until(lambda: stats(pipe, "decode-0")["kv_blocks_used"] == 0)
     assert cancelled() == before + 2
+
+
+def refuses(url: str, body: dict | None = None) -> bool:
+    """A draining gateway answers 503 ("the gateway is draining"), or has closed its port already."""
+    try:
+        response = httpx.post(url, json=body, timeout=5) if body else httpx.get(url, timeout=5)
+    except httpx.ConnectError:
+        return True
+    return response.status_code == 503
+
+
+def test_a_draining_gateway_finishes_what_it_started_and_refuses_the_rest(tiny_hf_dir):
+    with InProcessPipeline(config(tiny_hf_dir, mode="aggregated")) as p:
+        base = f"http://{p.http_address}"
+        body = {"prompt": PROMPTS[0], "max_tokens": 150, "temperature": 0, "stream": True, "ignore_eos": True}
+        stopper = threading.Thread(target=p.hosts["gateway-0"].stop)
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            stopper.start()
+            assert wait_until(lambda: refuses(f"{base}/health"), timeout=5)  # probes see it first
+            assert refuses(f"{base}/v1/completions", {"prompt": "hi", "max_tokens": 2})
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"  # ran to the end
+        stopper.join(30)
