@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +116,8 @@ class PipelineConfig:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in amounts):
             raise ConfigError(f"gateway_resources must map Ray resource names to positive amounts, "
                               f"got {self.gateway_resources!r}")
+        if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")  # resolved per worker
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both tls_cert and tls_key")
 

@@ -86,6 +86,9 @@ def test_cluster_wiring_uses_advertised_addresses_and_starts_in_dependency_order
     assert "resources" not in actor_options(config, workers[0], gpus=False)
     with pytest.raises(ConfigError, match="gateway_resources"):
         PipelineConfig(gateway_resources={"tandem_gateway": -1})
+    assert PipelineConfig(device="cuda:1").device == "cuda:1"  # checked here, resolved on each worker
+    with pytest.raises(ConfigError, match="device"):
+        PipelineConfig(device="gpu")
 
 
 def test_kv_namespace_changes_with_what_changes_the_kv(tmp_path):
