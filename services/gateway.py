@@ -110,6 +110,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.max_inflight, self.inflight, self.draining = max_inflight, 0, False
         self.counters = {"requests": 0, "rejected": 0, "errors": 0}
         self.metrics = GatewayMetrics()
+        self._model_card: gateway_pb2.ModelCard | None = None  # every worker serves the same model
         self._stats_stubs = {("tokenizer", tokenizer): self.tokenizer,
                              **{("prefill", e.target): e.stub for e in self.router.prefill},
                              **{("decode" if self.disaggregated else "worker", e.target): e.stub
@@ -184,10 +185,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return token_ids(answer.token_ids), sources
 
     async def model_card(self, deadline: Deadline | None = None) -> gateway_pb2.ModelCard:
-        endpoint = self.router.decode[0]
-        info = await endpoint.stub.Info(prefill_pb2.WorkerInfoRequest(),
-                                        timeout=(deadline or Deadline(10.0)).remaining())
-        return gateway_pb2.ModelCard(id=info.model, max_model_len=info.max_model_len)
+        """The served model, asked of a worker once (every HTTP request checks its `model` against it)."""
+        if self._model_card is None:
+            endpoint = self.router.decode[0]
+            info = await endpoint.stub.Info(prefill_pb2.WorkerInfoRequest(),
+                                            timeout=(deadline or Deadline(10.0)).remaining())
+            self._model_card = gateway_pb2.ModelCard(id=info.model, max_model_len=info.max_model_len)
+        return self._model_card
 
     async def render_metrics(self) -> bytes:
         """Prometheus text: the gateway's instruments and every service's Stats, asked now."""

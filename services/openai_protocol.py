@@ -220,17 +220,16 @@ class CompletionLogprobs:
         self._offset = 0
 
     def add(self, items) -> dict:
-        part = CompletionLogprobs()
-        part._offset = self._offset
+        """Append some tokens' logprobs; returns the object of just those (a stream chunk's)."""
+        start = len(self.tokens)
         for lp in items:
-            for target in (self, part):
-                text = token_text(lp.token)
-                target.tokens.append(text)
-                target.token_logprobs.append(lp.logprob)
-                target.top_logprobs.append({token_text(t.token): t.logprob for t in lp.top})
-                target.text_offset.append(target._offset)
-                target._offset += len(text)
-        return part.to_dict()
+            text = token_text(lp.token)
+            self.tokens.append(text)
+            self.token_logprobs.append(lp.logprob)
+            self.top_logprobs.append({token_text(t.token): t.logprob for t in lp.top})
+            self.text_offset.append(self._offset)
+            self._offset += len(text)
+        return {key: values[start:] for key, values in self.to_dict().items()}
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,

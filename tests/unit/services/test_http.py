@@ -124,6 +124,11 @@ def test_logprobs_match_a_full_forward(oai, model, tiny_llm):
     assert len(lp.token_logprobs) == 6 and all(len(top) <= 3 for top in lp.top_logprobs)
     assert lp.token_logprobs == pytest.approx(want, abs=LOGPROB_TOLERANCE)
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    chunks = oai.completions.create(model=model, prompt=PROMPTS[1], max_tokens=6, temperature=0, logprobs=3,
+                                    stream=True, **extra(ignore_eos=True))
+    parts = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [v for p in parts for v in p.token_logprobs] == lp.token_logprobs  # chunks carry their own tokens
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset
     chat = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                        temperature=0, logprobs=True, top_logprobs=2, **extra(ignore_eos=True))
     content = chat.choices[0].logprobs.content
@@ -199,7 +204,13 @@ def test_api_keys_body_limit_and_inflight_limit(tiny_hf_dir):
             with pytest.raises(openai.RateLimitError, match="limit of 1"):
                 good.completions.create(model=model, prompt="hi", max_tokens=2)
             running.close()
-            assert wait_until(lambda: good.completions.create(model=model, prompt="hi", max_tokens=2) is not None)
+            def admitted() -> bool:  # the closed stream's slot comes back
+                try:
+                    return good.completions.create(model=model, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+                except openai.RateLimitError:
+                    return False
+
+            assert wait_until(admitted)
 
 
 def metric(text: str, name: str, **labels) -> float:
