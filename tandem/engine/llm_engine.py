@@ -25,7 +25,8 @@ from tandem.outputs import (CompletionOutput, KVHandoff, OutputBuilder, RequestM
 from tandem.sampling import SamplerPipeline, SamplingBatch, make_generator, token_logprobs
 from tandem.draft import DraftProposer
 from tandem.sampling_params import SamplingParams
-from tandem.speculative import SpeculationState, SpeculativeConfig, verify_greedy, verify_sampled
+from tandem.speculative import (SpeculationState, SpeculativeConfig, SpeculativePolicy, verify_greedy,
+                                verify_sampled)
 from tandem.tokenizer import Tokenizer
 
 
@@ -55,13 +56,15 @@ class LLMEngine:
     """The plugins it runs with come resolved (tandem.plugins.PluginManager does that): `sampler`
     (the logits-processor pipeline), the attention `variant` and `backend`, and the `kv_format`.
     speculative: the default speculative-decoding setting of its requests (SamplingParams can
-    override it); proposer_factory(SpeculativeConfig) -> DraftProposer makes the proposers."""
+    override it); speculative_methods: the proposers a request may pick (None: the default's and
+    n-gram; see SpeculativePolicy); proposer_factory(SpeculativeConfig) -> DraftProposer makes the
+    proposers."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_model_len: int,
                  config: EngineConfig | None = None, *, sampler: SamplerPipeline,
                  variant: AttentionVariant = DEFAULT_VARIANT, backend: AttentionBackend = DEFAULT_BACKEND,
                  kv_format: KVCacheFormat = DEFAULT_KV_FORMAT, speculative: SpeculativeConfig | None = None,
-                 proposer_factory=None):
+                 proposer_factory=None, speculative_methods=None):
         self.config = config or EngineConfig()
         self.tokenizer, self.model_config, self.sampler = tokenizer, model.config, sampler
         self.variant, self.retention = variant, variant.retention()
@@ -89,19 +92,24 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.num_finished_requests = 0
         self.speculative, self.proposer_factory = speculative, proposer_factory
+        self.spec_policy = SpeculativePolicy.of(speculative, speculative_methods)
         self._proposers: dict[tuple[str, str], DraftProposer] = {}
         self.num_spec_proposed = self.num_spec_accepted = 0
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
-                    prefill_only: bool = False, first_token_ids: list[int] | None = None) -> None:
+                    prefill_only: bool = False, generated: list[list[int]] | None = None) -> None:
         """Queue a request. Raises InvalidRequestError for a bad prompt, QueueFullError when full.
 
         The two halves of disaggregated serving run the same engine with one of these:
         prefill_only: the request ends once each sample has its first token; its output carries a
         KVHandoff with the prompt's full blocks (hashes, and the KV of those computed here).
-        first_token_ids: continue a request whose samples' first tokens (one per sample) were
-        sampled elsewhere; import_blocks first lets its prompt hit the prefix cache."""
+        generated: continue a request whose samples' tokens so far (one list per sample, n in all)
+        were sampled elsewhere: the first token of each (the prefill worker's), or everything a
+        worker streamed before it died (the gateway migrates the request). They count as output,
+        not prompt: penalties, max_tokens, stop rules and the seeded draws carry on as if this
+        engine had sampled them; their text was streamed already. A sample they finish stays
+        finished. import_blocks first lets the prompt hit the prefix cache."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
@@ -115,33 +123,45 @@ class LLMEngine:
                                       "and at least one token must be left to generate")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting requests)")
-        if first_token_ids is not None:
-            if prefill_only or len(first_token_ids) != params.n:
-                raise InvalidRequestError(f"first_token_ids needs one token per sample ({params.n}), "
-                                          f"got {len(first_token_ids)}")
-            self.tokenizer.check_ids(first_token_ids)
+        if generated is not None:
+            if prefill_only:
+                raise InvalidRequestError("a prefill_only request has nothing generated to resume from")
+            if len(generated) != params.n:
+                raise InvalidRequestError(f"generated needs one token list per sample ({params.n}), "
+                                          f"got {len(generated)}")
+            for tokens in generated:
+                self.tokenizer.check_ids(tokens)
         sampling_args = self.sampler.prepare(params)
-        spec = self.speculative if params.speculative == "default" else SpeculativeConfig.parse(params.speculative)
-        if spec is not None and not prefill_only:  # an unknown method or bad options fail here, before any work
+        spec = self.spec_policy.for_request(params.speculative)
+        if spec is not None and not prefill_only:  # a method not enabled fails here, before any work
             spec_state = SpeculationState(spec, self._proposer(spec))
         else:
             spec_state = None
         request = _Request(request_id, list(prompt_ids), params, RequestMetrics(time.monotonic(), len(prompt_ids)),
-                           sampling_args, prefill_only=prefill_only, resumed=first_token_ids is not None,
+                           sampling_args, prefill_only=prefill_only, resumed=generated is not None,
                            spec=spec_state)
-        if first_token_ids is None:
+        if generated is None:
             request.seqs.append(Sequence(request_id, list(prompt_ids), len(prompt_ids), params))
         else:
-            self._start_outputs(request)
-            for index, token in enumerate(first_token_ids):
-                request.builders[index].append(token)  # the text it adds was streamed by the prefill side
-                request.seqs.append(Sequence(request_id, [*prompt_ids, token], len(prompt_ids), params, index))
-            if request.finished:
-                raise InvalidRequestError("every sample finished with its first token: nothing to continue")
+            self._resume(request, generated)
         self.requests[request_id] = request
         for seq in request.seqs:
             if not request.builders or not request.builders[seq.index].finished:
                 self.scheduler.add(seq)
+
+    def _resume(self, request: _Request, generated: list[list[int]]) -> None:
+        """Each sample continues after its generated tokens, replayed through its OutputBuilder
+        (which then stops, counts and holds back stop-string text exactly as it did where they
+        were sampled; the text they add was streamed there). The tokens' KV is recomputed, or
+        found in the prefix cache."""
+        self._start_outputs(request)
+        for index, tokens in enumerate(generated):
+            for token in tokens:
+                request.builders[index].append(token)
+            request.seqs.append(Sequence(request.request_id, [*request.prompt_ids, *tokens],
+                                         len(request.prompt_ids), request.params, index))
+        if request.finished:
+            raise InvalidRequestError("every sample has finished already: nothing to continue")
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks now. Unknown or finished ids are a no-op."""

@@ -37,7 +37,7 @@ def handoff(prefill, decode, request_id, prompt, params):
     assert kv is not None and len(kv.block_hashes) == len(prompt) // BLOCK
     imported = decode.import_blocks(kv.new_hashes, kv.new_blocks)
     firsts = [o.token_ids[0] for o in first.outputs]
-    return first, imported, run(decode, request_id, prompt, params, first_token_ids=firsts)
+    return first, imported, run(decode, request_id, prompt, params, generated=[[t] for t in firsts])
 
 
 @pytest.mark.parametrize("prompt_len", [5, 16, 37, 80])
@@ -92,10 +92,10 @@ def test_sampled_n_samples_continue_from_their_first_tokens(engines):
 
 def test_resume_rejects_a_wrong_number_of_first_tokens(engines):
     _, _, decode = engines
-    with pytest.raises(InvalidRequestError, match="one token per sample"):
-        decode.add_request("bad", [1, 2, 3], SamplingParams(n=2), first_token_ids=[4])
+    with pytest.raises(InvalidRequestError, match="one token list per sample"):
+        decode.add_request("bad", [1, 2, 3], SamplingParams(n=2), generated=[[4]])
     with pytest.raises(InvalidRequestError):
-        decode.add_request("bad2", [1, 2, 3], SamplingParams(), first_token_ids=[10**9])
+        decode.add_request("bad2", [1, 2, 3], SamplingParams(), generated=[[10**9]])
     assert not decode.has_unfinished()
 
 
