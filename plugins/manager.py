@@ -2,6 +2,10 @@
 plugin's components by category, and hands out components by name (pytest's PluginManager idea:
 built-ins listed in DEFAULT_PLUGINS and registered exactly like third-party plugins).
 
+An installed plugin runs its code with the server's rights as soon as it is imported: `allow` (the
+config's `plugins:` list) names the third-party plugins that may load; the others are listed as not
+loaded and never imported. The built-ins (DEFAULT_PLUGINS, tandem's own code) always load.
+
 A plugin is registered whole or not at all: if importing it fails, a hook raises, a component
 is not a subclass of its category's base class, needs a newer API, or reuses a name another
 plugin took, the plugin is recorded as not loaded with the reason, and the others go on.
@@ -63,7 +67,11 @@ class PluginInfo:
 
 
 class PluginManager:
-    def __init__(self, load: bool = True, entry_points: bool = True):
+    def __init__(self, load: bool = True, entry_points: bool = True, allow: list[str] | None = None):
+        """allow: the entry-point plugins that may load, by name (None: every installed one)."""
+        if allow is not None and not (isinstance(allow, (list, tuple, set)) and all(isinstance(n, str) for n in allow)):
+            raise ConfigError(f"plugins must be a list of plugin names, got {allow!r}")
+        self.allow = None if allow is None else frozenset(allow)
         self._pm = pluggy.PluginManager(PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
@@ -79,6 +87,9 @@ class PluginManager:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
             source = f"package {dist.name} {dist.version}" if dist is not None else f"entry point {ep.value}"
+            if self.allow is not None and ep.name not in self.allow:
+                self.plugins[ep.name] = PluginInfo(ep.name, source, False, "not in the plugins allowlist")
+                continue
             if ep.name in self.plugins:
                 self._refuse(ep.name, source, f"a plugin named {ep.name!r} is already registered "
                                               f"(from {self.plugins[ep.name].source})", keep_existing=True)
@@ -200,9 +211,12 @@ class PluginManager:
 _default: PluginManager | None = None
 
 
-def get_plugin_manager() -> PluginManager:
-    """The process's plugin manager, loaded on first use (built-ins, then entry points)."""
+def get_plugin_manager(allow: list[str] | None = None) -> PluginManager:
+    """The process's plugin manager, loaded on first use (built-ins, then entry points). allow:
+    the config's `plugins:` allowlist; a service process passes it first, and a manager loaded
+    under another list is replaced."""
     global _default
-    if _default is None:
-        _default = PluginManager()
+    wanted = None if allow is None else frozenset(allow)
+    if _default is None or (allow is not None and _default.allow != wanted):
+        _default = PluginManager(allow=allow)
     return _default

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from tandem.errors import InvalidRequestError
+from tandem.limits import MAX_SPECULATIVE_JSON_BYTES, MAX_PROCESSOR_ARG_BYTES, check_text, check_token_ids
 from tandem.outputs import RequestMetrics, StreamDelta, TokenLogprob
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import Tokenizer
@@ -19,6 +20,8 @@ _OPTIONAL = ("max_tokens", "n", "temperature", "top_k", "top_p", "min_p", "repet
 
 def sampling_params(msg: common_pb2.SamplingParams) -> SamplingParams:
     kwargs = {key: getattr(msg, key) for key in _OPTIONAL if msg.HasField(key)}
+    check_text("logits_processors_json", msg.logits_processors_json, 2 * MAX_PROCESSOR_ARG_BYTES)
+    check_text("speculative_json", msg.speculative_json, MAX_SPECULATIVE_JSON_BYTES)
     if msg.logits_processors_json:
         try:
             kwargs["logits_processors"] = json.loads(msg.logits_processors_json)
@@ -30,7 +33,8 @@ def sampling_params(msg: common_pb2.SamplingParams) -> SamplingParams:
         except ValueError as exc:
             raise InvalidRequestError(f"speculative_json is not valid JSON: {exc}") from None
     return SamplingParams(logit_bias=dict(msg.logit_bias), stop=list(msg.stop) or None,
-                          stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos, **kwargs)
+                          stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+                          cache_salt=msg.cache_salt or None, **kwargs)
 
 
 def sampling_message(params: SamplingParams) -> common_pb2.SamplingParams:
@@ -43,7 +47,7 @@ def sampling_message(params: SamplingParams) -> common_pb2.SamplingParams:
         ignore_eos=params.ignore_eos, skip_special_tokens=params.skip_special_tokens,
         logits_processors_json=json.dumps(params.logits_processors) if params.logits_processors else "",
         speculative_json="" if params.speculative == "default" else json.dumps(params.speculative),
-        logprobs=params.logprobs)
+        logprobs=params.logprobs, cache_salt=params.cache_salt or "")
 
 
 def delta_message(delta: StreamDelta, tokenizer: Tokenizer) -> common_pb2.SampleDelta:
@@ -64,6 +68,12 @@ def logprob_message(lp: TokenLogprob, tokenizer: Tokenizer) -> common_pb2.TokenL
 def token_ids(values) -> list[int]:
     """Repeated int64 as a list of Python ints (the engine checks their range)."""
     return [int(v) for v in values]
+
+
+def prompt_ids(values, name: str = "prompt") -> list[int]:
+    """A caller's token-id prompt: bounded in length and id range before it goes anywhere (the
+    engine then checks the ids against the model's vocabulary)."""
+    return check_token_ids(name, values)
 
 
 def mean_itl(metrics: RequestMetrics | None) -> float:

@@ -6,18 +6,32 @@ sampling fields vLLM accepts (top_k, min_p, repetition_penalty, ignore_eos, stop
 skip_special_tokens) and tandem's own (speculative, rag), sent by the openai client through
 `extra_body`. A field OpenAI defines that tandem cannot honour (echo, suffix, best_of > n,
 tools, a non-text response_format) is refused with a 400 naming it, never silently ignored.
+Every field states the bounds the server enforces (tandem.limits), so /openapi.json describes what
+is accepted.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tandem.errors import InvalidRequestError
+from tandem.limits import (MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_MESSAGE_CHARS,
+                           MAX_MESSAGES, MAX_N, MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_PROMPTS,
+                           MAX_RAG_K, MAX_REPETITION_PENALTY, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
+                           MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MAX_TOKEN_ID, MAX_TOKENS_LIMIT, MAX_TOP_K,
+                           MIN_REPETITION_PENALTY)
 from tandem.sampling_params import SamplingParams
+from tandem.speculative import MAX_K
 from tandem.v1 import common_pb2, gateway_pb2
+
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+PromptIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_TOKENS)]
 
 # HTTP status and OpenAI error type for each gRPC status the gateway can produce.
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401,
@@ -43,8 +57,8 @@ class RagRequest(BaseModel):
     """tandem's extension: answer from retrieved chunks (extra_body={"rag": {"k": 4}})."""
 
     model_config = ConfigDict(extra="forbid")
-    k: int = 0
-    collection: str = ""
+    k: int = Field(0, ge=0, le=MAX_RAG_K)
+    collection: Name = ""
     hybrid: bool | None = None
 
     def to_pb(self) -> gateway_pb2.RagOptions:
@@ -58,31 +72,52 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class SpeculativeRequest(BaseModel):
+    """tandem's extension: this request's speculative decoding, among the methods the server
+    enables. The proposer's options are the server's: a request carrying them gets a 400."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str = Field("none", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    k: int = Field(5, ge=1, le=MAX_K)
+    adaptive: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_options(cls, data):
+        if isinstance(data, dict) and "options" in data:
+            raise ValueError("speculative options come from the server's configuration; a request may choose "
+                             "only method, k and adaptive")
+        return data
+
+
 class _Sampling(BaseModel):
     """The fields both endpoints share."""
 
     model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, as OpenAI does
-    model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    model: Name | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                               Annotated[float, Field(ge=-100, le=100)]],
+                          Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Name | None = None
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool | None = None
+    cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)] | None = None
     # tandem's extras
-    speculative: dict | str | None = "default"
+    speculative: SpeculativeRequest | Literal["default"] | None = "default"
     rag: RagRequest | None = None
 
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -98,9 +133,10 @@ class _Sampling(BaseModel):
         given = {k: getattr(self, k) for k in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
                                                "top_k", "min_p", "repetition_penalty", "skip_special_tokens")
                  if getattr(self, k) is not None}
+        speculative = self.speculative.model_dump() if isinstance(self.speculative, BaseModel) else self.speculative
         return SamplingParams(max_tokens=max_tokens, n=self.n, stop=self.stop, seed=self.seed, logit_bias=bias,
                               ignore_eos=self.ignore_eos, stop_token_ids=self.stop_token_ids or [],
-                              speculative=self.speculative, logprobs=logprobs, **given)
+                              speculative=speculative, logprobs=logprobs, cache_salt=self.cache_salt, **given)
 
     @property
     def include_usage(self) -> bool:
@@ -108,12 +144,13 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: (PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)] | PromptIds
+             | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS)])
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    suffix: str | None = Field(None, max_length=0)  # not supported: only empty
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, each a text or a list of token ids."""
@@ -133,15 +170,13 @@ class CompletionRequest(_Sampling):
             raise InvalidRequestError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of is not supported (it may only equal n)")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise InvalidRequestError(f"logprobs must be in [0, 20], got {self.logprobs}")
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    content: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | list[dict[str, Any]] | None = None
+    name: Name | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -156,11 +191,11 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
     tool_choice: Any = None
     response_format: dict | None = None
@@ -170,11 +205,8 @@ class ChatCompletionRequest(_Sampling):
             raise InvalidRequestError("tools are not supported")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise InvalidRequestError(f"response_format {self.response_format.get('type')!r} is not supported")
-        if self.top_logprobs is not None:
-            if not self.logprobs:
-                raise InvalidRequestError("top_logprobs needs logprobs to be true")
-            if not 0 <= self.top_logprobs <= 20:
-                raise InvalidRequestError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs to be true")
         if self.tool_choice not in (None, "none"):
             raise InvalidRequestError("tool_choice is not supported")
 

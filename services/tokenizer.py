@@ -39,8 +39,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             if not m["role"]:
                 raise InvalidRequestError("every message needs a role")
             _check_size(m["content"])
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return common_pb2.TokenizeResponse(token_ids=self.tokenizer.encode(text, parse_special=True))
+        # control-token text inside a message stays text: only the template's markers are special
+        return common_pb2.TokenizeResponse(token_ids=self.tokenizer.encode_chat(messages, add_generation_prompt=True))
 
     @rpc
     async def Info(self, request, context):

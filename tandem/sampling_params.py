@@ -8,13 +8,11 @@ import math
 from dataclasses import dataclass, field
 
 from tandem.errors import InvalidRequestError
+from tandem.limits import (MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_N,
+                           MAX_PROCESSOR_ARG_BYTES, MAX_REPETITION_PENALTY, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
+                           MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MAX_TOKEN_ID, MAX_TOKENS_LIMIT, MAX_TOP_K,
+                           MIN_REPETITION_PENALTY, check_text)
 
-MAX_TOKENS_LIMIT = 1 << 20  # anything above is a typo, whatever the context window
-MAX_STOP_STRINGS = 16
-MAX_N = 64  # samples per prompt
-MAX_LOGIT_BIAS_ENTRIES = 1024  # OpenAI allows 300; a little more room for programmatic callers
-MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
-MAX_PROCESSOR_ARG_BYTES = 4096  # a plugin's per-request arguments, as JSON
 # Temperatures below this are greedy: dividing fp32 logits by less overflows (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
 
@@ -25,7 +23,7 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _is_token_id(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_TOKEN_ID
 
 
 def _short(x) -> str:
@@ -58,12 +56,17 @@ class SamplingParams:
     keyword arguments, e.g. {"typical_p": {"mass": 0.9}}.
     n samples are drawn per prompt, sharing the prompt's KV blocks; with a seed, sample i uses
     seed + i. speculative: "default" (the engine's setting), None or {"method": "none"} (off), or
-    {"method": "ngram", "k": 5, "adaptive": True, "options": {...}} for this request; the output
-    is the same either way (greedy: the same tokens; sampling: the same distribution). The output stops at max_tokens, an end-of-generation token (unless ignore_eos), a token in
+    {"method": "ngram", "k": 5, "adaptive": True} for this request: a method the engine enables
+    (its proposer's options come only from the engine's configuration, never from a request); the
+    output is the same either way (greedy: the same tokens; sampling: the same distribution).
+    The output stops at max_tokens, an end-of-generation token (unless ignore_eos), a token in
     stop_token_ids, or a stop string (which is not included in the text).
     logprobs: None (off) or k in [0, 20]: each sampled token's log-probability plus the k most
     likely alternatives, from the model's raw distribution (before penalties, temperature and
     filters: vLLM's default "raw_logprobs").
+    cache_salt (vLLM's name): requests share prefix-cache blocks (and KV-store blocks) only with
+    requests of the same salt; the gateway gives each API key its own. None: the unsalted cache.
+    Bounds on every field are in tandem.limits.
     """
 
     max_tokens: int = 16
@@ -84,6 +87,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     speculative: dict | None | str = "default"
     logprobs: int | None = None
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
@@ -91,14 +95,16 @@ class SamplingParams:
                f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens!r}")
         _check(isinstance(self.n, int) and not isinstance(self.n, bool) and 1 <= self.n <= MAX_N,
                f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
-        _check(_is_number(self.temperature) and self.temperature >= 0,
-               f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-        _check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0,
-               f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        _check(_is_number(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+               f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {self.temperature!r}")
+        _check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and 0 <= self.top_k <= MAX_TOP_K,
+               f"top_k must be an integer in [0, {MAX_TOP_K}] (0 = off), got {self.top_k!r}")
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-               f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+        _check(_is_number(self.repetition_penalty)
+               and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+               f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 = off; "
+               f"values beyond push logits to 0 or inf), got {self.repetition_penalty!r}")
         for key in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, key)
             _check(_is_number(value) and -2 <= value <= 2, f"{key} must be in [-2, 2] (0 = off), got {value!r}")
@@ -123,21 +129,25 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = [] if self.stop is None else self.stop
         _check(isinstance(self.stop, (list, tuple)) and len(self.stop) <= MAX_STOP_STRINGS
-               and all(isinstance(s, str) and s for s in self.stop),
-               f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings, got {self.stop!r}")
-        self.stop = list(self.stop)
+               and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop),
+               f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings of at most "
+               f"{MAX_STOP_STRING_CHARS} characters, got {_short(self.stop)}")
+        self.stop = [check_text("stop", s, MAX_STOP_STRING_CHARS) for s in self.stop]
         self.stop_token_ids = [] if self.stop_token_ids is None else self.stop_token_ids
-        _check(isinstance(self.stop_token_ids, (list, tuple))
-               and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
-               f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
+        _check(isinstance(self.stop_token_ids, (list, tuple)) and len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS
+               and all(_is_token_id(t) for t in self.stop_token_ids),
+               f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids in [0, {MAX_TOKEN_ID}], "
+               f"got {_short(self.stop_token_ids)}")
         self.stop_token_ids = list(self.stop_token_ids)
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
                                          and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.cache_salt is not None:
+            check_text("cache_salt", self.cache_salt, MAX_CACHE_SALT_CHARS)
         if self.speculative != "default":
             from tandem.speculative import SpeculativeConfig
 
-            SpeculativeConfig.parse(self.speculative)  # raises InvalidRequestError
+            SpeculativeConfig.parse_request(self.speculative)  # raises InvalidRequestError
 
     @property
     def greedy(self) -> bool:

@@ -14,16 +14,19 @@ Each request adapts its k to its recent acceptance and pauses speculation while 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from tandem.errors import InvalidRequestError
+from tandem.errors import ConfigError, InvalidRequestError
 
 if TYPE_CHECKING:  # torch loads on use: SamplingParams (and the SDK) import this module
     import torch
 
 MAX_K = 16
 OFF = "none"
+# Methods a request may choose when the operator names none: n-gram lookup loads nothing and costs
+# a bounded scan (its options are the server's too).
+DEFAULT_REQUEST_METHODS = ("ngram",)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,47 @@ class SpeculativeConfig:
         if not isinstance(adaptive, bool) or not isinstance(options, dict):
             raise InvalidRequestError("speculative adaptive must be a bool and options a dict")
         return None if method == OFF else cls(method, k, adaptive, dict(options))
+
+    @classmethod
+    def parse_request(cls, value) -> SpeculativeConfig | None:
+        """A request's choice: as parse, but without options. A proposer's options can load a model
+        file, size a search or name an address, so only the operator's configuration sets them."""
+        if isinstance(value, dict) and "options" in value:
+            raise InvalidRequestError("speculative options come from the server's configuration; a request may "
+                                      "choose only method, k and adaptive")
+        return cls.parse(value)
+
+
+@dataclass(frozen=True)
+class SpeculativePolicy:
+    """What the requests of one engine may choose. default: the engine's setting (requests that say
+    nothing get it); methods: the proposers a request may pick (the default's always among them).
+    A request's proposer gets the default's options when it picks the default's method, else
+    the proposer's own defaults."""
+
+    default: SpeculativeConfig | None = None
+    methods: frozenset = frozenset(DEFAULT_REQUEST_METHODS)
+
+    @classmethod
+    def of(cls, default: SpeculativeConfig | None, methods=None) -> SpeculativePolicy:
+        if methods is not None and not (isinstance(methods, (list, tuple, set, frozenset))
+                                        and all(isinstance(m, str) and m for m in methods)):
+            raise ConfigError(f"speculative_methods must be a list of proposer names, got {methods!r}")
+        allowed = set(DEFAULT_REQUEST_METHODS if methods is None else methods)
+        return cls(default, frozenset(allowed | ({default.method} if default else set())))
+
+    def for_request(self, choice) -> SpeculativeConfig | None:
+        """The config a request runs with; choice: SamplingParams.speculative."""
+        if choice == "default":
+            return self.default
+        spec = SpeculativeConfig.parse_request(choice)
+        if spec is None:
+            return None
+        if spec.method not in self.methods:
+            raise InvalidRequestError(f"speculative method {spec.method!r} is not enabled on this server; "
+                                      f"enabled: {', '.join(sorted(self.methods)) or 'none'}")
+        same = self.default is not None and self.default.method == spec.method
+        return replace(spec, options=dict(self.default.options) if same else {})
 
 
 # -- verification ------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
+import secrets
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -70,6 +72,10 @@ class Tokenizer:
         found = {i for i in self.control_ids if tokens[i] in _EOG_TEXTS}
         self.eog_ids = frozenset((eog_ids or set()) | found | ({eos_id} if eos_id is not None else set()))
         self.chat_template = chat_template
+        # the control tokens' texts, longest first (the tokenizer's own leftmost-longest split)
+        self._special_ids = {tokens[i]: i for i in sorted(self.control_ids) if tokens[i]}
+        self._specials = re.compile("|".join(map(re.escape, sorted(self._special_ids, key=len, reverse=True)))
+                                    or "(?!)")
 
     @property
     def vocab_size(self) -> int:
@@ -171,6 +177,37 @@ class Tokenizer:
         return _compile_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self._text(self.bos_id), eos_token=self._text(self.eos_id))
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat through the template, the way an attacker cannot steer: the
+        template's own markers (<|im_start|>, ...) become their special tokens, while the same
+        text inside a message's content stays text. Content free of special-token text gives
+        exactly encode(apply_chat_template(messages), parse_special=True)."""
+        nonce = secrets.token_hex(8)  # content cannot forge a shield it cannot guess
+        hidden: list[str] = []
+
+        def shield(match: re.Match) -> str:
+            hidden.append(match.group(0))
+            return f"\ue000{nonce}:{len(hidden) - 1}\ue001"
+
+        specials = self._specials
+        shielded = [{**m, "content": specials.sub(shield, m["content"]) if isinstance(m.get("content"), str)
+                     else m.get("content")} if isinstance(m, dict) else m for m in messages]
+        text = self.apply_chat_template(shielded, add_generation_prompt)
+        # split the rendered text at the template's special tokens; shielded content goes back as text
+        pieces, plain, at = [], [], 0
+        for match in re.finditer(f"\ue000{nonce}:(\\d+)\ue001|{specials.pattern}", text):
+            plain.append(text[at:match.start()])
+            if match.group(1) is not None:
+                plain.append(hidden[int(match.group(1))])
+            else:
+                pieces += self._tok_plain.encode("".join(plain), add_special_tokens=False).ids
+                pieces.append(self._special_ids[match.group(0)])
+                plain = []
+            at = match.end()
+        plain.append(text[at:])
+        pieces += self._tok_plain.encode("".join(plain), add_special_tokens=False).ids
+        return [self.bos_id, *pieces] if self.add_bos and self.bos_id is not None else pieces
 
     def _text(self, idx: int | None) -> str:
         return self.tokens[idx] if idx is not None else ""

@@ -25,6 +25,12 @@ from tandem.engine.sequence import Sequence
 NULL_BLOCK = -1  # a block-table entry whose block was released (out of every future query's view)
 
 
+def chain_root(cache_salt: str | None) -> bytes | None:
+    """The parent of a hash chain's first block: a request's cache salt (SamplingParams.cache_salt),
+    so requests with different salts never share a block, here or in the KV-cache store."""
+    return hashlib.blake2b(cache_salt.encode(), digest_size=16, person=b"tandem-salt").digest() if cache_salt else None
+
+
 def block_hash(parent: bytes | None, token_ids: list[int]) -> bytes:
     """Content hash of a full block: stable across processes (the KV-cache store uses it too)."""
     h = hashlib.blake2b(parent or b"", digest_size=16)
@@ -56,7 +62,7 @@ class BlockManager:
         a hit: its logits are needed, so at least one token is always computed."""
         if not self.enable_prefix_caching:
             return []
-        hits, parent = [], None
+        hits, parent = [], chain_root(seq.params.cache_salt)
         for i in range((seq.num_tokens - 1) // self.block_size):
             tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
             h = block_hash(parent, tokens)
@@ -136,7 +142,7 @@ class BlockManager:
         num_full = seq.num_computed_tokens // self.block_size
         while len(seq.block_hashes) < num_full:
             i = len(seq.block_hashes)
-            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else None,
+            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else chain_root(seq.params.cache_salt),
                            seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             seq.block_hashes.append(h)
             block = seq.block_table[i]

@@ -71,6 +71,10 @@ def sampling_to_pb(sampling: dict) -> common_pb2.SamplingParams:
             continue
         if name == "logit_bias":
             _set_logit_bias(msg, value)
+        elif name == "cache_salt":
+            if not isinstance(value, str):
+                raise _invalid(name, "a string", value)
+            msg.cache_salt = value
         elif name == "logits_processors":
             msg.logits_processors_json = _to_json(value)
         elif name == "stop":

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/common.proto\x12\ttandem.v1\"\xd2\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x01n\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12<\n\nlogit_bias\x18\n \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\x0b \x01(\x03H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x03\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\n\x88\x01\x01\x12\x1e\n\x16logits_processors_json\x18\x10 \x01(\t\x12\x18\n\x10speculative_json\x18\x11 \x01(\t\x12\x15\n\x08logprobs\x18\x12 \x01(\x03H\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x16\n\x14_skip_special_tokensB\x0b\n\t_logprobs\"\x7f\n\x0bSampleDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\x0c\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\"\x8c\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x03\x12\x1c\n\x14spec_proposed_tokens\x18\x04 \x01(\x03\x12\x1c\n\x14spec_accepted_tokens\x18\x05 \x01(\x03\"\\\n\x07Timings\x12\x0c\n\x04ttft\x18\x01 \x01(\x01\x12\x0b\n\x03\x65\x32\x65\x18\x02 \x01(\x01\x12\x10\n\x08mean_itl\x18\x03 \x01(\x01\x12\x0f\n\x07prefill\x18\x04 \x01(\x01\x12\x13\n\x0bkv_transfer\x18\x05 \x01(\x01\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"}\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\rparse_special\x18\x03 \x01(\x08\x12\r\n\x05model\x18\x04 \x01(\tB\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"o\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\r\n\x05model\x18\x03 \x01(\tB\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x0e\n\x0cStatsRequest\"\x95\x01\n\x0cServiceStats\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x33\n\x06values\x18\x03 \x03(\x0b\x32#.tandem.v1.ServiceStats.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/common.proto\x12\ttandem.v1\"\xe6\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x01n\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12<\n\nlogit_bias\x18\n \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\x0b \x01(\x03H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x03\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\n\x88\x01\x01\x12\x1e\n\x16logits_processors_json\x18\x10 \x01(\t\x12\x18\n\x10speculative_json\x18\x11 \x01(\t\x12\x15\n\x08logprobs\x18\x12 \x01(\x03H\x0b\x88\x01\x01\x12\x12\n\ncache_salt\x18\x13 \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x16\n\x14_skip_special_tokensB\x0b\n\t_logprobs\"\x7f\n\x0bSampleDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\x0c\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\"\x8c\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x03\x12\x1c\n\x14spec_proposed_tokens\x18\x04 \x01(\x03\x12\x1c\n\x14spec_accepted_tokens\x18\x05 \x01(\x03\"\\\n\x07Timings\x12\x0c\n\x04ttft\x18\x01 \x01(\x01\x12\x0b\n\x03\x65\x32\x65\x18\x02 \x01(\x01\x12\x10\n\x08mean_itl\x18\x03 \x01(\x01\x12\x0f\n\x07prefill\x18\x04 \x01(\x01\x12\x13\n\x0bkv_transfer\x18\x05 \x01(\x01\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"}\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\rparse_special\x18\x03 \x01(\x08\x12\r\n\x05model\x18\x04 \x01(\tB\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"o\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\r\n\x05model\x18\x03 \x01(\tB\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x0e\n\x0cStatsRequest\"\x95\x01\n\x0cServiceStats\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x33\n\x06values\x18\x03 \x03(\x0b\x32#.tandem.v1.ServiceStats.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,33 +36,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVICESTATS_VALUESENTRY']._loaded_options = None
   _globals['_SERVICESTATS_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=38
-  _globals['_SAMPLINGPARAMS']._serialized_end=760
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=533
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=581
-  _globals['_SAMPLEDELTA']._serialized_start=762
-  _globals['_SAMPLEDELTA']._serialized_end=889
-  _globals['_TOKENLOGPROB']._serialized_start=891
-  _globals['_TOKENLOGPROB']._serialized_end=993
-  _globals['_USAGE']._serialized_start=996
-  _globals['_USAGE']._serialized_end=1136
-  _globals['_TIMINGS']._serialized_start=1138
-  _globals['_TIMINGS']._serialized_end=1230
-  _globals['_TOKENIDS']._serialized_start=1232
-  _globals['_TOKENIDS']._serialized_end=1255
-  _globals['_TOKENIZEREQUEST']._serialized_start=1257
-  _globals['_TOKENIZEREQUEST']._serialized_end=1382
-  _globals['_TOKENIZERESPONSE']._serialized_start=1384
-  _globals['_TOKENIZERESPONSE']._serialized_end=1421
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1423
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1534
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1536
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1570
-  _globals['_CHATMESSAGE']._serialized_start=1572
-  _globals['_CHATMESSAGE']._serialized_end=1616
-  _globals['_STATSREQUEST']._serialized_start=1618
-  _globals['_STATSREQUEST']._serialized_end=1632
-  _globals['_SERVICESTATS']._serialized_start=1635
-  _globals['_SERVICESTATS']._serialized_end=1784
-  _globals['_SERVICESTATS_VALUESENTRY']._serialized_start=1739
-  _globals['_SERVICESTATS_VALUESENTRY']._serialized_end=1784
+  _globals['_SAMPLINGPARAMS']._serialized_end=780
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=553
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=601
+  _globals['_SAMPLEDELTA']._serialized_start=782
+  _globals['_SAMPLEDELTA']._serialized_end=909
+  _globals['_TOKENLOGPROB']._serialized_start=911
+  _globals['_TOKENLOGPROB']._serialized_end=1013
+  _globals['_USAGE']._serialized_start=1016
+  _globals['_USAGE']._serialized_end=1156
+  _globals['_TIMINGS']._serialized_start=1158
+  _globals['_TIMINGS']._serialized_end=1250
+  _globals['_TOKENIDS']._serialized_start=1252
+  _globals['_TOKENIDS']._serialized_end=1275
+  _globals['_TOKENIZEREQUEST']._serialized_start=1277
+  _globals['_TOKENIZEREQUEST']._serialized_end=1402
+  _globals['_TOKENIZERESPONSE']._serialized_start=1404
+  _globals['_TOKENIZERESPONSE']._serialized_end=1441
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1443
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1554
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1556
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1590
+  _globals['_CHATMESSAGE']._serialized_start=1592
+  _globals['_CHATMESSAGE']._serialized_end=1636
+  _globals['_STATSREQUEST']._serialized_start=1638
+  _globals['_STATSREQUEST']._serialized_end=1652
+  _globals['_SERVICESTATS']._serialized_start=1655
+  _globals['_SERVICESTATS']._serialized_end=1804
+  _globals['_SERVICESTATS_VALUESENTRY']._serialized_start=1759
+  _globals['_SERVICESTATS_VALUESENTRY']._serialized_end=1804
 # @@protoc_insertion_point(module_scope)

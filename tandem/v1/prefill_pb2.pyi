@@ -32,10 +32,12 @@ class PrefillResponse(_message.Message):
     def __init__(self, samples: _Optional[_Iterable[_Union[_common_pb2.SampleDelta, _Mapping]]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., num_cached_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., kv_transfer_seconds: _Optional[float] = ...) -> None: ...
 
 class CachedPrefixRequest(_message.Message):
-    __slots__ = ("prompt_ids",)
+    __slots__ = ("prompt_ids", "cache_salt")
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class CachedPrefixResponse(_message.Message):
     __slots__ = ("num_cached_tokens",)
