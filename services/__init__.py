@@ -19,6 +19,9 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
     from tandem.errors import ConfigError
 
     peers = peers or {}
+    from tandem.plugins import get_plugin_manager
+
+    get_plugin_manager(config.plugins)  # the allowlist holds before anything in this process loads a plugin
     internal = ServerOptions(host=host or config.service_host, port=port, max_message_bytes=config.max_message_bytes)
     if name == "tokenizer":
         from tandem.model.loader import load_tokenizer
@@ -67,7 +70,7 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
                 peers["tokenizer"], list(peers["decode"]),
                 list(peers.get("prefill") or []) if config.mode == "disaggregated" else [],
                 config.max_inflight, config.max_message_bytes, peers.get("retrieval"), peers.get("kvstore"),
-                peers.get("draft"))
+                peers.get("draft"), salt_per_key=bool(public.api_keys))
             return [gateway.registration(holder["servicer"])]
 
         frontend = None
@@ -76,7 +79,8 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
 
             options = HttpOptions(host=public.host, port=config.http_port, api_keys=public.api_keys,
                                   max_body_bytes=config.max_message_bytes, served_model_name=config.model,
-                                  tls_cert=config.tls_cert, tls_key=config.tls_key)
+                                  tls_cert=config.tls_cert, tls_key=config.tls_key,
+                                  request_timeout_s=config.http_request_timeout_s)
             frontend = HttpFrontend(lambda: create_app(holder["servicer"], options), options)
         healthy = lambda: "servicer" in holder and holder["servicer"].healthy()  # noqa: E731
         def drain():  # new requests get UNAVAILABLE (HTTP 503, /health 503) while in-flight ones finish

@@ -12,6 +12,9 @@ file and a command line say the same thing:
     api_keys: [sk-local-1]       # or api_key_file / TANDEM_API_KEYS
     kv_store_bytes: 1073741824
     speculative: {method: ngram, k: 5}   # or {method: remote, options: {method: draft_model}}: the draft service
+    speculative_methods: [ngram]         # what requests may pick (never options); default: speculative's and ngram
+    plugins: [tandem-plugin-example]     # third-party plugins allowed to load; default: every installed one
+    http_request_timeout_s: 600
 """
 from __future__ import annotations
 
@@ -48,6 +51,10 @@ class PipelineConfig:
     num_threads: int | None = None  # torch threads per worker (default: the worker's CPUs)
     kv_cache_memory: int = 512 << 20  # each worker's KV pool, bytes
     speculative: dict | None = None  # the requests' default, e.g. {method: ngram, k: 5}; requests override it
+    # the methods a request may pick (its k and adaptive too; the options are only ever the
+    # config's): None = speculative's method and ngram
+    speculative_methods: list | None = None
+    plugins: list | None = None  # third-party plugins allowed to load, by name; None: every installed one
     engine: dict = field(default_factory=dict)  # more EngineConfig fields: block_size, max_num_seqs, ...
     # the shape of the pipeline
     mode: str = "disaggregated"
@@ -69,7 +76,8 @@ class PipelineConfig:
     api_key_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
-    max_inflight: int = 256  # requests in flight at the gateway beyond which it answers RESOURCE_EXHAUSTED
+    max_inflight: int = 256  # samples (n per prompt) in flight at the gateway beyond which it answers RESOURCE_EXHAUSTED
+    http_request_timeout_s: float | None = 600.0  # an HTTP request's deadline (504 after); null: none
     max_message_bytes: int = 16 << 20
     # Ray
     ray_address: str | None = None
@@ -104,14 +112,20 @@ class PipelineConfig:
         unknown = set(self.engine) - set(ENGINE_KEYS)
         if unknown:
             raise ConfigError(f"engine: unknown keys {sorted(unknown)}; known: {ENGINE_KEYS}")
-        if self.speculative is not None:
-            from tandem.errors import InvalidRequestError
-            from tandem.speculative import SpeculativeConfig
+        from tandem.errors import InvalidRequestError
+        from tandem.speculative import SpeculativeConfig, SpeculativePolicy
 
-            try:
-                SpeculativeConfig.parse(self.speculative)
-            except InvalidRequestError as exc:
-                raise ConfigError(str(exc)) from None
+        try:
+            SpeculativePolicy.of(SpeculativeConfig.parse(self.speculative), self.speculative_methods)
+        except InvalidRequestError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.plugins is not None and not (isinstance(self.plugins, list)
+                                             and all(isinstance(p, str) and p for p in self.plugins)):
+            raise ConfigError(f"plugins must be a list of plugin names, got {self.plugins!r}")
+        timeout = self.http_request_timeout_s
+        if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                        and timeout > 0):
+            raise ConfigError(f"http_request_timeout_s must be a positive number of seconds or null, got {timeout!r}")
         amounts = self.gateway_resources.values() if isinstance(self.gateway_resources, dict) else [None]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in amounts):
             raise ConfigError(f"gateway_resources must map Ray resource names to positive amounts, "
@@ -164,7 +178,8 @@ class PipelineConfig:
                     quantization_options=self.quantization_options or None, attention=self.attention,
                     attention_options=self.attention_options or None, attention_backend=self.attention_backend,
                     kv_cache_dtype=self.kv_cache_dtype, kv_cache_memory=self.kv_cache_memory,
-                    speculative=self.speculative, **self.engine)
+                    speculative=self.speculative, speculative_methods=self.speculative_methods,
+                    plugins=self.plugins, **self.engine)
 
     def kv_namespace(self, model_path: Path, block_size: int, device: str = "cpu") -> str:
         """Names the KV layout: only workers that would compute bit-identical KV share blocks

@@ -4,7 +4,10 @@
     KV published to the store) -> decode worker (streams the rest) -> the client
     aggregated mode: route -> one worker runs the whole request
 
-Admission control: at most max_inflight requests at once (RESOURCE_EXHAUSTED beyond). Errors from
+Admission control: at most max_inflight samples at once (a request with n=4 counts 4), checked
+before any work (tokenizing, templating, retrieval): RESOURCE_EXHAUSTED beyond. Every list and
+string a request carries is bounded (tandem.limits) before it is admitted. With API keys, each key
+gets its own prefix cache (its requests' cache_salt is derived from the key). Errors from
 a worker come back with the worker's status and message. The client's deadline and cancellation
 travel downstream: a cancelled Generate cancels the worker's call, which aborts the request and
 frees its KV blocks.
@@ -12,19 +15,23 @@ frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hmac
 import itertools
 import time
 import uuid
 from dataclasses import dataclass
 
 from tandem.errors import InvalidRequestError, QueueFullError
+from tandem.limits import (MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_RAG_K,
+                           MAX_ROLE_CHARS, check_count, check_text)
 from tandem.sampling_params import SamplingParams
 from tandem.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, draft_pb2_grpc, gateway_pb2, gateway_pb2_grpc,
                        kvstore_pb2_grpc, prefill_pb2, prefill_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc,
                        tokenizer_pb2, tokenizer_pb2_grpc)
 
 from .common import Registration, Unavailable, client_channel, rpc, status_of
-from .convert import sampling_message, sampling_params, token_ids
+from .convert import prompt_ids, sampling_message, sampling_params, token_ids
 from .metrics import GatewayMetrics
 
 _request_ids = itertools.count()
@@ -57,6 +64,32 @@ class Deadline:
 
     def remaining(self) -> float | None:
         return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+
+def bearer_token(authorization: str) -> str:
+    """The key of an `Authorization: Bearer <key>` header ("" when there is none)."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def check_rag(rag) -> None:
+    if rag is not None:
+        if not 0 <= rag.k <= MAX_RAG_K:
+            raise InvalidRequestError(f"rag k must be in [0, {MAX_RAG_K}] (0 = the default), got {rag.k}")
+        check_text("rag collection", rag.collection, MAX_NAME_CHARS)
+
+
+class Admission:
+    """Samples admitted at the gateway and not finished yet: taken before any work, given back
+    as each prompt's run ends (release), or all at once when the request fails before running."""
+
+    def __init__(self, gateway: GatewayServicer, num_samples: int):
+        self.gateway, self.left = gateway, num_samples
+
+    def release(self, num_samples: int | None = None) -> None:
+        num = self.left if num_samples is None else min(num_samples, self.left)
+        self.left -= num
+        self.gateway.inflight -= num
 
 
 @dataclass
@@ -96,10 +129,11 @@ class Router:
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, tokenizer: str, decode: list[str], prefill: list[str] | None = None,
                  max_inflight: int = 256, max_message_bytes: int = 16 << 20, retrieval: str | None = None,
-                 kvstore: str | None = None, draft: str | None = None):
+                 kvstore: str | None = None, draft: str | None = None, salt_per_key: bool = False):
         """tokenizer, decode, prefill, retrieval, kvstore, draft: targets (host:port) of the
         services. Without prefill targets the pipeline is aggregated: decode workers run whole
-        requests. kvstore and draft are only asked for their Stats (/metrics)."""
+        requests. kvstore and draft are only asked for their Stats (/metrics). salt_per_key (API
+        keys are configured): each key's requests get a prefix cache of their own."""
         if not decode:
             raise ValueError("the gateway needs at least one decode (or aggregated) worker")
         channel = lambda target: client_channel(target, max_message_bytes)  # noqa: E731
@@ -108,6 +142,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.router = Router([Endpoint(t, prefill_pb2_grpc.PrefillStub(channel(t))) for t in prefill or []],
                              [Endpoint(t, decode_pb2_grpc.DecodeStub(channel(t))) for t in decode])
         self.max_inflight, self.inflight, self.draining = max_inflight, 0, False
+        self.salt_per_key = salt_per_key
         self.counters = {"requests": 0, "rejected": 0, "errors": 0}
         self.metrics = GatewayMetrics()
         self._model_card: gateway_pb2.ModelCard | None = None  # every worker serves the same model
@@ -132,40 +167,85 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # -- Generate and Chat ----------------------------------------------------------------------
     @rpc
     async def Generate(self, request, context):
-        params = sampling_params(request.sampling)  # bad values fail here, before any work
+        params = self._grpc_params(request, context)  # bad values fail here, before any work
         deadline = Deadline.of(context)
         which = request.WhichOneof("prompt")
         if which is None:
             raise InvalidRequestError("the request has no prompt: set text or token_ids")
         rag = request.rag if request.HasField("rag") else None
-        prompt, sources = await self.completion_prompt(
-            request.text if which == "text" else None,
-            token_ids(request.token_ids.ids) if which == "token_ids" else None, rag, deadline)
+        ids = prompt_ids(request.token_ids.ids) if which == "token_ids" else None
+        admission = self.admit(params.n, "grpc", "generate")
+        try:
+            prompt, sources = await self.completion_prompt(request.text if which == "text" else None, ids, rag,
+                                                           deadline)
+        except BaseException:
+            admission.release()
+            raise
         async for response in self.generate(request.request_id, prompt, params, deadline, sources,
-                                            api="grpc", endpoint="generate"):
+                                            api="grpc", endpoint="generate", admission=admission):
             yield response
 
     @rpc
     async def Chat(self, request, context):
-        params = sampling_params(request.sampling)
+        params = self._grpc_params(request, context)
         deadline = Deadline.of(context)
         messages = [common_pb2.ChatMessage(role=m.role, content=m.content) for m in request.messages]
-        prompt, sources = await self.chat_prompt(messages, request.rag if request.HasField("rag") else None,
-                                                 deadline)
+        admission = self.admit(params.n, "grpc", "chat")
+        try:
+            prompt, sources = await self.chat_prompt(messages, request.rag if request.HasField("rag") else None,
+                                                     deadline)
+        except BaseException:
+            admission.release()
+            raise
         async for response in self.generate(request.request_id, prompt, params, deadline, sources,
-                                            api="grpc", endpoint="chat"):
+                                            api="grpc", endpoint="chat", admission=admission):
             yield response
 
+    def _grpc_params(self, request, context) -> SamplingParams:
+        check_text("request_id", request.request_id, MAX_NAME_CHARS)
+        check_text("model", request.model, MAX_NAME_CHARS)
+        key = bearer_token(dict(context.invocation_metadata() or ()).get("authorization", ""))
+        return self.salted(sampling_params(request.sampling), key)
+
     # -- what both APIs (gRPC and the OpenAI-compatible HTTP) call -----------------------------
+    def admit(self, num_samples: int, api: str, endpoint: str) -> Admission:
+        """Take num_samples of the max_inflight samples, before any work is done for a request:
+        UNAVAILABLE while draining, RESOURCE_EXHAUSTED when full."""
+        try:
+            if self.draining:
+                raise Unavailable("the gateway is draining")
+            if num_samples > self.max_inflight:
+                raise InvalidRequestError(f"the request asks for {num_samples} samples; this gateway runs at most "
+                                          f"{self.max_inflight} at once")
+            if self.inflight + num_samples > self.max_inflight:
+                self.counters["rejected"] += 1
+                raise QueueFullError(f"the gateway is at its limit of {self.max_inflight} samples in flight")
+        except Exception as exc:
+            self.metrics.count(api, endpoint, status_of(exc)[0].name)
+            raise
+        self.inflight += num_samples
+        return Admission(self, num_samples)
+
+    def salted(self, params: SamplingParams, api_key: str) -> SamplingParams:
+        """params with its caller's cache salt: with API keys, HMAC(key, the request's own salt), so
+        a key's requests share cached prefixes only among themselves (and a request's own salt splits
+        them further); without keys, the request's own salt as it is."""
+        if not self.salt_per_key:
+            return params
+        salt = hmac.new(api_key.encode(), (params.cache_salt or "").encode(), "sha256").hexdigest()
+        return dataclasses.replace(params, cache_salt=salt)
+
     async def completion_prompt(self, text: str | None, ids: list[int] | None, rag, deadline: Deadline):
         """(prompt token ids, RAG sources) of a text or token-id prompt; rag: RagOptions or None."""
         sources = []
+        check_rag(rag)
         if ids is not None:
             if rag is not None:
                 raise InvalidRequestError("rag needs a text prompt (the question to retrieve for)")
             return ids, sources
         if not text:
             raise InvalidRequestError("the prompt is empty")
+        check_text("prompt", text, MAX_PROMPT_CHARS)
         if rag is not None:
             sources = await self._retrieve(rag, text, deadline.remaining())
             text = rag_prompt(text, sources) + "\nAnswer:"
@@ -175,6 +255,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """(prompt token ids, RAG sources) of chat messages (common_pb2.ChatMessage) through the
         model's chat template."""
         sources = []
+        check_rag(rag)
+        check_count("messages", messages, MAX_MESSAGES)
+        for i, m in enumerate(messages):
+            check_text(f"messages[{i}].role", m.role, MAX_ROLE_CHARS)
+            check_text(f"messages[{i}].content", m.content, MAX_MESSAGE_CHARS)
         if rag is not None:
             if not messages or messages[-1].role != "user" or not messages[-1].content:
                 raise InvalidRequestError("rag needs the last message to be the user's question")
@@ -214,24 +299,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return token_ids(answer.token_ids)
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: Deadline,
-                       sources=(), api: str = "grpc", endpoint: str = "generate"):
-        """Run one request: its GenerateResponses (deltas, then the finished one with usage and
-        timings). Admission control, counting and metrics happen here, for both APIs."""
-        try:
-            if not prompt:
-                raise InvalidRequestError("the prompt is empty")
-            if self.draining:
-                raise Unavailable("the gateway is draining")
-            if self.inflight >= self.max_inflight:
-                self.counters["rejected"] += 1
-                raise QueueFullError(f"the gateway is at its limit of {self.max_inflight} requests in flight")
-        except Exception as exc:
-            self.metrics.count(api, endpoint, status_of(exc)[0].name)
-            raise
+                       sources=(), api: str = "grpc", endpoint: str = "generate", admission: Admission | None = None):
+        """Run one prompt: its GenerateResponses (deltas, then the finished one with usage and
+        timings). admission: its params.n samples, admitted before the prompt was prepared (None:
+        admit them here); given back when the run ends. Counting and metrics happen here, for both APIs."""
+        admission = admission or self.admit(params.n, api, endpoint)
+        if not prompt:
+            admission.release(params.n)
+            self.metrics.count(api, endpoint, "INVALID_ARGUMENT")
+            raise InvalidRequestError("the prompt is empty")
         request_id = request_id or f"gen-{uuid.uuid4().hex[:12]}-{next(_request_ids)}"
         # Downstream ids are unique whatever the client chose: two clients may pick the same id.
         internal_id = f"{request_id}/{uuid.uuid4().hex[:8]}"
-        self.inflight += 1
         self.counters["requests"] += 1
         clock = _Clock(time.perf_counter())
         status = "CANCELLED"
@@ -252,7 +331,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             status = status_of(exc)[0].name
             raise
         finally:
-            self.inflight -= 1
+            admission.release(params.n)
             self.metrics.count(api, endpoint, status)
 
     async def _run(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: Deadline,

@@ -10,7 +10,8 @@ uvicorn, on the gateway's own event loop, beside its gRPC server).
 
 Both APIs call the same GatewayServicer methods, so a request is admitted, routed, counted and
 measured the same way whichever door it came in by. With API keys configured, /v1 routes need
-`Authorization: Bearer <key>` (401 otherwise). Request bodies above max_message_bytes get 413.
+`Authorization: Bearer <key>` (401 otherwise), checked before the body is read. Request bodies
+above max_message_bytes get 413. A request runs at most request_timeout_s (504 after).
 Streaming uses server-sent events (`data: {json}` ... `data: [DONE]`); a client that disconnects
 cancels its request, which frees its KV blocks on the workers.
 """
@@ -24,12 +25,12 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .common import status_of
-from .gateway import Deadline, GatewayServicer
+from .gateway import Deadline, GatewayServicer, bearer_token
 from .openai_protocol import (HTTP_STATUS, ChatCompletionRequest, CompletionLogprobs, CompletionRequest,
                               OpenAIError, chat_logprobs, new_id, now, usage)
 
@@ -47,6 +48,7 @@ class HttpOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     grace_s: float = 5.0
+    request_timeout_s: float | None = 600.0  # a request's deadline (None: none)
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -66,6 +68,30 @@ def openai_error(exc: BaseException) -> OpenAIError:
 
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def _send_error(send, error: OpenAIError) -> None:
+    """Answer from ASGI middleware, before the app (and without reading the body)."""
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": json.dumps(error.body()).encode()})
+
+
+class _ApiKeys:
+    """ASGI middleware: /v1 routes need a valid API key, checked on the headers before anything
+    reads or parses the body, so a caller without a key costs no parsing."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app, self.keys = app, [k.encode() for k in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.keys and scope["path"].startswith("/v1"):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            token = bearer_token(header).encode("latin-1")
+            if not (token and any([hmac.compare_digest(token, k) for k in self.keys])):
+                return await _send_error(send, OpenAIError(
+                    401, "a valid API key is required: Authorization: Bearer <key>", code="invalid_api_key"))
+        return await self.app(scope, receive, send)
 
 
 class _BodyLimit:
@@ -96,15 +122,11 @@ class _BodyLimit:
             await self._reject(send)
 
     async def _reject(self, send):
-        body = json.dumps(OpenAIError(413, f"the request body exceeds {self.limit} bytes").body()).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, OpenAIError(413, f"the request body exceeds {self.limit} bytes"))
 
 
 def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
     app = FastAPI(title="tandem", summary="tandem's OpenAI-compatible API", docs_url=None, redoc_url=None)
-    keys = [k.encode() for k in options.api_keys]
     started = now()
 
     @app.exception_handler(OpenAIError)
@@ -118,12 +140,9 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
         return error_response(OpenAIError(400, f"{where}: {first.get('msg', 'invalid request')}".strip(": "),
                                           param=where or None))
 
-    def authorized(request: Request) -> None:
-        if not keys:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in keys):
-            raise OpenAIError(401, "a valid API key is required: Authorization: Bearer <key>", code="invalid_api_key")
+    def params(body, request: Request, max_tokens: int, logprobs: int | None):
+        """The body's SamplingParams with its caller's cache salt."""
+        return gateway.salted(body.sampling(max_tokens, logprobs), bearer_token(request.headers.get("authorization", "")))
 
     async def model_id(requested: str | None) -> tuple[str, int]:
         card = await gateway.model_card()
@@ -140,7 +159,7 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
     async def metrics():
         return Response(await gateway.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models")
     async def models():
         try:
             name, max_len = await model_id(None)
@@ -149,20 +168,26 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "tandem",
                                             "max_model_len": max_len}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         try:
             body.check_supported()
             name, _ = await model_id(body.model)
-            params = body.sampling(16 if body.max_tokens is None else body.max_tokens, body.logprobs)
-            deadline = Deadline()
+            sampling = params(body, request, 16 if body.max_tokens is None else body.max_tokens, body.logprobs)
+            deadline = Deadline(options.request_timeout_s)
             rag = body.rag.to_pb() if body.rag else None
-            prompts = [await gateway.completion_prompt(p if isinstance(p, str) else None,
-                                                       None if isinstance(p, str) else p, rag, deadline)
-                       for p in body.prompts()]
-            runs = [gateway.generate("", ids, params, deadline, sources, api="http", endpoint="completions")
-                    for ids, sources in prompts]
-            firsts = await _start(runs)
+            texts = body.prompts()
+            admission = gateway.admit(sampling.n * len(texts), "http", "completions")  # before any work
+            try:
+                prompts = [await gateway.completion_prompt(p if isinstance(p, str) else None,
+                                                           None if isinstance(p, str) else p, rag, deadline)
+                           for p in texts]
+                runs = [gateway.generate("", ids, sampling, deadline, sources, api="http", endpoint="completions",
+                                         admission=admission) for ids, sources in prompts]
+                firsts = await _start(runs)
+            except BaseException:
+                admission.release()
+                raise
         except Exception as exc:
             return error_response(exc)
         reply = _Completions(new_id("cmpl"), name, body.n, body.logprobs is not None)
@@ -171,20 +196,26 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
             return StreamingResponse(reply.stream(merged, body.include_usage), media_type="text/event-stream")
         return await _until_disconnected(request, reply.whole(merged))
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         try:
             body.check_supported()
             name, max_len = await model_id(body.model)
             limit = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-            params = body.sampling(1 if limit is None else limit, body.num_logprobs())
-            deadline = Deadline()
-            ids, sources = await gateway.chat_prompt(body.pb_messages(), body.rag.to_pb() if body.rag else None,
-                                                     deadline)
-            if limit is None:  # OpenAI's default: the rest of the context
-                params = dataclasses.replace(params, max_tokens=max(1, max_len - len(ids)))
-            runs = [gateway.generate("", ids, params, deadline, sources, api="http", endpoint="chat_completions")]
-            firsts = await _start(runs)
+            sampling = params(body, request, 1 if limit is None else limit, body.num_logprobs())
+            deadline = Deadline(options.request_timeout_s)
+            messages = body.pb_messages()
+            admission = gateway.admit(sampling.n, "http", "chat_completions")  # before templating and retrieval
+            try:
+                ids, sources = await gateway.chat_prompt(messages, body.rag.to_pb() if body.rag else None, deadline)
+                if limit is None:  # OpenAI's default: the rest of the context
+                    sampling = dataclasses.replace(sampling, max_tokens=max(1, max_len - len(ids)))
+                runs = [gateway.generate("", ids, sampling, deadline, sources, api="http",
+                                         endpoint="chat_completions", admission=admission)]
+                firsts = await _start(runs)
+            except BaseException:
+                admission.release()
+                raise
         except Exception as exc:
             return error_response(exc)
         reply = _ChatCompletions(new_id("chatcmpl"), name, body.n, body.logprobs)
@@ -193,7 +224,7 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
             return StreamingResponse(reply.stream(merged, body.include_usage), media_type="text/event-stream")
         return await _until_disconnected(request, reply.whole(merged))
 
-    return _BodyLimit(app, options.max_body_bytes)
+    return _ApiKeys(_BodyLimit(app, options.max_body_bytes), options.api_keys)
 
 
 # -- running requests --------------------------------------------------------------------------

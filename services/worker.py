@@ -21,7 +21,7 @@ from contextlib import aclosing
 import grpc
 
 from tandem.engine.async_engine import AsyncEngine
-from tandem.engine.block_manager import block_hash
+from tandem.engine.block_manager import block_hash, chain_root
 from tandem.llm import LLM
 from tandem.outputs import RequestOutput
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -35,9 +35,11 @@ from .metrics import rpc_tally, with_rpc_counts
 log = logging.getLogger(__name__)
 
 
-def prompt_hashes(prompt: list[int], block_size: int, num_blocks: int | None = None) -> list[bytes]:
-    """The content-hash chain of a prompt's full blocks (the first num_blocks of them)."""
-    hashes, parent = [], None
+def prompt_hashes(prompt: list[int], block_size: int, num_blocks: int | None = None,
+                  cache_salt: str | None = None) -> list[bytes]:
+    """The content-hash chain of a prompt's full blocks (the first num_blocks of them), rooted in
+    the request's cache salt as the engine's own chain is."""
+    hashes, parent = [], chain_root(cache_salt)
     count = len(prompt) // block_size if num_blocks is None else num_blocks
     for i in range(count):
         parent = block_hash(parent, prompt[i * block_size:(i + 1) * block_size])
@@ -163,7 +165,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         params = sampling_params(request.sampling)
         prompt = token_ids(request.prompt_ids)
         start = time.perf_counter()
-        fetch_s = await w.fetch(prompt_hashes(prompt, w.block_size, (len(prompt) - 1) // w.block_size))
+        fetch_s = await w.fetch(prompt_hashes(prompt, w.block_size, (len(prompt) - 1) // w.block_size,
+                                              params.cache_salt))
         stream = await w.engine.add_request(request.request_id or f"prefill-{id(request)}", prompt, params,
                                             prefill_only=True)
         firsts: dict[int, common_pb2.SampleDelta] = {}
@@ -185,7 +188,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def CachedPrefix(self, request, context):
         w = self.worker
         prompt = token_ids(request.prompt_ids)
-        blocks = await w.engine.run(w.llm.engine.cached_prefix, prompt_hashes(prompt, w.block_size))
+        blocks = await w.engine.run(w.llm.engine.cached_prefix,
+                                    prompt_hashes(prompt, w.block_size, cache_salt=request.cache_salt))
         return prefill_pb2.CachedPrefixResponse(num_cached_tokens=blocks * w.block_size)
 
     @rpc

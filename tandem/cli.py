@@ -171,13 +171,21 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     p.add_argument("--kv-store-bytes", type=int, default=None, help="KV-cache store capacity (default 1 GiB)")
     p.add_argument("--max-inflight", type=int, default=None,
-                   help="requests in flight at the gateway before RESOURCE_EXHAUSTED (default 256)")
+                   help="samples (n per prompt) in flight at the gateway before RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--http-request-timeout-s", type=float, default=None, metavar="SECONDS",
+                   help="an HTTP request's deadline: 504 after it (default 600)")
     p.add_argument("--max-message-bytes", type=int, default=None, help="gRPC message limit (default 16 MiB)")
     p.add_argument("--rag-data-dir", default=None, help="the retrieval service's store (default ~/.local/share/tandem/rag)")
     p.add_argument("--onnx-cache-dir", default=None, help="the embedder's ONNX export cache (default ~/.cache/tandem/onnx)")
     p.add_argument("--speculative", default=None, metavar="JSON",
                    help='the requests\' default speculative decoding, e.g. \'{"method": "ngram", "k": 5}\'; '
                    'method "remote" runs the proposer in the draft service')
+    p.add_argument("--speculative-method", dest="speculative_methods", action="append", default=None,
+                   metavar="NAME", help="a speculative method requests may pick (repeatable; default: "
+                   "--speculative's and ngram); requests never set a proposer's options")
+    p.add_argument("--plugin", dest="plugins", action="append", default=None, metavar="NAME",
+                   help="load this third-party plugin (repeatable): only the listed ones load, since a "
+                   "plugin runs code with the server's rights (default: every installed one)")
 
 
 def _sampling_params(args):
@@ -341,7 +349,8 @@ def cmd_plugins_list(args) -> int:
 _PIPELINE_KEYS = ("model", "dtype", "device", "num_threads", "quantization", "attention", "attention_backend", "kv_cache_dtype",
                   "max_model_len", "kv_cache_memory", "mode", "host", "grpc_port", "http_port", "api_keys",
                   "api_key_file", "tls_cert", "tls_key", "kv_store_bytes", "max_inflight", "max_message_bytes",
-                  "ray_address", "dashboard", "object_store_memory", "rag_data_dir", "onnx_cache_dir")
+                  "ray_address", "dashboard", "object_store_memory", "rag_data_dir", "onnx_cache_dir",
+                  "http_request_timeout_s", "speculative_methods", "plugins")
 
 
 def _pipeline_config(args):

@@ -42,7 +42,7 @@ class LLM:
                  quantization_options: dict | None = None, attention: str | None = None,
                  attention_options: dict | None = None, attention_backend: str = "sdpa",
                  kv_cache_dtype: str = "auto", speculative: dict | None = None, device: str = "cpu", plugins=None,
-                 **engine_options):
+                 speculative_methods: list[str] | None = None, **engine_options):
         """quantization: a quantizer plugin ("int8", "int4", "nf4", "fp8", ...), applied to the
         loaded (dequantized) weights; its options e.g. {"group_size": 64}. attention: a variant
         plugin ("sliding_window", "sinks", "alibi", "local_global", ...) with its options; None
@@ -50,11 +50,13 @@ class LLM:
         "sdpa" or "naive" (the reference) or a plugin's. kv_cache_dtype: "auto" (the model's dtype)
         or "int8". speculative: the requests' default speculative decoding, e.g. {"method": "ngram",
         "k": 5} (keys: method, k, adaptive, options; None: off); SamplingParams.speculative
-        overrides it per request. device: "cpu" (default), "cuda", "cuda:N" or "auto" (a GPU when
-        PyTorch sees one): where the weights, the KV pool and the forward live; sampling runs on
-        the host. On a GPU pick attention_backend="triton" and the "int8_triton"/"int4_triton"
+        overrides it per request with a method among speculative_methods (None: the default's and
+        "ngram"); a proposer's options come only from here, never from a request.
+        device: "cpu" (default), "cuda", "cuda:N" or "auto" (a GPU when PyTorch sees one): where
+        the weights, the KV pool and the forward live; sampling runs on the host. On a GPU pick attention_backend="triton" and the "int8_triton"/"int4_triton"
         quantizers: "int8"/"int4" are PyTorch's packed CPU kernels.
-        plugins: a tandem.plugins.PluginManager (default: the process's).
+        plugins: a tandem.plugins.PluginManager (default: the process's), or a list of the
+        third-party plugins allowed to load (the config's `plugins:`; the built-ins always load).
         engine_options are EngineConfig's fields: block_size, num_kv_blocks, kv_cache_memory,
         max_num_seqs, max_num_batched_tokens, max_waiting, enable_prefix_caching.
         Every name and option is checked before the model loads."""
@@ -69,7 +71,8 @@ class LLM:
                 raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
             torch.set_num_threads(num_threads)
         self.device = resolve_device(device)
-        self.plugins = plugins or get_plugin_manager()
+        self.plugins = plugins if plugins is not None and not isinstance(plugins, (list, tuple)) \
+            else get_plugin_manager(plugins)
         quantizer = None if quantization is None else self.plugins.create("quantizer", quantization,
                                                                           quantization_options)
         backend = self.plugins.create("attention_backend", attention_backend)
@@ -108,7 +111,7 @@ class LLM:
         self.engine = LLMEngine(self.model, self.tokenizer, max_model_len or limit, engine_config,
                                 sampler=self.plugins.sampler_pipeline(self.config.vocab_size),
                                 variant=variant, backend=backend, kv_format=kv_format, speculative=spec,
-                                proposer_factory=proposers)
+                                proposer_factory=proposers, speculative_methods=speculative_methods)
         self.max_model_len = self.engine.max_model_len
         self._request_ids = itertools.count()
 
@@ -147,8 +150,7 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         """Generate the assistant's reply to messages ([{"role": ..., "content": ...}, ...])."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, parse_special=True)
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)  # content's control text stays text
         return self.generate([ids], params)[0]
 
     @staticmethod
