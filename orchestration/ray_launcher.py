@@ -72,7 +72,7 @@ class RayPipeline:
     """Start with start(), stop with stop(); `address` is the gateway's."""
 
     def __init__(self, config: PipelineConfig):
-        self.config = config
+        self.config = config.with_internal_token()  # a random token when none is configured: never open
         self.instances = plan(config)
         self.actors: dict[str, object] = {}
         self.advertised: dict[str, str] = {}  # instance name -> the address its actor reported
@@ -158,6 +158,9 @@ def serve(config: PipelineConfig, out=print) -> int:
         if http:
             scheme = "https" if config.tls_cert else "http"
             out(f"tandem: OpenAI-compatible API on {scheme}://{http}/v1, metrics on {scheme}://{http}/metrics")
+        origin = "configured" if config.resolved_internal_token() else "generated for this run, not shown"
+        out(f"tandem: internal services require the pipeline token ({origin})"
+            f"{' and mutual TLS' if config.internal_tls_cert else ''}")
         out(f"tandem: gateway listening on {pipeline.address} (gRPC, {tls}){keys}; "
             f"ready in {time.monotonic() - started:.1f} s. Ctrl-C stops.")
         while not stop.wait(0.5):

@@ -153,7 +153,10 @@ class RemoteProposer(DraftProposer):
 
     name = "remote"
 
-    def __init__(self, target: str = "", method: str = "ngram", options: dict | None = None, timeout: float = 2.0):
+    def __init__(self, target: str = "", method: str = "ngram", options: dict | None = None, timeout: float = 2.0,
+                 credentials=None):
+        """credentials: the pipeline's (tandem.services.credentials.InternalCredentials, set by the
+        worker, never by a request): the draft service requires them."""
         import json
 
         import grpc
@@ -163,7 +166,8 @@ class RemoteProposer(DraftProposer):
         if not target:
             raise ConfigError("the remote draft proposer needs target, the draft service's host:port")
         self.method, self.options_json, self.timeout = method, json.dumps(options or {}), timeout
-        self.stub = draft_pb2_grpc.DraftStub(grpc.insecure_channel(target))
+        channel = credentials.sync_channel(target) if credentials else grpc.insecure_channel(target)
+        self.stub = draft_pb2_grpc.DraftStub(channel)
         self.num_failures = 0
 
     def propose(self, token_ids, num_tokens):

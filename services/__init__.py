@@ -15,14 +15,17 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
     peers: where the others listen: {"kvstore": "h:p", "tokenizer": "h:p", "prefill": ["h:p"],
     "decode": ["h:p"]}. Workers need "kvstore" for disaggregated serving; the gateway needs
     "tokenizer" and "decode" (and "prefill" in disaggregated mode). Only the gateway takes API keys
-    and TLS; the internal services listen on config.service_host."""
+    and TLS; the internal services listen on config.service_host and require the pipeline's
+    credentials (config.internal_credentials()), which the gateway and workers present to them."""
     from tandem.errors import ConfigError
 
     peers = peers or {}
     from tandem.plugins import get_plugin_manager
 
     get_plugin_manager(config.plugins)  # the allowlist holds before anything in this process loads a plugin
-    internal = ServerOptions(host=host or config.service_host, port=port, max_message_bytes=config.max_message_bytes)
+    credentials = config.internal_credentials()
+    internal = ServerOptions(host=host or config.service_host, port=port, max_message_bytes=config.max_message_bytes,
+                             credentials=credentials or None)
     if name == "tokenizer":
         from tandem.model.loader import load_tokenizer
 
@@ -34,7 +37,7 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
         from . import worker
 
         role = "both" if name == "worker" else name
-        w = worker.Worker.build(_with_draft_service(config, peers.get("draft")), role, peers.get("kvstore"))
+        w = worker.Worker.build(_with_draft_service(config, peers.get("draft"), credentials), role, peers.get("kvstore"))
         return ServiceHost(worker.registrations(w), internal, healthy=w.healthy, on_stop=w.close)
     if name == "kvstore":
         from tandem.kv_store import KVBlockStore
@@ -70,7 +73,7 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
                 peers["tokenizer"], list(peers["decode"]),
                 list(peers.get("prefill") or []) if config.mode == "disaggregated" else [],
                 config.max_inflight, config.max_message_bytes, peers.get("retrieval"), peers.get("kvstore"),
-                peers.get("draft"), salt_per_key=bool(public.api_keys))
+                peers.get("draft"), credentials=credentials or None, salt_per_key=bool(public.api_keys))
             return [gateway.registration(holder["servicer"])]
 
         frontend = None
@@ -94,9 +97,9 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
     raise ConfigError(f"unknown service {name!r}; services are {SERVICES}")
 
 
-def _with_draft_service(config: PipelineConfig, draft: str | None) -> PipelineConfig:
-    """speculative {method: remote} without a target means this pipeline's draft service; a
-    draft model there defaults to the pipeline's model."""
+def _with_draft_service(config: PipelineConfig, draft: str | None, credentials) -> PipelineConfig:
+    """speculative {method: remote} without a target means this pipeline's draft service, reached
+    with the pipeline's credentials; a draft model there defaults to the pipeline's model."""
     import dataclasses
 
     spec = config.speculative
@@ -107,6 +110,8 @@ def _with_draft_service(config: PipelineConfig, draft: str | None) -> PipelineCo
     if not draft:
         raise ConfigError("speculative method 'remote' needs the draft service's address")
     options = {**(spec.get("options") or {}), "target": draft}
+    if credentials:
+        options["credentials"] = credentials
     if options.get("method") == "draft_model":
         options["options"] = {"model": config.model, **(options.get("options") or {})}
     return dataclasses.replace(config, speculative={**spec, "options": options})

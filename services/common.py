@@ -1,6 +1,8 @@
-"""What every tandem gRPC server shares: message-size limits, grpc.health.v1 and reflection, API
-keys, TLS, the one mapping from tandem's exceptions to status codes, and a host that runs a server
-on its own event loop thread (how the Ray actors and `tandem service` run them).
+"""What every tandem gRPC server shares: message-size limits, grpc.health.v1 and reflection, the
+one bearer-token check (users' API keys at the gateway, the pipeline token at every internal
+service: services.credentials), TLS, the one mapping from tandem's exceptions to status codes, and
+a host that runs a server on its own event loop thread (how the Ray actors and `tandem service`
+run them).
 
 Servicer methods are wrapped with `@rpc`, which turns an exception into the status
 ARCHITECTURE.md gives it:
@@ -26,6 +28,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tandem.errors import ConfigError, InvalidRequestError, PluginError, QueueFullError, TandemError
+
+from .credentials import InternalCredentials, read_pem, token_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -106,40 +110,47 @@ def rpc(method: Callable) -> Callable:
     return unary
 
 
-# -- API keys ----------------------------------------------------------------------------------
-_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes carry no key
+# -- credentials: API keys (users) and the pipeline token (services) ----------------------------
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes carry no credentials
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuse calls without `authorization: Bearer KEY` for one of `keys` (UNAUTHENTICATED).
-    Health checks and reflection stay open: Kubernetes probes carry no key."""
-
-    def __init__(self, keys: Iterable[str]):
-        self.keys = [k.encode() for k in keys if k]
-        if not self.keys:
-            raise ConfigError("ApiKeyInterceptor needs at least one non-empty key")
-
-    def _authorized(self, metadata) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                given = value[len("Bearer "):].strip().encode()
-                # compare with every key, always: the time taken says nothing about which matched
-                return any([hmac.compare_digest(given, k) for k in self.keys])
+def bearer_authorized(header: str | None, keys: list[bytes]) -> bool:
+    """Whether an `Authorization` value is `Bearer KEY` for one of keys: the one check of the gRPC
+    interceptor and the HTTP API alike. The scheme is case-insensitive (RFC 9110); the key is
+    compared with every key in constant time, so the time taken says nothing about which matched."""
+    scheme, _, given = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not keys:
         return False
+    given_bytes = given.strip().encode()
+    return any([hmac.compare_digest(given_bytes, k) for k in keys])
+
+
+class BearerInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse calls without `authorization: Bearer KEY` for one of `keys` (UNAUTHENTICATED). The
+    gateway's public port takes users' API keys; every internal service the pipeline token.
+    Health checks and reflection stay open: Kubernetes probes carry no credentials."""
+
+    def __init__(self, keys: Iterable[str], what: str = "API key"):
+        self.keys, self.what = [k.encode() for k in keys if k], what
+        if not self.keys:
+            raise ConfigError(f"checking the {what} needs at least one non-empty key")
 
     async def intercept_service(self, continuation, details):
-        if details.method.startswith(_OPEN_PREFIXES) or self._authorized(details.invocation_metadata):
+        metadata = details.invocation_metadata or ()
+        header = next((v for k, v in metadata if k == "authorization" and isinstance(v, str)), None)
+        if details.method.startswith(_OPEN_PREFIXES) or bearer_authorized(header, self.keys):
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:
             return None
-        message = "missing API key" if not any(k == "authorization" for k, _ in details.invocation_metadata or ()) \
-            else "invalid API key"
+        message = f"missing {self.what}" if header is None else f"invalid {self.what}"
 
-        async def deny_unary(request, context):
+        # Coroutine functions, not lambdas returning coroutines: grpc.aio tells the kinds apart by
+        # the function itself (a lambda's coroutine went out as the response and failed UNKNOWN).
+        async def deny_unary(request_or_iterator, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        async def deny_stream(request, context):
+        async def deny_stream(request_or_iterator, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
             yield  # pragma: no cover - makes this an async generator
 
@@ -150,15 +161,16 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(deny_stream, **kwargs)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: deny_unary(None, ctx), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(lambda it, ctx: deny_stream(None, ctx), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(deny_unary, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(deny_stream, **kwargs)
 
 
 # -- the server --------------------------------------------------------------------------------
 @dataclass
 class ServerOptions:
-    """How a service listens. Loopback by default; api_keys turn on UNAUTHENTICATED checks;
-    tls_cert/tls_key (PEM file paths) turn on TLS."""
+    """How a service listens. Loopback by default. The gateway's public port: api_keys turn on
+    UNAUTHENTICATED checks, tls_cert/tls_key (PEM file paths) turn on TLS. An internal service:
+    credentials (the pipeline's) require its token and, with TLS, a client certificate."""
 
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port (the bound one is ServiceHost.port)
@@ -166,6 +178,7 @@ class ServerOptions:
     api_keys: list[str] = field(default_factory=list)
     tls_cert: str | None = None
     tls_key: str | None = None
+    credentials: InternalCredentials | None = None
     grace_s: float = 5.0  # how long stop() lets in-flight calls finish
 
 
@@ -177,6 +190,35 @@ class Registration:
     servicer: object
     add: Callable
     name: str
+
+
+def _interceptors(o: ServerOptions) -> list[grpc.aio.ServerInterceptor]:
+    token = o.credentials.token if o.credentials else None
+    if o.api_keys and token:
+        raise ConfigError("a server takes either users' API keys (the gateway) or the pipeline token, not both")
+    if token:
+        return [BearerInterceptor([token], "pipeline token")]
+    return [BearerInterceptor(o.api_keys)] if o.api_keys else []
+
+
+def _server_credentials(o: ServerOptions) -> grpc.ServerCredentials | None:
+    if o.credentials is not None and o.credentials.tls:
+        if o.tls_cert or o.tls_key:
+            raise ConfigError("a server takes either public TLS (the gateway) or the pipeline's mutual TLS, not both")
+        return o.credentials.server_credentials()
+    if not (o.tls_cert or o.tls_key):
+        return None
+    if not (o.tls_cert and o.tls_key):
+        raise ConfigError("TLS needs both tls_cert and tls_key")
+    return grpc.ssl_server_credentials([(read_pem(o.tls_key), read_pem(o.tls_cert))])
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """The port bound, or 0 when the address is taken."""
+    try:
+        return server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        return 0
 
 
 class ServiceHost:
@@ -242,7 +284,7 @@ class ServiceHost:
     async def _main(self) -> None:
         o = self.options
         self.loop, self._stopped = asyncio.get_running_loop(), asyncio.Event()
-        interceptors = [ApiKeyInterceptor(o.api_keys)] if o.api_keys else []
+        interceptors = _interceptors(o)
         self._server = grpc.aio.server(options=channel_options(o.max_message_bytes), interceptors=interceptors)
         if callable(self.registrations):
             self.registrations = self.registrations()
@@ -254,14 +296,11 @@ class ServiceHost:
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self._server)
         address = f"{o.host}:{o.port}"
-        if o.tls_cert or o.tls_key:
-            if not (o.tls_cert and o.tls_key):
-                raise ConfigError("TLS needs both tls_cert and tls_key")
-            with open(o.tls_key, "rb") as k, open(o.tls_cert, "rb") as c:
-                credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
-            self.port = self._server.add_secure_port(address, credentials)
-        else:
-            self.port = self._server.add_insecure_port(address)
+        credentials = _server_credentials(o)
+        self.port = _bind(self._server, address, credentials)
+        if not self.port and o.port and o.any_port_if_taken:
+            log.warning("port %d is taken: listening on another one", o.port)
+            self.port = _bind(self._server, f"{o.host}:0", credentials)
         if not self.port:
             raise ConfigError(f"cannot listen on {address}")
         await self._server.start()
@@ -301,6 +340,16 @@ class ServiceHost:
             await asyncio.sleep(HEALTH_POLL_S)
 
 
-def client_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
-    """A channel from one service to another (loopback or cluster-internal: insecure)."""
-    return grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+def client_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                   credentials: InternalCredentials | None = None) -> grpc.aio.Channel:
+    """A channel from one service to another, presenting the pipeline's credentials (its token on
+    every call; mutual TLS when configured). Without credentials: plaintext, no token (a loopback
+    pipeline started without any)."""
+    options = channel_options(max_message_bytes)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    interceptors = token_interceptors(credentials.token) if credentials.token else None
+    if credentials.tls:
+        return grpc.aio.secure_channel(target, credentials.channel_credentials(),
+                                       options=options + credentials.channel_options(), interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

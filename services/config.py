@@ -10,6 +10,7 @@ file and a command line say the same thing:
     replicas: {prefill: 1, decode: 2}
     grpc_port: 50051
     api_keys: [sk-local-1]       # or api_key_file / TANDEM_API_KEYS
+    internal_token_file: /run/secrets/tandem-token   # or internal_token / TANDEM_INTERNAL_TOKEN
     kv_store_bytes: 1073741824
     speculative: {method: ngram, k: 5}   # or {method: remote, options: {method: draft_model}}: the draft service
     speculative_methods: [ngram]         # what requests may pick (never options); default: speculative's and ngram
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +81,14 @@ class PipelineConfig:
     max_inflight: int = 256  # samples (n per prompt) in flight at the gateway beyond which it answers RESOURCE_EXHAUSTED
     http_request_timeout_s: float | None = 600.0  # an HTTP request's deadline (504 after); null: none
     max_message_bytes: int = 16 << 20
+    # the pipeline's credentials (services.credentials): every internal service requires the token
+    # (`tandem serve` makes a random one when none is set); optional mutual TLS between services
+    internal_token: str | None = field(default=None, repr=False)  # or internal_token_file, TANDEM_INTERNAL_TOKEN
+    internal_token_file: str | None = None
+    internal_tls_cert: str | None = None  # PEM: this service's certificate, key, and the CA that signed all
+    internal_tls_key: str | None = None
+    internal_tls_ca: str | None = None
+    internal_tls_server_name: str | None = None  # the name in the services' certificates, if not their IPs
     # Ray
     ray_address: str | None = None
     dashboard: bool = False
@@ -134,6 +144,11 @@ class PipelineConfig:
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")  # resolved per worker
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both tls_cert and tls_key")
+        internal_tls = (self.internal_tls_cert, self.internal_tls_key, self.internal_tls_ca)
+        if any(internal_tls) and not all(internal_tls):
+            raise ConfigError("mutual TLS between services needs internal_tls_cert, internal_tls_key and internal_tls_ca")
+        if self.internal_token is not None:
+            _check_token(self.internal_token, "internal_token")
 
     # -- sources ------------------------------------------------------------------------------
     @classmethod
@@ -167,6 +182,32 @@ class PipelineConfig:
         keys += [k.strip() for k in os.environ.get("TANDEM_API_KEYS", "").split(",") if k.strip()]
         return keys
 
+    def resolved_internal_token(self) -> str | None:
+        """internal_token, else the first line of internal_token_file, else $TANDEM_INTERNAL_TOKEN."""
+        if self.internal_token:
+            return self.internal_token
+        if self.internal_token_file:
+            try:
+                token = Path(self.internal_token_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read internal_token_file: {exc}") from None
+            return _check_token(token, "internal_token_file")
+        token = os.environ.get("TANDEM_INTERNAL_TOKEN", "").strip()
+        return _check_token(token, "TANDEM_INTERNAL_TOKEN") if token else None
+
+    def with_internal_token(self) -> PipelineConfig:
+        """This config with its token resolved, or a new random one when none is configured: what
+        `tandem serve` gives every actor, so a pipeline it starts never has an open internal port."""
+        token = self.resolved_internal_token() or secrets.token_urlsafe(32)
+        return dataclasses.replace(self, internal_token=token, internal_token_file=None)
+
+    def internal_credentials(self):
+        """The services.credentials.InternalCredentials of this pipeline (empty: none configured)."""
+        from .credentials import InternalCredentials
+
+        return InternalCredentials(self.resolved_internal_token(), self.internal_tls_cert, self.internal_tls_key,
+                                   self.internal_tls_ca, self.internal_tls_server_name)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -189,3 +230,14 @@ class PipelineConfig:
                           self.quantization_options, self.attention, self.attention_options,
                           self.kv_cache_dtype, block_size], sort_keys=True, default=str)
         return f"{model_path.stem}-{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}"
+
+
+MIN_TOKEN_CHARS = 16  # `tandem serve`'s own are 43 (32 random bytes); a short one is guessable
+
+
+def _check_token(token: str, where: str) -> str:
+    if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"{where}: the pipeline token must be a string of at least {MIN_TOKEN_CHARS} characters")
+    if not token.isprintable() or any(c.isspace() for c in token):
+        raise ConfigError(f"{where}: the pipeline token must be printable, without spaces (it travels in a header)")
+    return token

@@ -129,14 +129,16 @@ class Router:
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, tokenizer: str, decode: list[str], prefill: list[str] | None = None,
                  max_inflight: int = 256, max_message_bytes: int = 16 << 20, retrieval: str | None = None,
-                 kvstore: str | None = None, draft: str | None = None, salt_per_key: bool = False):
+                 kvstore: str | None = None, draft: str | None = None, salt_per_key: bool = False,
+                 credentials=None):
         """tokenizer, decode, prefill, retrieval, kvstore, draft: targets (host:port) of the
         services. Without prefill targets the pipeline is aggregated: decode workers run whole
         requests. kvstore and draft are only asked for their Stats (/metrics). salt_per_key (API
         keys are configured): each key's requests get a prefix cache of their own."""
         if not decode:
             raise ValueError("the gateway needs at least one decode (or aggregated) worker")
-        channel = lambda target: client_channel(target, max_message_bytes)  # noqa: E731
+        # credentials: the pipeline's (services.credentials), presented on every internal call
+        channel = lambda target: client_channel(target, max_message_bytes, credentials)  # noqa: E731
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(channel(tokenizer))
         self.retrieval = retrieval_pb2_grpc.RetrievalStub(channel(retrieval)) if retrieval else None
         self.router = Router([Endpoint(t, prefill_pb2_grpc.PrefillStub(channel(t))) for t in prefill or []],

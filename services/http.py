@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import logging
 import socket
@@ -29,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .common import status_of
+from .common import bearer_authorized, status_of
 from .gateway import Deadline, GatewayServicer, bearer_token
 from .openai_protocol import (HTTP_STATUS, ChatCompletionRequest, CompletionLogprobs, CompletionRequest,
                               OpenAIError, chat_logprobs, new_id, now, usage)
@@ -87,8 +86,7 @@ class _ApiKeys:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and self.keys and scope["path"].startswith("/v1"):
             header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            token = bearer_token(header).encode("latin-1")
-            if not (token and any([hmac.compare_digest(token, k) for k in self.keys])):
+            if not bearer_authorized(header, self.keys):  # the gRPC port's check
                 return await _send_error(send, OpenAIError(
                     401, "a valid API key is required: Authorization: Bearer <key>", code="invalid_api_key"))
         return await self.app(scope, receive, send)

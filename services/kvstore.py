@@ -2,25 +2,33 @@
 KVBlockStore, and the async client prefill and decode workers use.
 
 Blocks travel as KVChunks below the message-size limit: a block's first chunk (offset 0) carries
-its hash, namespace, tensor specs and total size, the following ones their offset and data. Both
-directions reassemble with one `ChunkAssembler`, which refuses gaps, overlaps and short blocks.
+its key, namespace, tensor specs, total size and digest, the following ones their offset and data.
+Both directions reassemble with one `ChunkAssembler`, which refuses gaps, overlaps and short blocks.
+
+The client seals what it sends (tandem.kv_store.BlockSeal, keyed with the pipeline's secret): the
+store sees keyed names, never block hashes, and every block it returns is checked against its
+digest before a worker may import it. A block that fails the check is dropped, counted and logged,
+and is a miss: the worker computes it again and publishes its own copy, which replaces the bad one.
 """
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
+import logging
+
 import grpc
 import torch
 
 from tandem.errors import ConfigError, InvalidRequestError
-from tandem.kv_store import (REJECTED, STORED, KVBlockStore, TensorSpec, specs_nbytes, tensors_from_bytes,
-                             tensors_to_bytes)
+from tandem.kv_store import (REJECTED, STORED, BlockSeal, KVBlockStore, TensorSpec, entry_bytes, specs_nbytes,
+                             tensors_from_bytes, tensors_to_bytes)
 from tandem.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
 from .common import Registration, rpc
 from .metrics import with_rpc_counts
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 DEFAULT_CHUNK_BYTES = 1 << 20
 # Smaller chunks cost a message each; larger ones near the 16 MiB message limit gain nothing.
@@ -36,10 +44,10 @@ def specs_from_pb(specs) -> list[TensorSpec]:
 
 
 def to_chunks(namespace: str, hash: bytes, specs: list[TensorSpec], data: bytes,
-              chunk_bytes: int) -> Iterator[kvstore_pb2.KVChunk]:
+              chunk_bytes: int, digest: bytes = b"") -> Iterator[kvstore_pb2.KVChunk]:
     """One block as chunks of at most chunk_bytes of data (a block with no data: one chunk)."""
     yield kvstore_pb2.KVChunk(hash=hash, namespace=namespace, tensors=specs_to_pb(specs),
-                              total_bytes=len(data), offset=0, data=data[:chunk_bytes])
+                              total_bytes=len(data), offset=0, data=data[:chunk_bytes], digest=digest)
     for offset in range(chunk_bytes, len(data), chunk_bytes):
         yield kvstore_pb2.KVChunk(offset=offset, data=data[offset:offset + chunk_bytes])
 
@@ -50,16 +58,18 @@ class Block:
     hash: bytes
     specs: list[TensorSpec]
     data: bytes
+    digest: bytes = b""
 
 
 class ChunkAssembler:
     """Blocks back from a stream of KVChunks. `feed` returns a block once its last byte arrives;
     `close` checks the stream did not end inside one. Malformed -> InvalidRequestError.
 
-    skip(total_bytes) -> True drops a block as it starts: its chunks are still checked, their
+    skip(entry_bytes) -> True drops a block as it starts, from what it would take of a store's
+    capacity (tandem.kv_store.entry_bytes: data and metadata): its chunks are still checked, their
     data is not kept (the server refuses a block larger than its capacity this way)."""
 
-    def __init__(self, skip: Callable[[int], bool] = lambda num_bytes: False):
+    def __init__(self, skip: Callable[[int], bool] = lambda entry_bytes: False):
         self.skip = skip
         self.num_skipped = 0
         self._block: Block | None = None  # the block being received, its data still empty
@@ -97,9 +107,9 @@ class ChunkAssembler:
         if chunk.total_bytes != specs_nbytes(specs):
             raise InvalidRequestError(f"block {chunk.hash.hex()}: total_bytes {chunk.total_bytes}, but its "
                                       f"tensors take {specs_nbytes(specs)}")
-        self._block = Block(chunk.namespace, chunk.hash, specs, b"")
+        self._block = Block(chunk.namespace, chunk.hash, specs, b"", chunk.digest)
         self._total, self._received = chunk.total_bytes, 0
-        skipped = self.skip(chunk.total_bytes)
+        skipped = self.skip(entry_bytes(chunk.namespace, chunk.hash, specs, chunk.total_bytes, chunk.digest))
         self.num_skipped += skipped
         self._parts = None if skipped else []
 
@@ -130,7 +140,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             block = assembler.feed(chunk)
             if block is None:
                 continue
-            outcome, num_evicted = self.store.put(block.namespace, block.hash, block.specs, block.data)
+            outcome, num_evicted = self.store.put(block.namespace, block.hash, block.specs, block.data, block.digest)
             response.evicted += num_evicted
             if outcome == STORED:
                 response.stored += 1
@@ -148,12 +158,13 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         for h in request.hashes:
             found = self.store.get(request.namespace, h)
             if found is not None:
-                for chunk in to_chunks(request.namespace, h, *found, chunk_bytes):
+                for chunk in to_chunks(request.namespace, h, found.specs, found.data, chunk_bytes, found.digest):
                     yield chunk
 
     @rpc
     async def Pin(self, request, context):
-        return kvstore_pb2.PinResponse(num_changed=self.store.pin(request.namespace, list(request.hashes)))
+        return kvstore_pb2.PinResponse(num_changed=self.store.pin(request.namespace, list(request.hashes),
+                                                                  request.lease_seconds))
 
     @rpc
     async def Unpin(self, request, context):
@@ -170,16 +181,23 @@ def registration(store: KVBlockStore) -> Registration:
 
 class KVStoreClient:
     """The store seen from a worker: blocks as lists of tensors, keyed by hash within a namespace
-    (one per model and KV layout, so incompatible blocks never meet)."""
+    (one per model and KV layout, so incompatible blocks never meet), sealed with `seal` (the
+    deployment's BlockSeal: every worker of a pipeline must use the same one)."""
 
-    def __init__(self, channel: grpc.aio.Channel, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(self, channel: grpc.aio.Channel, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 seal: BlockSeal | None = None):
         if chunk_bytes <= 0:
             raise ConfigError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.stub = kvstore_pb2_grpc.KVStoreStub(channel)
         self.chunk_bytes = chunk_bytes
+        self.seal = seal or BlockSeal()
+        self.num_rejected = 0  # blocks the store returned that failed their digest check
+
+    def _keys(self, hashes: list[bytes]) -> list[bytes]:
+        return [self.seal.key(h) for h in hashes]
 
     async def lookup(self, namespace: str, hashes: list[bytes]) -> int:
-        response = await self.stub.Lookup(kvstore_pb2.LookupRequest(namespace=namespace, hashes=hashes))
+        response = await self.stub.Lookup(kvstore_pb2.LookupRequest(namespace=namespace, hashes=self._keys(hashes)))
         return response.num_present
 
     async def put_blocks(self, namespace: str,
@@ -187,27 +205,39 @@ class KVStoreClient:
         """Publish blocks in one stream; each block's tensors go as their bytes, one after the other."""
         async def chunks() -> AsyncIterator[kvstore_pb2.KVChunk]:
             for h, tensors in blocks:
-                for chunk in to_chunks(namespace, h, *tensors_to_bytes(tensors), self.chunk_bytes):
+                specs, data = tensors_to_bytes(tensors)
+                digest = self.seal.digest(namespace, h, specs, data)
+                for chunk in to_chunks(namespace, self.seal.key(h), specs, data, self.chunk_bytes, digest):
                     yield chunk
         return await self.stub.Put(chunks())
 
     async def get_blocks(self, namespace: str, hashes: list[bytes]) -> dict[bytes, list[torch.Tensor]]:
-        """The present blocks among hashes, as tensors (on the CPU); missing ones are absent."""
-        request = kvstore_pb2.GetRequest(namespace=namespace, hashes=hashes, chunk_bytes=self.chunk_bytes)
+        """The present blocks among hashes whose digest checks out, as tensors (on the CPU);
+        missing and rejected ones are absent."""
+        by_key = dict(zip(self._keys(hashes), hashes))
+        request = kvstore_pb2.GetRequest(namespace=namespace, hashes=list(by_key), chunk_bytes=self.chunk_bytes)
         assembler, blocks = ChunkAssembler(), {}
         async for chunk in self.stub.Get(request):
             block = assembler.feed(chunk)
-            if block is not None:
-                blocks[block.hash] = tensors_from_bytes(block.specs, block.data)
+            if block is None:
+                continue
+            h = by_key.get(block.hash)
+            if h is None or not self.seal.verify(namespace, h, block.specs, block.data, block.digest):
+                self.num_rejected += 1
+                log.warning("KV store: block %s failed its digest check; dropped (forged or corrupted)",
+                            block.hash.hex()[:16])
+                continue
+            blocks[h] = tensors_from_bytes(block.specs, block.data)
         assembler.close()
         return blocks
 
-    async def pin(self, namespace: str, hashes: list[bytes]) -> int:
-        response = await self.stub.Pin(kvstore_pb2.PinRequest(namespace=namespace, hashes=hashes))
-        return response.num_changed
+    async def pin(self, namespace: str, hashes: list[bytes], lease_s: float = 0.0) -> int:
+        """Pin the present blocks for lease_s seconds (0: the store's default lease)."""
+        request = kvstore_pb2.PinRequest(namespace=namespace, hashes=self._keys(hashes), lease_seconds=lease_s)
+        return (await self.stub.Pin(request)).num_changed
 
     async def unpin(self, namespace: str, hashes: list[bytes]) -> int:
-        response = await self.stub.Unpin(kvstore_pb2.PinRequest(namespace=namespace, hashes=hashes))
+        response = await self.stub.Unpin(kvstore_pb2.PinRequest(namespace=namespace, hashes=self._keys(hashes)))
         return response.num_changed
 
     async def stats(self) -> dict[str, float]:

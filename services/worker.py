@@ -22,6 +22,7 @@ import grpc
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.block_manager import block_hash, chain_root
+from tandem.kv_store import BlockSeal
 from tandem.llm import LLM
 from tandem.outputs import RequestOutput
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -69,7 +70,9 @@ class Worker:
     @property
     def store(self) -> KVStoreClient | None:
         if self._store is None and self.kv_store_target:
-            self._store = KVStoreClient(client_channel(self.kv_store_target, self.config.max_message_bytes))
+            credentials = self.config.internal_credentials()  # the token also keys the blocks' seal
+            self._store = KVStoreClient(client_channel(self.kv_store_target, self.config.max_message_bytes,
+                                                       credentials or None), seal=BlockSeal(credentials.token))
         return self._store
 
     def healthy(self) -> bool:
@@ -83,7 +86,9 @@ class Worker:
         self.counters["requests"] += 1
 
     def stats(self) -> common_pb2.ServiceStats:
-        values = with_rpc_counts(self, {**self.engine.stats(), **self.counters, "pid": os.getpid()})
+        rejected = self._store.num_rejected if self._store else 0  # blocks that failed their digest check
+        values = with_rpc_counts(self, {**self.engine.stats(), **self.counters, "kv_blocks_rejected": rejected,
+                                        "pid": os.getpid()})
         return common_pb2.ServiceStats(service=self.role, draining=self.draining, values=values)
 
     def info(self) -> prefill_pb2.WorkerInfo:

@@ -169,6 +169,13 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", default=None, help="file with one API key per line")
     p.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--internal-token-file", default=None, metavar="FILE",
+                   help="the pipeline token internal services require (also internal_token in the YAML, "
+                   "$TANDEM_INTERNAL_TOKEN; `tandem serve` makes one when none is set)")
+    p.add_argument("--internal-tls-cert", default=None, metavar="PEM",
+                   help="mutual TLS between services: this service's certificate (with --internal-tls-key/-ca)")
+    p.add_argument("--internal-tls-key", default=None, metavar="PEM", help="the key of --internal-tls-cert")
+    p.add_argument("--internal-tls-ca", default=None, metavar="PEM", help="the CA that signed every service's certificate")
     p.add_argument("--kv-store-bytes", type=int, default=None, help="KV-cache store capacity (default 1 GiB)")
     p.add_argument("--max-inflight", type=int, default=None,
                    help="samples (n per prompt) in flight at the gateway before RESOURCE_EXHAUSTED (default 256)")
@@ -350,6 +357,7 @@ _PIPELINE_KEYS = ("model", "dtype", "device", "num_threads", "quantization", "at
                   "max_model_len", "kv_cache_memory", "mode", "host", "grpc_port", "http_port", "api_keys",
                   "api_key_file", "tls_cert", "tls_key", "kv_store_bytes", "max_inflight", "max_message_bytes",
                   "ray_address", "dashboard", "object_store_memory", "rag_data_dir", "onnx_cache_dir",
+                  "internal_token_file", "internal_tls_cert", "internal_tls_key", "internal_tls_ca",
                   "http_request_timeout_s", "speculative_methods", "plugins")
 
 
@@ -381,12 +389,17 @@ def cmd_service(args) -> int:
     import threading
 
     from tandem.services import build
+    from tandem.services.credentials import is_loopback
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = _pipeline_config(args)
     peers = {"kvstore": args.kv_store, "tokenizer": args.tokenizer, "prefill": args.prefill, "decode": args.decode,
              "retrieval": args.retrieval, "draft": args.draft}
     host = config.host if args.name == "gateway" else (args.host or config.service_host)
+    if args.name != "gateway" and not is_loopback(host) and not config.internal_credentials():
+        raise ValueError(f"refusing to serve {args.name} on {host} without the pipeline's credentials: anyone who "
+                         "can reach it could use it. Set internal_token (or internal_token_file, "
+                         "$TANDEM_INTERNAL_TOKEN) or mutual TLS (internal_tls_cert/key/ca), or listen on 127.0.0.1")
     server = build(args.name, config, port=args.port, peers=peers, host=host)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

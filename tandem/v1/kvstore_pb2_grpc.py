@@ -91,7 +91,8 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Pin(self, request, context):
-        """A pinned block is never evicted; pins count, Unpin releases one.
+        """A pinned block is never evicted; pins count, Unpin releases one. A pin is a lease: it is
+        released by itself when its lease_seconds run out (pin again to renew).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,7 +1,8 @@
-"""The KV-cache store: KVBlockStore on its own (LRU order, capacity, pins, rejections, longest
-prefix, namespaces, validation, bit-exact tensor bytes), then the gRPC service over a loopback
-server (chunked round trips of mixed-dtype blocks, Lookup, eviction in Stats, malformed Put
-streams, health)."""
+"""The KV-cache store: KVBlockStore on its own (LRU order, capacity counting metadata, pins as
+leases, rejections, longest prefix, namespaces, validation, bit-exact tensor bytes), then the gRPC
+service over a loopback server (chunked round trips of mixed-dtype blocks, Lookup, eviction in
+Stats, malformed Put streams, health, sealed keys and digests: forged and corrupted blocks are
+never imported)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.engine.block_manager import block_hash
 from tandem.errors import InvalidRequestError
-from tandem.kv_store import (EXISTING, REJECTED, STORED, KVBlockStore, specs_nbytes, tensor_from_bytes,
+from tandem.kv_store import (EXISTING, REJECTED, STORED, BlockSeal, KVBlockStore, entry_bytes, specs_nbytes, tensor_from_bytes,
                              tensor_to_bytes, tensors_from_bytes, tensors_to_bytes)
 from tandem.services.common import ServerOptions, ServiceHost, client_channel
 from tandem.services.kvstore import SERVICE_NAME, ChunkAssembler, KVStoreClient, registration, to_chunks
@@ -33,6 +34,9 @@ def chain(n: int, start: int = 0) -> list[bytes]:
     return hashes
 
 
+COST = entry_bytes(NS, chain(1)[0], SPECS, 100)  # what a 100-byte block takes of the capacity
+
+
 def fill(store: KVBlockStore, hashes: list[bytes], ns: str = NS) -> list[str]:
     return [store.put(ns, h, SPECS, bytes([i]) * 100)[0] for i, h in enumerate(hashes)]
 
@@ -43,27 +47,98 @@ def present(store: KVBlockStore, hashes: list[bytes]) -> list[bool]:
 
 # -- KVBlockStore --------------------------------------------------------------------------------
 def test_lru_evicts_least_recently_used_and_counts():
-    store, h = KVBlockStore(300), chain(4)
+    store, h = KVBlockStore(3 * COST), chain(4)
     assert fill(store, h[:3]) == [STORED] * 3
     assert store.lookup(NS, [h[0]]) == 1  # h[0] is now the most recent; h[1] goes first
     assert store.put(NS, h[3], SPECS, b"\x07" * 100) == (STORED, 1)
     assert present(store, h) == [True, False, True, True]
-    assert store.put(NS, h[2], SPECS, b"\x00" * 100) == (EXISTING, 0)
+    assert store.put(NS, h[2], SPECS, b"\x02" * 100) == (EXISTING, 0)
     s = store.stats()
-    assert (s["blocks"], s["bytes_used"], s["capacity_bytes"], s["evictions"], s["puts"]) == (3, 300, 300, 1, 5)
-    assert store.get(NS, h[2]) == (SPECS, b"\x02" * 100)  # the existing block kept its first data
+    assert (s["blocks"], s["bytes_used"], s["data_bytes"], s["evictions"], s["puts"]) == (3, 3 * COST, 300, 1, 5)
+    assert store.get(NS, h[2])[:2] == (SPECS, b"\x02" * 100)
+
+
+def test_a_block_put_again_with_other_contents_replaces_it():
+    """A worker that found a forged or corrupted block publishes its own copy: it must replace the
+    bad one, also when the bad one kept the genuine digest (a corrupted block)."""
+    store, h = KVBlockStore(3 * COST), chain(2)
+    assert store.put(NS, h[0], SPECS, bytes(100), b"d" * 32) == (STORED, 0)
+    assert store.put(NS, h[0], SPECS, b"\x01" * 100, b"d" * 32) == (STORED, 0)  # same digest, other bytes
+    assert store.get(NS, h[0]) == (SPECS, b"\x01" * 100, b"d" * 32)
+    assert store.put(NS, h[0], SPECS, b"\x01" * 100, b"e" * 32) == (STORED, 0)  # another digest
+    assert store.get(NS, h[0]).digest == b"e" * 32
+    assert store.put(NS, h[0], SPECS, b"\x01" * 100, b"e" * 32) == (EXISTING, 0)
+    assert store.pin(NS, [h[0]]) == 1
+    assert store.put(NS, h[0], SPECS, b"\x02" * 100, b"e" * 32) == (STORED, 0)  # a pinned one keeps its pin
+    s = store.stats()
+    assert (s["blocks"], s["replaced"], s["pinned_blocks"], s["bytes_used"]) == (1, 3, 1, COST + 32)  # the 32-byte digest
+
+
+def test_metadata_counts_against_the_capacity():
+    """Blocks of no data still cost their keys, digests and specs: a store cannot be filled without
+    bound with empty blocks (before, a 10 KB store took all 1,000 of them)."""
+    store, h = KVBlockStore(10_000), chain(1000)
+    outcomes = [store.put(NS, x, [("uint8", (0,))], b"", bytes(32))[0] for x in h]
+    s = store.stats()
+    assert s["blocks"] == 10_000 // entry_bytes(NS, h[0], [("uint8", (0,))], 0, bytes(32)) < 1000
+    assert s["bytes_used"] <= 10_000 and s["data_bytes"] == 0 and outcomes.count(STORED) == 1000
+    assert s["evictions"] == 1000 - s["blocks"]
+    # what entry_bytes counts is close to what Python spends (measured: ~500 bytes for this shape)
+    big = entry_bytes("model-abcdef0123456789", bytes(32), [("bfloat16", (2, 16, 4, 64)), ("float32", (16, 4, 1))],
+                      0, bytes(32))
+    assert 450 <= big <= 550
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_pins_are_leases_that_expire():
+    clock = Clock()
+    store, h = KVBlockStore(2 * COST, pin_lease_s=10, clock=clock), chain(3)
+    fill(store, h[:2])
+    assert store.pin(NS, [h[0]]) == 1 and store.pin(NS, [h[0]], lease_s=30) == 1
+    assert store.pin(NS, [h[1]], lease_s=10_000) == 1  # capped at MAX_PIN_LEASE_S (600)
+    assert store.put(NS, h[2], SPECS, bytes(100)) == (REJECTED, 0)  # everything is pinned
+    clock.now += 10.5  # h[0]'s first lease is over, its second is not
+    assert store.stats()["pinned_blocks"] == 2 and store.stats()["expired_pins"] == 1
+    assert store.put(NS, h[2], SPECS, bytes(100)) == (REJECTED, 0)
+    clock.now += 20  # h[0]'s second lease is over too: it is evictable again
+    assert store.put(NS, h[2], SPECS, bytes(100)) == (STORED, 1)
+    assert present(store, h) == [False, True, True]
+    clock.now += 600  # h[1]'s capped lease
+    s = store.stats()
+    assert (s["pinned_blocks"], s["expired_pins"]) == (0, 3)
+    assert store.unpin(NS, [h[1]]) == 1  # present, no pin left to release: nothing breaks
+
+
+def test_unpin_releases_the_lease_that_ends_first():
+    clock = Clock()
+    store, h = KVBlockStore(2 * COST, clock=clock), chain(1)
+    fill(store, h)
+    store.pin(NS, h, lease_s=5)
+    store.pin(NS, h, lease_s=50)
+    assert store.unpin(NS, h) == 1
+    clock.now += 10  # the 5 s lease was the one released: the 50 s one holds
+    assert store.stats()["pinned_blocks"] == 1 and store.stats()["expired_pins"] == 0
+    clock.now += 50
+    assert store.stats()["pinned_blocks"] == 0 and store.stats()["expired_pins"] == 1
 
 
 def test_bigger_block_evicts_several():
-    store, h = KVBlockStore(300), chain(4)
+    store, h = KVBlockStore(3 * COST), chain(4)
     fill(store, h[:3])
     assert store.put(NS, h[3], [("float32", (50,))], bytes(200)) == (STORED, 2)
     assert present(store, h) == [False, False, True, True]
-    assert store.stats()["bytes_used"] == 300
+    assert store.stats()["bytes_used"] == 2 * COST + 100  # one 100-byte block, one 200-byte
 
 
 def test_pins_block_eviction_and_count():
-    store, h = KVBlockStore(200), chain(4)
+    store, h = KVBlockStore(2 * COST), chain(4)
     fill(store, h[:2])
     assert store.pin(NS, [h[0], h[0], h[1], h[3]]) == 3  # h[3] is absent
     assert store.stats()["pinned_blocks"] == 2
@@ -84,17 +159,17 @@ def test_pins_block_eviction_and_count():
 
 
 def test_block_larger_than_capacity_is_rejected_without_evicting():
-    store, h = KVBlockStore(150), chain(2)
+    store, h = KVBlockStore(COST + 50), chain(2)
     fill(store, h[:1])
     assert store.put(NS, h[1], [("uint8", (151,))], bytes(151)) == (REJECTED, 0)
     assert present(store, h) == [True, False]
-    assert store.reject_oversized(151) and not store.reject_oversized(150)
+    assert store.reject_oversized(COST + 51) and not store.reject_oversized(COST + 50)
     s = store.stats()
     assert (s["rejected"], s["evictions"], s["blocks"]) == (2, 0, 1)
 
 
 def test_lookup_is_the_longest_prefix_and_stops_at_the_first_miss():
-    store, h = KVBlockStore(1000), chain(5)
+    store, h = KVBlockStore(10 * COST), chain(5)
     fill(store, [h[0], h[1], h[3], h[4]])
     assert store.lookup(NS, h) == 2
     assert store.lookup(NS, h[3:]) == 2
@@ -105,7 +180,7 @@ def test_lookup_is_the_longest_prefix_and_stops_at_the_first_miss():
 
 
 def test_namespaces_are_isolated():
-    store, h = KVBlockStore(1000), chain(1)
+    store, h = KVBlockStore(10 * COST), chain(1)
     fill(store, h, ns="a")
     assert store.lookup("b", h) == 0 and store.get("b", h[0]) is None
     assert store.pin("b", h) == 0
@@ -121,7 +196,7 @@ def test_namespaces_are_isolated():
     ([("int8", (-1, 2))], 0, "negative"),
 ])
 def test_put_validates_specs_against_data(specs, num_bytes, message):
-    store = KVBlockStore(1000)
+    store = KVBlockStore(10 * COST)
     with pytest.raises(InvalidRequestError, match=message):
         store.put(NS, b"h", specs, bytes(num_bytes))
     with pytest.raises(InvalidRequestError, match="hash"):
@@ -192,6 +267,10 @@ def mixed_block(seed: int) -> list[torch.Tensor]:
     return [k, v, q, scales]
 
 
+# a mixed block's entry in the store: 205,056 bytes of data, its specs, a 32-byte key and digest
+MIXED_COST = entry_bytes(NS, bytes(32), tensors_to_bytes(mixed_block(0))[0], 205_056, bytes(32))
+
+
 def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
@@ -207,7 +286,7 @@ def serve(capacity_bytes: int):
 
 @pytest.fixture
 def host():
-    with serve(3 * 205_056 + 1000) as h:  # room for 3 of the 4 mixed blocks (205,056 bytes each)
+    with serve(3 * MIXED_COST + 1000) as h:  # room for 3 of the 4 mixed blocks
         yield h
 
 
@@ -241,8 +320,8 @@ def test_round_trip_lookup_eviction_and_stats(host):
     assert (again.stored, again.existing, again.rejected, again.evicted) == (1, 1, 0, 1)
     # LRU order was h1 (oldest), then h2 and h0 from the Get; h0 is pinned anyway: h1 goes.
     assert after == 1
-    assert (stats["blocks"], stats["evictions"], stats["pinned_blocks"], stats["bytes_used"]) == (3, 1, 1, 3 * 205_056)
-    assert stats["capacity_bytes"] == 3 * 205_056 + 1000
+    assert (stats["blocks"], stats["evictions"], stats["pinned_blocks"], stats["data_bytes"]) == (3, 1, 1, 3 * 205_056)
+    assert stats["bytes_used"] == 3 * MIXED_COST and stats["capacity_bytes"] == 3 * MIXED_COST + 1000
 
 
 def test_oversized_block_is_rejected_and_stream_goes_on(host):
@@ -292,11 +371,12 @@ def test_get_chunk_size_is_bounded():
     block = [torch.arange(1_500_000, dtype=torch.int32)]  # 6 MB
 
     async def body(channel):
-        await KVStoreClient(channel).put_blocks(NS, [(h[0], block)])
+        client = KVStoreClient(channel)
+        await client.put_blocks(NS, [(h[0], block)])
         stub = kvstore_pb2_grpc.KVStoreStub(channel)
         sizes = {}
-        for asked in (1, 0, 8 << 20):
-            call = stub.Get(kvstore_pb2.GetRequest(namespace=NS, hashes=h, chunk_bytes=asked))
+        for asked in (1, 0, 8 << 20):  # the store knows the block by its sealed key
+            call = stub.Get(kvstore_pb2.GetRequest(namespace=NS, hashes=[client.seal.key(h[0])], chunk_bytes=asked))
             sizes[asked] = [len(c.data) async for c in call]
         return sizes
 
@@ -313,3 +393,73 @@ def test_health_says_serving(host):
         return [(await stub.Check(health_pb2.HealthCheckRequest(service=name))).status for name in ("", SERVICE_NAME)]
 
     assert run(host, body) == [health_pb2.HealthCheckResponse.SERVING] * 2
+
+
+def test_pin_lease_over_the_wire():
+    clock = Clock()
+    host = ServiceHost([registration(KVBlockStore(1 << 20, clock=clock))], ServerOptions(port=0)).start()
+    h = chain(2)
+
+    async def body(channel):
+        client = KVStoreClient(channel)
+        await client.put_blocks(NS, [(x, [torch.ones(4)]) for x in h])
+        pinned = [await client.pin(NS, h[:1], lease_s=5), await client.pin(NS, h[1:])]  # 5 s, the default 30 s
+        clock.now += 6
+        after_5 = (await client.stats())["pinned_blocks"]
+        clock.now += 30
+        return pinned, after_5, await client.stats()
+
+    try:
+        pinned, after_5, stats = run(host, body)
+    finally:
+        host.stop()
+    assert pinned == [1, 1] and after_5 == 1
+    assert (stats["pinned_blocks"], stats["expired_pins"]) == (0, 2)
+
+
+def test_the_client_seals_keys_and_drops_blocks_that_fail_their_digest():
+    """The store sees sealed keys only; a block whose bytes or digest were changed in the store, or
+    put by a client with another secret, is dropped and counted, never returned."""
+    store = KVBlockStore(1 << 20)
+    host = ServiceHost([registration(store)], ServerOptions(port=0)).start()
+    h, blocks = chain(3), [[torch.full((8,), float(i))] for i in range(3)]
+
+    async def body(channel):
+        ours, theirs = KVStoreClient(channel, seal=BlockSeal("a" * 32)), KVStoreClient(channel, seal=BlockSeal("b" * 32))
+        await ours.put_blocks(NS, list(zip(h, blocks)))
+        keys = {key for _, key in store.lru}
+        seen_by_others = await theirs.lookup(NS, h)  # another deployment's keys do not name our blocks
+        await theirs.put_blocks(NS, [(h[2], [torch.zeros(8)])])  # lands under its own key
+        (ns, key), victim = next((k, b) for k, b in store.lru.items() if k[1] == ours.seal.key(h[1]))
+        victim.data = bytes(len(victim.data))  # corrupted in the store, digest untouched
+        got = await ours.get_blocks(NS, h)
+        return keys, seen_by_others, got, ours.num_rejected, theirs
+
+    try:
+        keys, seen_by_others, got, rejected, theirs = run(host, body)
+    finally:
+        host.stop()
+    assert not keys & set(h) and len(keys) == 3  # no bare block hash reaches the store
+    assert seen_by_others == 0
+    assert list(got) == [h[0], h[2]] and rejected == 1
+    assert torch.equal(got[h[2]][0], blocks[2][0])
+
+
+def test_a_forged_digest_is_dropped():
+    store = KVBlockStore(1 << 20)
+    host = ServiceHost([registration(store)], ServerOptions(port=0)).start()
+    h = chain(1)
+    seal, attacker = BlockSeal("a" * 32), BlockSeal("x" * 32)
+    specs, data = tensors_to_bytes([torch.full((8,), 7.0)])
+
+    async def body(channel):
+        forged = to_chunks(NS, seal.key(h[0]), specs, data, CHUNK, attacker.digest(NS, h[0], specs, data))
+        await kvstore_pb2_grpc.KVStoreStub(channel).Put(iter(list(forged)))
+        client = KVStoreClient(channel, seal=seal)
+        return await client.get_blocks(NS, h), client.num_rejected
+
+    try:
+        got, rejected = run(host, body)
+    finally:
+        host.stop()
+    assert got == {} and rejected == 1
