@@ -3,7 +3,11 @@
 Only the engine thread touches engine state: requests and aborts arrive as commands it runs
 between steps, and results go back to each caller's event loop with call_soon_threadsafe. Torch
 releases the GIL inside its ops, so the event loop stays responsive while a step runs. An error
-inside a step fails the requests of that step's batch, never the engine.
+inside a step fails the requests of that step's batch, never the engine. A caller cancelled while
+its command waits is skipped (concurrent.futures' set_running_or_notify_cancel protocol), so no
+caller's action can reach the engine thread as an exception. Should the loop die anyway (a bug), its
+streams fail, new requests are refused and `on_fatal` tells the owner (a worker then reports
+NOT_SERVING and exits, so Ray restarts it).
 
     engine = AsyncEngine(llm_engine)
     stream = await engine.add_request("r1", prompt_ids, SamplingParams(max_tokens=8))
@@ -40,11 +44,13 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine, on_fatal: Callable[[BaseException], object] | None = None):
+        """on_fatal(exc) runs on the engine thread if its loop dies (never for a request's error)."""
+        self.engine, self.on_fatal = engine, on_fatal
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
+        self.fatal_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
         self._thread.start()
 
@@ -57,7 +63,13 @@ class AsyncEngine:
         `contextlib.aclosing`), aborts the request and frees its blocks at once. options go to
         LLMEngine.add_request (prefill_only, first_token_ids)."""
         stream = _Stream(asyncio.get_running_loop())
-        await self._call(self._add, request_id, prompt_ids, params, options, stream)
+        future = self._submit(self._add, request_id, prompt_ids, params, options, stream)
+        try:
+            await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not future.cancelled():  # the add ran (or is running): nobody will read this stream
+                self._commands.put((self._abort, (request_id,), None))
+            raise
         return self._iterate(request_id, stream)
 
     async def abort(self, request_id: str) -> None:
@@ -81,12 +93,16 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
-    async def _call(self, fn: Callable, *args):
+    def _submit(self, fn: Callable, *args) -> concurrent.futures.Future:
         if not self.is_alive:
             raise RuntimeError("the engine is not running")
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((fn, args, future))
-        return await asyncio.wrap_future(future)
+        return future
+
+    async def _call(self, fn: Callable, *args):
+        # Cancelling the awaiting task cancels `future` if the engine thread has not taken it yet.
+        return await asyncio.wrap_future(self._submit(fn, *args))
 
     async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[StreamDelta | RequestOutput]:
         finished = False
@@ -120,12 +136,35 @@ class AsyncEngine:
             stream.put(stream.output)
 
     def _run(self) -> None:
-        while not self._stopping:
-            self._drain_commands(block=not self.engine.has_unfinished())
-            if self.engine.has_unfinished() and not self._stopping:
-                self._step()
-        for request_id in list(self.engine.requests):
-            self._abort(request_id)
+        try:
+            while not self._stopping:
+                self._drain_commands(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished() and not self._stopping:
+                    self._step()
+            for request_id in list(self.engine.requests):
+                self._abort(request_id)
+        except BaseException as exc:  # a bug in the loop itself: fail loudly, never hang callers
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        log.critical("the engine loop died; failing its requests", exc_info=exc)
+        self.fatal_error, self._stopping = exc, True
+        error = RuntimeError(f"the engine stopped: {type(exc).__name__}: {exc}")
+        for stream in list(self._streams.values()):
+            if stream.output is None:
+                stream.put(error)
+        while True:  # callers still waiting on commands
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command is not None and command[2] is not None and command[2].set_running_or_notify_cancel():
+                command[2].set_exception(error)
+        if self.on_fatal is not None:
+            try:
+                self.on_fatal(exc)
+            except Exception:
+                log.exception("on_fatal failed")
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -134,17 +173,27 @@ class AsyncEngine:
             return
         while command is not None:
             fn, args, future = command
-            try:
-                result = fn(*args)
-                if future is not None:
-                    future.set_result(result)
-            except Exception as exc:  # reported to the caller, never fatal to the engine
-                if future is not None:
-                    future.set_exception(exc)
+            # A caller cancelled while this command waited: skip it. Once running, its future can
+            # no longer be cancelled, so set_result/set_exception below cannot raise.
+            if future is None or future.set_running_or_notify_cancel():
+                self._execute(fn, args, future)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    @staticmethod
+    def _execute(fn: Callable, args: tuple, future: concurrent.futures.Future | None) -> None:
+        try:
+            result = fn(*args)
+        except Exception as exc:  # reported to the caller, never fatal to the engine
+            if future is not None:
+                future.set_exception(exc)
+            else:
+                log.warning("engine command %s failed: %s", getattr(fn, "__name__", fn), exc)
+            return
+        if future is not None:
+            future.set_result(result)
 
     def _step(self) -> None:
         try:

@@ -146,3 +146,95 @@ def test_a_failing_step_fails_its_requests_not_the_engine(engine, monkeypatch):
 
     asyncio.run(main())
     assert async_engine.is_alive
+
+
+def _hold_engine_thread(async_engine):
+    """Park the engine thread inside a command until the returned event is set: commands sent
+    meanwhile stay pending, which is the window the cancellation race needs."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def park():
+        entered.set()
+        release.wait(10)
+
+    async_engine._commands.put((park, (), None))
+    assert entered.wait(10)
+    return release
+
+
+@pytest.mark.parametrize("command", ["add_request", "abort", "run"])
+def test_a_caller_cancelled_while_its_command_is_pending_does_not_kill_the_engine(engine, command):
+    """Regression (issue 15): set_result/set_exception on the cancelled caller's future raised
+    InvalidStateError on the engine thread and the thread died, failing every later request."""
+    llm, async_engine = engine
+
+    async def main():
+        release = _hold_engine_thread(async_engine)
+        calls = {"add_request": lambda: async_engine.add_request("gone", [5, 6, 7], LONG),
+                 "abort": lambda: async_engine.abort("gone"),
+                 "run": lambda: async_engine.run(lambda: 1 / 0)}  # set_exception path
+        task = asyncio.create_task(calls[command]())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        stream = await asyncio.wait_for(async_engine.add_request("after", [5, 6, 7], GREEDY), 20)
+        tokens, _, _ = await asyncio.wait_for(_collect(stream), 20)
+        assert len(tokens) == GREEDY.max_tokens
+        await _wait_for(lambda: _all_freed(llm))  # the cancelled add never ran, or was aborted
+
+    asyncio.run(main())
+    assert async_engine.is_alive
+
+
+def test_a_caller_cancelled_after_its_request_was_added_aborts_it(engine):
+    """The add ran on the engine thread but the caller was cancelled before it got the stream:
+    nobody will read that stream, so the request must be aborted, not left running."""
+    llm, async_engine = engine
+
+    async def main():
+        release = _hold_engine_thread(async_engine)
+        task = asyncio.create_task(async_engine.add_request("orphan", [5, 6, 7], LONG))
+        await asyncio.sleep(0.05)
+        release.set()
+        await _wait_for(lambda: "orphan" in llm.engine.requests)
+        task.cancel()  # the add ran; the caller's await has not resumed yet (or just has)
+        try:
+            stream = await task
+        except asyncio.CancelledError:
+            stream = None
+        if stream is not None:
+            await stream.aclose()
+        await _wait_for(lambda: _all_freed(llm))
+
+    asyncio.run(main())
+
+
+def test_a_dead_engine_loop_is_reported_and_fails_its_streams(tiny_hf_dir, monkeypatch):
+    """If the loop itself dies (a bug, not a request's error), the owner hears of it at once
+    (on_fatal: a worker reports NOT_SERVING and exits so Ray restarts it), callers get an error
+    instead of hanging, and new requests are refused."""
+    import threading
+
+    llm = tandem.LLM(str(tiny_hf_dir), progress=False, num_kv_blocks=64, block_size=4)
+    died = threading.Event()
+    async_engine = AsyncEngine(llm.engine, on_fatal=lambda exc: died.set())
+
+    def broken_step():
+        raise SystemError("the loop itself is broken")
+
+    async def main():
+        stream = await async_engine.add_request("victim", [5, 6, 7], LONG)
+        monkeypatch.setattr(async_engine, "_step", broken_step)
+        with pytest.raises(RuntimeError, match="engine"):
+            await asyncio.wait_for(_collect(stream), 10)
+        assert died.wait(10)
+        assert not async_engine.is_alive
+        with pytest.raises(RuntimeError, match="not running"):
+            await async_engine.add_request("later", [5, 6, 7], GREEDY)
+
+    asyncio.run(main())
+    async_engine.shutdown()
