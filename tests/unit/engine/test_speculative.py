@@ -99,7 +99,8 @@ def plugins_with(*classes):
 
 
 def test_per_request_override_and_metrics(tiny_hf_dir):
-    llm = make_llm(tiny_hf_dir, plugins=plugins_with(OracleProposer))  # no default: only requests that ask
+    llm = make_llm(tiny_hf_dir, plugins=plugins_with(OracleProposer),  # no default: only requests that ask
+                   speculative_methods=["oracle"])
     prompt = repetitive_prompts(1, seed=3)[0]
     greedy = dict(temperature=0, max_tokens=30, ignore_eos=True)
     plain = llm.generate([prompt], SamplingParams(**greedy))[0]
@@ -109,8 +110,11 @@ def test_per_request_override_and_metrics(tiny_hf_dir):
     m = right.metrics
     assert m.spec_proposed > 0 and m.spec_accepted == m.spec_proposed and m.spec_acceptance_rate == 1
     assert m.spec_rounds <= 30 // 6 + 2 and m.spec_mean_accepted_length > 4  # ~7 tokens a forward
-    wrong = llm.generate([prompt], SamplingParams(**greedy, speculative={"method": "oracle", "k": 6,
-                                                                         "options": {"wrong": True}}))[0]
+    with pytest.raises(InvalidRequestError, match="options come from the server"):  # a request never sets them
+        SamplingParams(**greedy, speculative={"method": "oracle", "k": 6, "options": {"wrong": True}})
+    wrong_by_default = make_llm(tiny_hf_dir, plugins=plugins_with(OracleProposer),
+                                speculative={"method": "oracle", "k": 6, "options": {"wrong": True}})
+    wrong = wrong_by_default.generate([prompt], SamplingParams(**greedy))[0]
     assert wrong.token_ids == plain.token_ids
     assert wrong.metrics.spec_proposed > 0 and wrong.metrics.spec_accepted == 0
     assert plain.metrics.spec_proposed == 0
@@ -144,7 +148,7 @@ class BadProposer(DraftProposer):
 
 
 def test_a_failing_proposer_fails_only_its_request(tiny_hf_dir):
-    engine = make_llm(tiny_hf_dir, plugins=plugins_with(BadProposer)).engine
+    engine = make_llm(tiny_hf_dir, plugins=plugins_with(BadProposer), speculative_methods=["bad"]).engine
     prompt = repetitive_prompts(1)[0]
     out = drive(engine, [("bad", prompt, SamplingParams(temperature=0, max_tokens=8, speculative={"method": "bad"})),
                          ("good", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))])
@@ -160,8 +164,10 @@ def test_bad_settings(tiny_hf_dir):
     with pytest.raises(ConfigError, match="unknown draft_proposer|available"):
         make_llm(tiny_hf_dir, speculative={"method": "nope"})
     llm = make_llm(tiny_hf_dir)
-    with pytest.raises(ConfigError):
+    with pytest.raises(InvalidRequestError, match="'nope' is not enabled"):
         llm.generate("hi", SamplingParams(speculative={"method": "nope"}))
+    with pytest.raises(InvalidRequestError, match="'draft_model' is not enabled"):  # installed, not enabled
+        llm.generate("hi", SamplingParams(speculative={"method": "draft_model"}))
     assert SpeculativeConfig.parse({"method": "none"}) is None and SpeculativeConfig.parse(None) is None
 
 
@@ -333,7 +339,7 @@ def test_a_failing_processor_ends_a_speculating_request_with_n_samples(tiny_hf_d
 
     plugins = PluginManager()
     plugins.register(Plugin(), "boom-and-oracle")
-    engine = make_llm(tiny_hf_dir, plugins=plugins).engine
+    engine = make_llm(tiny_hf_dir, plugins=plugins, speculative_methods=["oracle"]).engine
     prompt = repetitive_prompts(1, seed=4)[0]
     OracleProposer.prompt, OracleProposer.continuation = prompt, [5] * 40
     params = SamplingParams(temperature=1.0, n=3, max_tokens=20, ignore_eos=True, logits_processors={"boom": {}},

@@ -296,9 +296,13 @@ def test_speculative_decoding_through_the_pipeline(tiny_hf_dir, tiny_llm):
         assert draft["requests"] > 0  # the guesses came from the draft service
         off = c.complete(prompt, speculative=None, **GREEDY)
         assert off.token_ids == want and off.usage.spec_proposed_tokens == 0
-        local = c.complete(prompt, speculative={"method": "draft_model", "k": 3, "options": {
-            "model": str(tiny_hf_dir), "quantization": None}}, **GREEDY)
-        assert local.token_ids == want and local.usage.spec_accepted_tokens == local.usage.spec_proposed_tokens > 0
+        with pytest.raises(InvalidArgumentError, match="options come from the server"):  # the operator's alone
+            c.complete(prompt, speculative={"method": "draft_model", "k": 3, "options": {"model": "/etc/passwd"}},
+                       max_tokens=2)
+        with pytest.raises(InvalidArgumentError, match="not enabled"):  # installed, but the operator did not enable it
+            c.complete(prompt, speculative={"method": "draft_model", "k": 3}, max_tokens=2)
+        fewer = c.complete(prompt, speculative={"method": "remote", "k": 2}, **GREEDY)  # the server's options
+        assert fewer.token_ids == want and fewer.usage.spec_accepted_tokens == fewer.usage.spec_proposed_tokens > 0
         with pytest.raises(InvalidArgumentError, match="speculative k"):
             c.complete(prompt, speculative={"method": "ngram", "k": 99}, max_tokens=2)
 
