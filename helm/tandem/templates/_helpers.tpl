@@ -92,7 +92,7 @@ httpGet:
 The keys of tandem.yaml the chart owns: they must agree with the pods and the Service.
 */}}
 {{- define "tandem.ownedConfigKeys" -}}
-model host service_host grpc_port http_port gateway_resources dashboard ray_address
+model host service_host grpc_port http_port gateway_resources dashboard ray_address internal_token
 {{- end }}
 
 {{/*
@@ -195,10 +195,11 @@ A worker group of the RayCluster. Usage: include "tandem.workerGroup" (dict "roo
         - name: ray-worker
           image: {{ include "tandem.image" (dict "root" $root "override" $group.image) }}
           imagePullPolicy: {{ include "tandem.imagePullPolicy" (dict "root" $root "override" $group.image) }}
-          {{- with $group.env }}
           env:
+            {{- include "tandem.internalTokenEnv" $root | nindent 12 }}
+            {{- with $group.env }}
             {{- toYaml . | nindent 12 }}
-          {{- end }}
+            {{- end }}
           resources:
             {{- toYaml $group.resources | nindent 12 }}
           volumeMounts:
@@ -223,6 +224,23 @@ A worker group of the RayCluster. Usage: include "tandem.workerGroup" (dict "roo
 TANDEM_API_KEYS (comma-separated keys, read by the gateway actor) from the Secret. Both head
 containers get it: the gateway runs in a process of ray-head; `tandem serve` reports it.
 */}}
+{{- define "tandem.internalTokenSecretName" -}}
+{{- .Values.internalToken.existingSecret | default (printf "%s-internal-token" (include "tandem.fullname" .)) -}}
+{{- end }}
+
+{{/*
+TANDEM_INTERNAL_TOKEN: the pipeline token every internal service requires (docs/security.md).
+Every Ray container gets it: the driver hands it to the actors, and a tool run in any pod
+(`tandem service`, a debugging client) finds it there.
+*/}}
+{{- define "tandem.internalTokenEnv" -}}
+- name: TANDEM_INTERNAL_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tandem.internalTokenSecretName" . }}
+      key: {{ .Values.internalToken.secretKey }}
+{{- end }}
+
 {{- define "tandem.apiKeysEnv" -}}
 {{- if .Values.apiKeys.enabled }}
 - name: TANDEM_API_KEYS

@@ -39,7 +39,7 @@ AUTOSCALER_OPTIONS = {"resources", "image", "imagePullPolicy", "securityContext"
                       "upscalingMode", "version", "env", "envFrom", "volumeMounts", "command", "args"}
 CRD_KINDS = {"RayCluster", "ServiceMonitor"}
 OWNED_KEYS = {"model", "host", "service_host", "grpc_port", "http_port", "gateway_resources", "dashboard",
-              "ray_address"}
+              "ray_address", "internal_token"}  # the token comes from the internalToken Secret, never the ConfigMap
 
 GPU_VALUES = yaml.safe_load((CHART / "values-gpu.yaml").read_text())
 EVERYTHING = {"serviceMonitor": {"enabled": True}, "podDisruptionBudget": {"enabled": True},
@@ -101,7 +101,8 @@ def test_lint_reports_bad_values():
 # -- what renders ------------------------------------------------------------------------------
 def test_default_renders_the_cluster_its_config_and_the_gateway_service(chart):
     rendered = render(chart)
-    assert sorted(d["kind"] for d in objects(rendered)) == ["ConfigMap", "RayCluster", "Service"]
+    assert sorted(d["kind"] for d in objects(rendered)) == ["ConfigMap", "NetworkPolicy", "NetworkPolicy", "RayCluster",
+                                                           "Secret", "Service"]  # the Secret: the pipeline token
     for name, docs in rendered.items():  # templates are named KIND-COMPONENT.yaml
         if name.endswith(".yaml") and docs:
             assert name.split("-")[0] == docs[0]["kind"].lower() or name.startswith("pdb-"), name
@@ -109,8 +110,10 @@ def test_default_renders_the_cluster_its_config_and_the_gateway_service(chart):
 
 def test_optional_objects_render_only_when_enabled(chart):
     kinds = sorted(d["kind"] for d in objects(render(chart, EVERYTHING)))
-    assert kinds == ["ConfigMap", "PodDisruptionBudget", "PodDisruptionBudget", "RayCluster", "Secret",
-                     "Service", "ServiceMonitor"]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget", "PodDisruptionBudget",
+                     "RayCluster", "Secret", "Secret", "Service", "ServiceMonitor"]
+    fewest = {"networkPolicy": {"enabled": False}, "internalToken": {"existingSecret": "mine"}}
+    assert sorted(d["kind"] for d in objects(render(chart, fewest))) == ["ConfigMap", "RayCluster", "Service"]
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
@@ -349,7 +352,7 @@ def api_key_refs(rendered: dict) -> dict[str, dict]:
 
 def test_api_keys_from_an_existing_secret_reach_both_head_containers(chart):
     rendered = render(chart, {"apiKeys": {"enabled": True, "existingSecret": "my-keys", "secretKey": "keys"}})
-    assert not [d for d in objects(rendered) if d["kind"] == "Secret"]
+    assert not [d for d in objects(rendered) if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-apikeys")]
     # ray-head: the gateway actor runs in a process Ray starts there; tandem: the driver reports it.
     assert api_key_refs(rendered) == {"ray-head": {"name": "my-keys", "key": "keys"},
                                       "tandem": {"name": "my-keys", "key": "keys"}}
@@ -357,7 +360,7 @@ def test_api_keys_from_an_existing_secret_reach_both_head_containers(chart):
 
 def test_api_keys_in_a_chart_created_secret(chart):
     rendered = render(chart, EVERYTHING)
-    secret = one(rendered, "Secret")
+    secret = one(rendered, "Secret", "-apikeys")
     assert secret["stringData"] == {"api-keys": "sk-one,sk-two"}
     refs = api_key_refs(rendered)
     assert set(refs) == {"ray-head", "tandem"}
@@ -366,6 +369,58 @@ def test_api_keys_in_a_chart_created_secret(chart):
 
 def test_no_api_keys_by_default(chart):
     assert api_key_refs(render(chart)) == {}
+
+
+# -- pipeline credentials and the NetworkPolicy -----------------------------------------------
+def token_refs(rendered: dict) -> dict[str, dict]:
+    """Container -> the Secret reference of its TANDEM_INTERNAL_TOKEN, over every Ray pod."""
+    cluster = one(rendered, "RayCluster")["spec"]
+    pods = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster.get("workerGroupSpecs", []))]
+    return {f"{pod_i}/{name}": next(e["valueFrom"]["secretKeyRef"] for e in c.get("env", [])
+                                    if e["name"] == "TANDEM_INTERNAL_TOKEN")
+            for pod_i, pod in enumerate(pods) for name, c in containers(pod).items()
+            if any(e["name"] == "TANDEM_INTERNAL_TOKEN" for e in c.get("env", []))}
+
+
+def test_every_ray_container_gets_the_pipeline_token_from_a_generated_secret(chart):
+    rendered = render(chart, EVERYTHING)
+    secret = one(rendered, "Secret", "-internal-token")
+    (token,) = secret["stringData"].values()
+    assert len(token) == 32 and token.isalnum()
+    assert token != one(render(chart), "Secret", "-internal-token")["stringData"]["token"]  # random per install
+    refs = token_refs(rendered)
+    # head: ray-head (the actors Ray starts there) and tandem (the driver); a worker of each group
+    assert set(refs) == {"0/ray-head", "0/tandem", "1/ray-worker", "2/ray-worker"}
+    assert all(ref == {"name": secret["metadata"]["name"], "key": "token"} for ref in refs.values())
+    assert token not in json.dumps(one(rendered, "ConfigMap"))  # never in tandem.yaml
+
+
+def test_the_pipeline_token_from_values_or_an_existing_secret(chart):
+    given = render(chart, {"internalToken": {"value": "t" * 20}})
+    assert one(given, "Secret", "-internal-token")["stringData"] == {"token": "t" * 20}
+    existing = render(chart, {"internalToken": {"existingSecret": "mine", "secretKey": "tok"}})
+    assert not [d for d in objects(existing) if d["kind"] == "Secret"]
+    refs = token_refs(existing)
+    assert len(refs) == 3 and all(ref == {"name": "mine", "key": "tok"} for ref in refs.values())
+
+
+def test_network_policy_keeps_internal_ports_to_the_release_and_opens_the_gateway(chart):
+    rendered = render(chart)
+    internal, gateway = one(rendered, "NetworkPolicy", "-internal"), one(rendered, "NetworkPolicy", "-gateway")
+    release_pods = {"matchLabels": {"ray.io/cluster": CLUSTER}}  # KubeRay's label on every pod of the cluster
+    assert internal["spec"]["podSelector"] == release_pods and internal["spec"]["policyTypes"] == ["Ingress"]
+    assert internal["spec"]["ingress"] == [{"from": [{"podSelector": release_pods}]}]  # no ports open to others
+    head = one(rendered, "Service", "-gateway")["spec"]["selector"]
+    assert gateway["spec"]["podSelector"] == {"matchLabels": head}
+    (rule,) = gateway["spec"]["ingress"]
+    assert "from" not in rule  # anyone, on these ports only
+    assert rule["ports"] == [{"port": 50051, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}]
+    narrowed = render(chart, {"networkPolicy": {"enabled": True, "gatewayFrom": [{"namespaceSelector": {}}],
+                                                "extraIngress": [{"ports": [{"port": 8080}]}]},
+                              "gateway": {"grpcPort": 9000}})
+    (rule,) = one(narrowed, "NetworkPolicy", "-gateway")["spec"]["ingress"]
+    assert rule["from"] == [{"namespaceSelector": {}}] and rule["ports"][0]["port"] == 9000
+    assert one(narrowed, "NetworkPolicy", "-internal")["spec"]["ingress"][1] == {"ports": [{"port": 8080}]}
 
 
 # -- values.schema.json ------------------------------------------------------------------------
@@ -389,6 +444,10 @@ BAD_VALUES = {
     "API keys on, none given": {"apiKeys": {"enabled": True}},
     "a model volume without a source": {"model": {"volume": {"enabled": True}}},
     "unknown upgrade strategy": {"rayCluster": {"upgradeStrategy": "Rolling"}},
+    "a short pipeline token": {"internalToken": {"value": "secret"}},
+    "a pipeline token with a space": {"internalToken": {"value": "a token with spaces in it"}},
+    "the pipeline token in the ConfigMap": {"config": {"extraConfig": {"internal_token": "x" * 32}}},
+    "network policy without enabled": {"networkPolicy": {"enabled": None}},
 }
 
 
