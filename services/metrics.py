@@ -55,6 +55,9 @@ SERVICE_METRICS = {
     "hits": ("kv_store_hits", "KV-cache store block lookups that hit.", "counter"),
     "misses": ("kv_store_misses", "KV-cache store block lookups that missed.", "counter"),
     "evictions": ("kv_store_evictions", "Blocks the KV-cache store evicted.", "counter"),
+    "expired_pins": ("kv_store_expired_pins", "KV-cache store pins released because their lease ran out.", "counter"),
+    "kv_blocks_rejected": ("kv_blocks_rejected", "KV blocks from the store that failed their digest check "
+                           "(forged or corrupted): dropped and computed again.", "counter"),
 }
 
 

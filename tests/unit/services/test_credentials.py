@@ -257,6 +257,10 @@ def test_a_planted_block_is_never_imported_and_the_answer_is_unchanged(pipe, tin
     hashes = [h for h, _ in blocks][:(len(prompt) - 1) // block_size]  # the blocks prefill fetches
     fetched_bad = stats(pipe, "prefill-0")["kv_blocks_rejected"] - rejected
     assert fetched_bad == (0 if how == "unsealed" else len(hashes))  # unsealed: never even found
+    metrics = httpx.get(f"http://{pipe.http_address}/metrics", timeout=30).text
+    exported = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("tandem_kv_blocks_rejected_total{"))
+    assert exported >= fetched_bad  # on /metrics as tandem_kv_blocks_rejected_total
     # the worker published its own copies: what the store now holds under those keys checks out
     namespace = stub_of(pipe, "prefill-0", prefill_pb2_grpc.PrefillStub).Info(
         prefill_pb2.WorkerInfoRequest(), metadata=WITH_TOKEN, timeout=10).kv_namespace
