@@ -129,7 +129,11 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """Generate for one prompt or many, batched continuously. A prompt is a str or a list of
-        token ids. Returns one RequestOutput per prompt, in order (n samples in .outputs)."""
+        token ids. Returns one RequestOutput per prompt, in order (n samples in .outputs).
+
+        Bad input raises before any work. A request that fails while running (a plugin raised
+        for it, its logits could not be sampled) comes back with `.error` set and finish_reason
+        "error"; the other requests of the call are unaffected."""
         prompt_list = self._prompt_list(prompts)
         param_list = self._param_list(params, len(prompt_list))
         token_lists = [self._prompt_ids(p) for p in prompt_list]  # validate all before any work
@@ -140,8 +144,6 @@ class LLM:
                 self.engine.add_request(request_id, tokens, p)
             while len(results) < len(ids):
                 for output in self.engine.step()[1]:
-                    if output.error:
-                        raise PluginError(output.error)
                     results[output.request_id] = output
         finally:  # an error mid-way must not leave requests holding KV blocks
             for request_id in ids:

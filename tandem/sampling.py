@@ -3,13 +3,19 @@
 A `LogitsProcessor` rewrites fp32 logits (B, V) for the rows whose request turned it on, in one
 call for the whole batch. The `SamplerPipeline` runs the processors in their `order` and then
 draws: argmax for greedy rows, otherwise a draw from softmax(logits) with each request's own
-seeded generator, so a seed reproduces a request whatever else is in the batch.
+seeded generator, so a seed reproduces a request whatever else is in the batch. A row whose
+logits leave no valid distribution (NaN, or nothing finite) fails alone; the others still draw.
+
+A request's randomness is addressed by output position (`RandomStream`), not consumed from one
+stateful generator: a request resumed at token i, on another worker after a migration or on the
+decode worker after prefill, draws what it would have drawn had it never moved.
 
 The built-in processors (penalties, logit bias, temperature, top-k, top-p, min-p) live in
 `tandem.plugins.samplers` and register through the plugin manager like third-party ones.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +33,22 @@ def make_generator(seed: int | None) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
     return g
+
+
+class RandomStream:
+    """One sample's random stream, addressed by output position (counter-based, like Philox or
+    JAX's keys): `at(i)` is a generator seeded from (seed, i), used for every draw that chooses
+    output token i. No draw depends on how many draws came before, so a stream can be resumed
+    anywhere, on any worker, from its seed and position alone."""
+
+    def __init__(self, seed: int | None):
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+
+    def at(self, position: int) -> torch.Generator:
+        digest = hashlib.blake2b(f"{self.seed}:{position}".encode(), digest_size=8).digest()
+        g = torch.Generator()
+        g.manual_seed(int.from_bytes(digest, "little") >> 1)
+        return g
 
 
 @dataclass
@@ -151,14 +173,29 @@ class SamplerPipeline:
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch, args: Sequence[tuple] | None = None) -> SampleResult:
         """One next token per row: argmax for greedy rows, a draw from the processed distribution
-        otherwise (with the row's generator)."""
+        otherwise (with the row's generator). A row that cannot be sampled fails alone."""
         processed, failures = self.process(logits.float(), batch, args)
+        failures.update(self.invalid_rows(processed, failures))
         chosen = processed.argmax(dim=-1).tolist()
         for row, p in enumerate(batch.params):
             if not p.greedy and row not in failures:
-                probs = processed[row].softmax(dim=-1)
-                chosen[row] = int(torch.multinomial(probs, 1, generator=batch.generators[row]))
+                try:
+                    probs = processed[row].softmax(dim=-1)
+                    chosen[row] = int(torch.multinomial(probs, 1, generator=batch.generators[row]))
+                except RuntimeError as exc:  # the draw itself: this row's problem, not the batch's
+                    failures[row] = PluginError(f"sampling failed for this request: {exc}")
         return SampleResult(chosen, failures)
+
+    @staticmethod
+    def invalid_rows(processed: torch.Tensor, skip: dict[int, PluginError]) -> dict[int, PluginError]:
+        """Rows whose processed logits hold a NaN or no finite value: no distribution to draw from
+        (an extreme penalty or bias, a processor's bug). One check for the whole batch."""
+        bad = processed.isnan().any(dim=-1) | ~processed.isfinite().any(dim=-1)  # (B,)
+        if not bool(bad.any()):
+            return {}
+        return {row: PluginError("sampling failed for this request: its processed logits hold NaN or no finite "
+                                 "value (check penalties, logit_bias and logits processors)")
+                for row in bad.nonzero().flatten().tolist() if row not in skip}
 
     def _plugin_error(self, proc: LogitsProcessor, exc: Exception) -> PluginError:
         owner = self.owners.get(proc.name, "unknown plugin")

@@ -22,7 +22,7 @@ from tandem.model.attention import DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBa
 from tandem.model.kv_pool import DEFAULT_KV_FORMAT, KVCacheFormat
 from tandem.outputs import (CompletionOutput, KVHandoff, OutputBuilder, RequestMetrics, RequestOutput, StreamDelta,
                             TokenLogprob)
-from tandem.sampling import SamplerPipeline, SamplingBatch, make_generator, token_logprobs
+from tandem.sampling import RandomStream, SamplerPipeline, SamplingBatch, token_logprobs
 from tandem.draft import DraftProposer
 from tandem.sampling_params import SamplingParams
 from tandem.speculative import (SpeculationState, SpeculativeConfig, SpeculativePolicy, verify_greedy,
@@ -39,12 +39,16 @@ class _Request:
     sampling_args: tuple  # each logits processor's argument for this request (SamplerPipeline.prepare)
     seqs: list[Sequence] = field(default_factory=list)
     builders: list[OutputBuilder] = field(default_factory=list)
-    generators: list[torch.Generator] = field(default_factory=list)
+    randomness: list[RandomStream] = field(default_factory=list)  # one per sample
     error: str | None = None
     spec: SpeculationState | None = None  # speculative decoding, when on for this request
     prefill_only: bool = False  # done once every sample has its first token (the prefill role)
     resumed: bool = False  # started from first tokens sampled elsewhere (the decode role)
     handoff: KVHandoff | None = None
+
+    def generator(self, index: int, ahead: int = 0) -> torch.Generator:
+        """Sample `index`'s generator for the draw of its next token (`ahead` tokens further)."""
+        return self.randomness[index].at(len(self.builders[index].token_ids) + ahead)
 
     @property
     def finished(self) -> bool:
@@ -229,7 +233,7 @@ class LLMEngine:
         rows = [plain[r][1] for r in rows]
         requests = [self.requests[s.request_id] for s in seqs]
         batch = SamplingBatch([s.params for s in seqs], [s.token_ids for s in seqs],
-                              [s.num_prompt_tokens for s in seqs], [r.generators[s.index] for s, r in zip(seqs, requests)])
+                              [s.num_prompt_tokens for s in seqs], [r.generator(s.index) for s, r in zip(seqs, requests)])
         result = self.sampler.sample(logits[rows], batch, [r.sampling_args for r in requests])
         failed = {requests[row].request_id: error for row, error in result.failures.items()}
         logprobs = self._logprobs(logits, rows, result.tokens, [s.params for s in seqs])
@@ -307,11 +311,12 @@ class LLMEngine:
                 params.append(seq.params)
                 contexts.append(seq.token_ids[:base + 1 + r])
                 prompt_lens.append(seq.num_prompt_tokens)
-                generators.append(request.generators[seq.index])
+                generators.append(request.generator(seq.index, r))
                 args.append(request.sampling_args)
                 rows.append(first + r)
         processed, failures = self.sampler.process(logits[rows], SamplingBatch(params, contexts, prompt_lens,
                                                                                generators), args)
+        failures.update(self.sampler.invalid_rows(processed, failures))
         deltas, outputs, touched, row = [], [], [], 0
         for seq, num, _ in verify:
             request = self.requests.get(seq.request_id)
@@ -332,8 +337,12 @@ class LLMEngine:
             if seq.params.greedy:
                 accepted, token = verify_greedy(processed[row - num:row].argmax(-1).tolist(), checked)
             else:
-                accepted, token = verify_sampled(processed[row - num:row].softmax(-1), checked, None,
-                                                 request.generators[seq.index])
+                try:
+                    accepted, token = verify_sampled(processed[row - num:row].softmax(-1), checked, None,
+                                                     request.generator(seq.index))
+                except RuntimeError as exc:  # this request's draw, not the batch's
+                    outputs.append(self._fail(request, PluginError(f"sampling failed for this request: {exc}"), now))
+                    continue
             request.spec.record(len(checked), accepted)
             self.num_spec_proposed += len(checked)
             self.num_spec_accepted += accepted
@@ -381,7 +390,7 @@ class LLMEngine:
             request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
         for index in range(p.n):
             request.builders.append(OutputBuilder(self.tokenizer, p, len(request.prompt_ids), self.max_model_len))
-            request.generators.append(make_generator(None if p.seed is None else p.seed + index))
+            request.randomness.append(RandomStream(None if p.seed is None else p.seed + index))
 
     def _append(self, request: _Request, seq: Sequence, tokens: list[int], now: float,
                 computed: int | None = None, logprobs: list[TokenLogprob] | None = None) -> StreamDelta:

@@ -14,7 +14,7 @@ import torch
 from tandem.plugins import PluginManager
 from tandem.plugins.samplers import (apply_min_p, apply_repetition_penalty, apply_temperature, apply_top_k,
                                      apply_top_p)
-from tandem.sampling import SamplingBatch, make_generator
+from tandem.sampling import LogitsProcessor, SamplingBatch, make_generator
 from tandem.sampling_params import SamplingParams
 
 # The built-in processors only; a vocabulary larger than any test row, so top_k is never "all".
@@ -348,3 +348,55 @@ def test_tiny_positive_temperature_behaves_greedily(temperature):
     params = SamplingParams(temperature=temperature)
     draws = [sample(logits, [params], [make_generator(seed)], [[]])[0] for seed in range(50)]
     assert set(draws) == {1}
+
+
+# -- one row's failure stays in its row (issue 15) ------------------------------------------------
+def _pipeline_with(*processors):
+    from tandem.sampling import SamplerPipeline
+
+    return SamplerPipeline(list(processors), vocab_size=8)
+
+
+class _Poison(LogitsProcessor):
+    """Turns its rows into what an underflowing penalty produces: NaN, or nothing finite."""
+
+    name = "poison"
+
+    def validate(self, how: str = "nan"):
+        return how
+
+    def __call__(self, logits, args, batch):
+        out = logits.clone()
+        for row, how in enumerate(args):
+            if how is not None:
+                out[row] = float("nan") if how == "nan" else float("-inf")
+        return out
+
+
+@pytest.mark.parametrize("how", ["nan", "-inf"])
+def test_a_row_that_cannot_be_sampled_fails_alone(how):
+    """Regression: torch.multinomial raised outside the per-processor guard and the whole batch
+    (every request in the step) failed."""
+    from tandem.sampling import RandomStream, SamplingBatch
+
+    pipe = _pipeline_with(_Poison())
+    params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0, logits_processors={"poison": {"how": how}}),
+              SamplingParams(temperature=0), SamplingParams(temperature=0, logits_processors={"poison": {"how": how}})]
+    batch = SamplingBatch(params, [[1, 2]] * 4, [2] * 4, [RandomStream(i).at(0) for i in range(4)])
+    logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    result = pipe.sample(logits, batch)
+    assert sorted(result.failures) == [1, 3]
+    assert "NaN or no finite value" in str(result.failures[1])
+    assert result.tokens[2] == int(logits[2].argmax())
+    assert 0 <= result.tokens[0] < 8
+
+
+def test_random_stream_is_addressed_by_position_not_by_history():
+    from tandem.sampling import RandomStream
+
+    a, b = RandomStream(42), RandomStream(42)
+    for i in range(5):  # a draws a varying amount at each position; b jumps straight to 5
+        torch.rand(i + 1, generator=a.at(i))
+    assert torch.equal(torch.rand(4, generator=a.at(5)), torch.rand(4, generator=b.at(5)))
+    assert not torch.equal(torch.rand(4, generator=a.at(5)), torch.rand(4, generator=a.at(6)))
+    assert not torch.equal(torch.rand(4, generator=RandomStream(43).at(5)), torch.rand(4, generator=b.at(5)))

@@ -106,3 +106,26 @@ def test_a_block_of_the_wrong_layout_is_refused_and_forgotten(engines):
         decode.import_blocks([b"\x01" * 16], bad)
     assert decode.cached_prefix([b"\x01" * 16]) == 0
     check(decode)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_seeded_sampling_continues_its_random_stream_across_the_handoff(engines, n):
+    """Randomness is addressed by output position (tandem.sampling.RandomStream): the decode side
+    draws token 2 with what one engine would have used for token 2, not a fresh generator."""
+    reference, prefill, decode = engines
+    prompt = list(range(30, 70))
+    params = SamplingParams(temperature=1.0, max_tokens=10, n=n, seed=1234, ignore_eos=True)
+    alone = run(reference, "alone", prompt, params)
+    _, _, split = handoff(prefill, decode, "split", prompt, params)
+    assert [o.token_ids for o in split.outputs] == [o.token_ids for o in alone.outputs]
+
+
+def test_a_seeded_request_resumed_mid_stream_draws_the_same_tokens(engines):
+    """What migration relies on: prompt + the tokens already sent, same seed -> the same rest."""
+    reference, _, decode = engines
+    prompt = list(range(80, 110))
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=12, seed=7, ignore_eos=True,
+                            repetition_penalty=1.3, presence_penalty=0.5)
+    whole = run(reference, "whole", prompt, params).outputs[0].token_ids
+    resumed = run(decode, "resumed", prompt, params, generated=[whole[:5]]).outputs[0].token_ids
+    assert resumed == whole

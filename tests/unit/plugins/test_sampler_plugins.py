@@ -108,8 +108,17 @@ def test_a_raising_processor_fails_only_its_request(llm_with_exploding):
     assert outputs["bad"].finish_reason == "error"
     assert outputs["good"].error is None and len(outputs["good"].token_ids) == 5
     assert engine.stats()["kv_blocks_used"] == 0
-    with pytest.raises(tandem.PluginError, match="exploding"):
-        llm_with_exploding.generate([3, 4], tandem.SamplingParams(logits_processors={"exploding": {}}))
+
+
+def test_generate_reports_a_failing_request_in_its_output_and_serves_the_others(llm_with_exploding):
+    """Regression (issue 15): LLM.generate raised for the whole call when one request's plugin
+    failed, although docs/plugins.md promises RequestOutput.error for that request alone."""
+    bad, good = llm_with_exploding.generate(
+        [[3, 4], [5, 6]], [tandem.SamplingParams(logits_processors={"exploding": {}}),
+                           tandem.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)])
+    assert "exploding" in bad.error and bad.finish_reason == "error"
+    assert good.error is None and len(good.token_ids) == 4
+    assert llm_with_exploding.engine.stats()["kv_blocks_used"] == 0
 
 
 def test_penalties_and_bias_through_generate(tiny_hf_dir):
