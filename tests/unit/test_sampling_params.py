@@ -33,6 +33,12 @@ BAD_VALUES = [
     ("seed", -1), ("seed", "x"), ("seed", 1.5), ("seed", True), ("seed", 2**63),
     ("stop", [""]), ("stop", [1]), ("stop", ["ok", None]), ("stop", ["s%d" % i for i in range(MAX_STOP_STRINGS + 1)]),
     ("stop_token_ids", [-1]), ("stop_token_ids", ["2"]), ("stop_token_ids", [1.0]),
+    # values that can only produce inf/NaN in sampling, and unbounded lists and strings (tandem.limits)
+    ("repetition_penalty", 1e-300), ("repetition_penalty", 1e-4), ("repetition_penalty", 1e300),
+    ("temperature", 1e9), ("top_k", 2**62), ("stop", ["x" * 257]), ("stop", ["a\ud800"]),
+    ("stop_token_ids", list(range(257))), ("stop_token_ids", [2**63]), ("logit_bias", {2**62: 1.0}),
+    ("logit_bias", {1: math.inf}), ("cache_salt", "s" * 257), ("cache_salt", 5), ("cache_salt", "\udc00"),
+    ("speculative", {"method": "ngram", "options": {"max_n": 10**6}}),
 ]
 
 

@@ -485,3 +485,19 @@ def test_random_walk_keeps_invariants(seed):
     for seq in list(live):
         free_of(bm, seq, live)
     assert bm.num_free_blocks == 12 and bm.ref_counts == [0] * 12
+
+
+def test_cache_salts_never_share_blocks():
+    """Two salts never hit each other's cached prefix; the same salt does; the salt roots the
+    chain, so the worker's prompt_hashes (the KV-store keys) equal the engine's."""
+    from tandem.services.worker import prompt_hashes
+
+    prompt, bm, live = tokens(3 * BS + 1), BlockManager(16, BS), []
+    for salt, hit in (("tenant-a", 0), ("tenant-b", 0), (None, 0), ("tenant-a", 3 * BS)):
+        seq = Sequence(f"r-{salt}", list(prompt), len(prompt), SamplingParams(cache_salt=salt))
+        admit(bm, seq, live)
+        assert seq.num_cached_tokens == hit, salt
+        compute_all(bm, seq)
+        assert seq.block_hashes == prompt_hashes(prompt, BS, 3, cache_salt=salt)
+        free_of(bm, seq, live)
+    assert prompt_hashes(prompt, BS, cache_salt="tenant-a") != prompt_hashes(prompt, BS)

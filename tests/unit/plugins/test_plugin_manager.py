@@ -132,3 +132,15 @@ def test_every_hookspec_is_documented_like_pytests():
         assert ":param api_version:" in doc and ":returns:" in doc and "firstresult" in doc, spec.__name__
         assert "Called once" in doc and ".. versionadded::" in doc, spec.__name__
         assert "Example" in doc, spec.__name__
+
+
+def test_the_plugins_allowlist():
+    """Only listed third-party plugins load (never imported otherwise); the built-ins always do."""
+    closed = PluginManager(allow=[])
+    assert not closed.plugins["example"].loaded and closed.plugins["example"].error == "not in the plugins allowlist"
+    assert all(closed.plugins[name].loaded for name in DEFAULT_PLUGINS)
+    assert all(closed.owner(c, n) != "example" for c in CATEGORIES for n in closed.names(c))
+    opened = PluginManager(allow=["example"])
+    assert opened.plugins["example"].loaded
+    with pytest.raises(ConfigError, match="list of plugin names"):
+        PluginManager(allow="example")

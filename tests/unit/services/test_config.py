@@ -100,3 +100,17 @@ def test_kv_namespace_changes_with_what_changes_the_kv(tmp_path):
     assert base != PipelineConfig(kv_cache_dtype="int8").kv_namespace(model, 16)
     assert base != PipelineConfig().kv_namespace(model, 32)
     assert base != PipelineConfig(dtype="bfloat16").kv_namespace(model, 16)
+
+
+def test_request_limits_and_plugins_settings(tmp_path):
+    path = tmp_path / "tandem.yaml"
+    path.write_text("speculative: {method: ngram, k: 4, options: {min_n: 2}}\nspeculative_methods: [ngram]\n"
+                    "plugins: [example]\nhttp_request_timeout_s: 30\n")
+    config = PipelineConfig.load(path)
+    kwargs = config.llm_kwargs()
+    assert kwargs["speculative_methods"] == ["ngram"] and kwargs["plugins"] == ["example"]
+    assert config.http_request_timeout_s == 30
+    for bad in ({"speculative_methods": "ngram"}, {"plugins": "example"}, {"http_request_timeout_s": 0},
+                {"http_request_timeout_s": True}):
+        with pytest.raises(ConfigError):
+            PipelineConfig(**bad)
