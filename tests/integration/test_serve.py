@@ -1,7 +1,8 @@
 """`tandem serve` as a user runs it: a subprocess starting local Ray with one actor per service,
 the real default model, and the SDK against its gateway. Greedy output equals tandem.LLM's; a
 decode worker killed mid-stream ends that stream with UNAVAILABLE, Ray restarts it, and new
-requests succeed; Ctrl-C stops everything."""
+requests succeed; Ctrl-C stops everything; internal services refuse calls without the pipeline
+token (the one in $TANDEM_INTERNAL_TOKEN here; a random one when none is set), which is never printed."""
 from __future__ import annotations
 
 import os
@@ -21,6 +22,8 @@ from tandem.sdk import Client, UnavailableError
 from tandem.v1 import common_pb2, decode_pb2_grpc
 
 START_TIMEOUT_S = 420
+TOKEN = "integration-test-pipeline-token-0123456789"
+WITH_TOKEN = [("authorization", f"Bearer {TOKEN}")]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three primary colors are"]
 
@@ -33,7 +36,8 @@ class Server:
             [sys.executable, "-m", "tandem.cli", "serve", "--grpc-port", str(self.port),
              "--http-port", str(self.http_port),
              "--object-store-memory", str(100 << 20), "--kv-cache-memory", str(256 << 20), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "RAY_DEDUP_LOGS": "0", "TANDEM_INTERNAL_TOKEN": TOKEN})
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -77,7 +81,17 @@ def server():
 
 def decode_stats(server) -> dict:
     with grpc.insecure_channel(server.address_of("decode-0")) as channel:
-        return dict(decode_pb2_grpc.DecodeStub(channel).Stats(common_pb2.StatsRequest(), timeout=10).values)
+        return dict(decode_pb2_grpc.DecodeStub(channel).Stats(common_pb2.StatsRequest(), timeout=10,
+                                                              metadata=WITH_TOKEN).values)
+
+
+def test_internal_services_require_the_pipeline_token(server):
+    with grpc.insecure_channel(server.address_of("decode-0")) as channel, pytest.raises(grpc.RpcError) as refused:
+        decode_pb2_grpc.DecodeStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert decode_stats(server)["pid"] > 0
+    assert "pipeline token (configured)" in "\n".join(server.lines)
+    assert not any(TOKEN in line for line in server.lines)
 
 
 def test_sdk_greedy_output_equals_the_library(server, default_llm):
