@@ -144,7 +144,9 @@ def kv_bytes_counter(pipe) -> Callable[[], float]:
     """The decode worker's running count of KV bytes it fetched from the store (its Stats)."""
     address = pipe.address_of("decode-0") if hasattr(pipe, "address_of") else pipe.addresses()["decode-0"]  # Ray
     stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(address))
-    return lambda: stub.Stats(common_pb2.StatsRequest()).values["kv_bytes_fetched"]
+    token = pipe.config.resolved_internal_token()  # RayPipeline made one if none was configured
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    return lambda: stub.Stats(common_pb2.StatsRequest(), metadata=metadata).values["kv_bytes_fetched"]
 
 
 # -- the run -------------------------------------------------------------------------------------
