@@ -1,7 +1,9 @@
 """The whole pipeline in one process, each service on its own server thread and loopback port.
 
 The same services and wiring as `tandem serve`, without Ray: what tests and benchmarks use to
-measure the gRPC path alone, and a way to run tandem where Ray is not wanted.
+measure the gRPC path alone, and a way to run tandem where Ray is not wanted. `kill` and `restart`
+play the faults Ray handles under `tandem serve`: a service dies, and comes back on another port,
+where its peers find it through the pipeline's `resolve` (as they ask Ray's named actors there).
 
     with InProcessPipeline(PipelineConfig(model=..., grpc_port=0)) as pipe:
         client = tandem.sdk.Client(pipe.address)
@@ -11,7 +13,7 @@ from __future__ import annotations
 from tandem.services import ServiceHost, build
 from tandem.services.config import PipelineConfig
 
-from .topology import Instance, peers, plan
+from .topology import Instance, free_port, peers, plan
 
 
 class InProcessPipeline:
@@ -19,13 +21,13 @@ class InProcessPipeline:
         self.config = config
         self.instances: list[Instance] = plan(config)
         self.hosts: dict[str, ServiceHost] = {}
+        self.links = peers(config, self.instances)
+        self.moved: dict[str, str] = {}  # first address -> where the service listens now
 
     def start(self) -> InProcessPipeline:
-        links = peers(self.config, self.instances)
         try:
             for inst in self.instances:
-                host = build(inst.service, self.config, port=inst.port, peers=links)
-                self.hosts[inst.name] = host.start()
+                self.hosts[inst.name] = self._build(inst, inst.port).start()
         except BaseException:
             self.stop()
             raise
@@ -43,6 +45,27 @@ class InProcessPipeline:
 
     def address_of(self, name: str) -> str:
         return self.hosts[name].address
+
+    def resolve(self, target: str) -> str | None:
+        """Where the service first given at `target` listens now (services.routing.Resolve)."""
+        return self.moved.get(target, target)
+
+    def kill(self, name: str) -> None:
+        """Stop a service the way a crash does: its calls in flight end at once, no grace."""
+        host = self.hosts.pop(name)
+        host.options.grace_s = 0.0
+        host.stop()
+
+    def restart(self, name: str) -> str:
+        """Start a killed service again, on a new port; returns its address."""
+        inst = next(i for i in self.instances if i.name == name)
+        host = self._build(inst, free_port(self.config.service_host)).start()
+        self.hosts[name] = host
+        self.moved[f"{self.config.service_host}:{inst.port}"] = host.address
+        return host.address
+
+    def _build(self, inst: Instance, port: int) -> ServiceHost:
+        return build(inst.service, self.config, port=port, peers=self.links, resolve=self.resolve)
 
     def stop(self) -> None:
         for name in reversed(list(self.hosts)):  # the gateway first, the store last

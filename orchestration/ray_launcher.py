@@ -2,9 +2,11 @@
 
 Local Ray by default (dashboard off unless asked, a small object store: KV moves over gRPC, not
 through Ray's object store); `ray_address` joins an existing cluster (KubeRay). Every actor is
-restarted by Ray when its process dies, on the same port, so its peers' channels reconnect by
-themselves; a stream in flight on a dead worker ends with UNAVAILABLE and new requests succeed
-once the replacement is up. Prefill and decode actors ask for GPUs when the cluster has them.
+restarted by Ray when its process dies, on the same port when it is free there, else on another
+port or node: its peers find it again through its Ray name, `tandem-<instance>` in namespace
+"tandem" (NamedActors). A stream in flight on a dead worker moves to another worker, or waits for
+the restarted one (services.migration). Prefill and decode actors ask for GPUs when the cluster
+has them.
 """
 from __future__ import annotations
 
@@ -21,13 +23,16 @@ from .topology import Instance, peers, plan, stages
 log = logging.getLogger(__name__)
 NAMESPACE = "tandem"
 READY_TIMEOUT_S = 600
+RESOLVE_TIMEOUT_S = 1.0  # a restarting actor answers once it listens again; until then the caller retries
 WORKERS = ("prefill", "decode", "worker")
 
 
 class ServiceActor:
     """Hosts one service's gRPC server in a Ray actor process (wrapped with ray.remote at launch)."""
 
-    def __init__(self, service: str, config: dict, port: int, links: dict, host: str):
+    def __init__(self, service: str, config: dict, port: int, links: dict, host: str,
+                 directory: dict[str, str] | None = None):
+        """directory: the address each peer was first given -> its instance name (for NamedActors)."""
         import torch
 
         from tandem.services import build
@@ -37,7 +42,8 @@ class ServiceActor:
         if service in WORKERS:
             torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)  # Ray sets OMP_NUM_THREADS=1
         self.service = service
-        self.host = build(service, cfg, port=port, peers=links, host=host).start()
+        self.host = build(service, cfg, port=port, peers=links, host=host, resolve=NamedActors(directory or {}),
+                          any_port_if_taken=True, exit_on_fatal=True).start()
 
     def address(self) -> str:
         """Where peers reach this service: a wildcard listen address (0.0.0.0 on a cluster) is
@@ -57,6 +63,26 @@ class ServiceActor:
 
     def stop(self) -> None:
         self.host.stop()
+
+
+class NamedActors:
+    """services.routing.Resolve through Ray: the address a peer was first given -> the address
+    its actor reports now, wherever Ray restarted it. Called on a thread (it blocks)."""
+
+    def __init__(self, directory: dict[str, str]):
+        self.directory = directory
+
+    def __call__(self, target: str) -> str | None:
+        import ray
+
+        name = self.directory.get(target)
+        if name is None:
+            return None
+        actor = ray.get_actor(f"tandem-{name}", namespace=NAMESPACE)
+        try:
+            return ray.get(actor.address.remote(), timeout=RESOLVE_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:  # still starting: not known yet
+            return None
 
 
 def actor_options(config: PipelineConfig, inst: Instance, gpus: bool) -> dict:
@@ -98,10 +124,11 @@ class RayPipeline:
         try:
             for group in stages(self.instances):  # each once everything it calls listens
                 links = peers(c, self.instances, self.advertised)
+                directory = {address: name for name, address in self.advertised.items()}
                 for inst in group:
                     host = c.host if inst.service == "gateway" else c.service_host
                     self.actors[inst.name] = remote.options(**actor_options(c, inst, gpus)).remote(
-                        inst.service, c.to_dict(), inst.port, links, host)
+                        inst.service, c.to_dict(), inst.port, links, host, directory)
                 addresses = ray.get([self.actors[i.name].address.remote() for i in group], timeout=READY_TIMEOUT_S)
                 self.advertised.update({i.name: a for i, a in zip(group, addresses)})
         except BaseException:

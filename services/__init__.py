@@ -9,8 +9,14 @@ from .config import SERVICES, PipelineConfig
 
 
 def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None = None,
-          host: str | None = None) -> ServiceHost:
+          host: str | None = None, resolve=None, any_port_if_taken: bool = False,
+          exit_on_fatal: bool = False) -> ServiceHost:
     """A ServiceHost (not started) for service `name` of the pipeline.
+
+    resolve: where a peer that moved (restarted elsewhere) listens now, given the address it was
+    first given (services.routing.Resolve). any_port_if_taken: an internal service whose port is
+    taken listens on another one (a restarted actor: its peers find it through resolve).
+    exit_on_fatal: a worker whose engine loop dies ends its process, for its supervisor to restart.
 
     peers: where the others listen: {"kvstore": "h:p", "tokenizer": "h:p", "prefill": ["h:p"],
     "decode": ["h:p"]}. Workers need "kvstore" for disaggregated serving; the gateway needs
@@ -26,6 +32,7 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
     credentials = config.internal_credentials()
     internal = ServerOptions(host=host or config.service_host, port=port, max_message_bytes=config.max_message_bytes,
                              credentials=credentials or None)
+    internal.any_port_if_taken = any_port_if_taken
     if name == "tokenizer":
         from tandem.model.loader import load_tokenizer
 
@@ -37,7 +44,8 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
         from . import worker
 
         role = "both" if name == "worker" else name
-        w = worker.Worker.build(_with_draft_service(config, peers.get("draft"), credentials), role, peers.get("kvstore"))
+        w = worker.Worker.build(_with_draft_service(config, peers.get("draft"), credentials), role,
+                                peers.get("kvstore"), resolve, exit_on_fatal)
         return ServiceHost(worker.registrations(w), internal, healthy=w.healthy, on_stop=w.close)
     if name == "kvstore":
         from tandem.kv_store import KVBlockStore
@@ -73,7 +81,8 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
                 peers["tokenizer"], list(peers["decode"]),
                 list(peers.get("prefill") or []) if config.mode == "disaggregated" else [],
                 config.max_inflight, config.max_message_bytes, peers.get("retrieval"), peers.get("kvstore"),
-                peers.get("draft"), credentials=credentials or None, salt_per_key=bool(public.api_keys))
+                peers.get("draft"), migration=config.migration, resolve=resolve,
+                credentials=credentials or None, salt_per_key=bool(public.api_keys))
             return [gateway.registration(holder["servicer"])]
 
         frontend = None

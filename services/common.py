@@ -42,14 +42,28 @@ class Unavailable(TandemError):
     """The service cannot take this request now (draining, its engine died): retry elsewhere."""
 
 
+# Keepalive: every connection is pinged after KEEPALIVE_S of silence, and one whose peer does not
+# answer within KEEPALIVE_TIMEOUT_S is closed: calls to a stopped (SIGSTOP) or vanished process fail
+# UNAVAILABLE in seconds instead of hanging on a half-open TCP connection. Servers accept pings
+# that often (gRPC's default would answer them with GOAWAY "too_many_pings").
+KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 10, 5
+
+
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """Server and channel options: message limits both ways, no port sharing (a second server on
-    a busy port must fail, not split its traffic), and quick reconnects to a restarted service."""
+    a busy port must fail, not split its traffic), quick reconnects to a restarted service, and
+    keepalive pings both ways."""
     return [("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
             ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2000)]
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
+            ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2)]
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -180,6 +194,7 @@ class ServerOptions:
     tls_key: str | None = None
     credentials: InternalCredentials | None = None
     grace_s: float = 5.0  # how long stop() lets in-flight calls finish
+    any_port_if_taken: bool = False  # port taken: listen on any free one (peers find it by discovery)
 
 
 @dataclass

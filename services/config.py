@@ -38,6 +38,45 @@ ENGINE_KEYS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_wait
 
 
 @dataclass
+class MigrationConfig:
+    """In-flight request migration (services.migration): when a stream's decode or aggregated
+    worker dies, stalls or drains, the gateway resumes the request on another serving worker (or
+    the restarted one) from the tokens already sent; a failed prefill is retried on another
+    prefill worker. YAML: `migration: {enabled: true, max_attempts: 3, stall_timeout_s: 120}`."""
+
+    enabled: bool = True
+    max_attempts: int = 3  # resumes (and prefill retries) per request, beyond the first try
+    # No message from a worker for this long means it hangs: the request moves. A dead process is
+    # found sooner (its connection breaks, or keepalive pings go unanswered). A prefill that runs
+    # longer than this counts as stalled too: keep it above the longest prompt's prefill time.
+    stall_timeout_s: float = 120.0
+    # How long a request waits for a serving worker (one restarting, when no other serves) before
+    # it fails UNAVAILABLE, unless the client's deadline comes first.
+    worker_wait_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"migration.enabled must be true or false, got {self.enabled!r}")
+        if not isinstance(self.max_attempts, int) or isinstance(self.max_attempts, bool) or self.max_attempts < 0:
+            raise ConfigError(f"migration.max_attempts must be an integer >= 0, got {self.max_attempts!r}")
+        for key in ("stall_timeout_s", "worker_wait_s"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ConfigError(f"migration.{key} must be a positive number of seconds, got {value!r}")
+
+    @classmethod
+    def parse(cls, value) -> MigrationConfig:
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"migration must be a mapping, got {value!r}")
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"migration: unknown keys {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**value)
+
+
+@dataclass
 class PipelineConfig:
     # the model, as tandem.LLM takes it
     model: str = DEFAULT_MODEL
@@ -81,6 +120,7 @@ class PipelineConfig:
     max_inflight: int = 256  # samples (n per prompt) in flight at the gateway beyond which it answers RESOURCE_EXHAUSTED
     http_request_timeout_s: float | None = 600.0  # an HTTP request's deadline (504 after); null: none
     max_message_bytes: int = 16 << 20
+    migration: MigrationConfig = field(default_factory=MigrationConfig)  # or a mapping of its fields
     # the pipeline's credentials (services.credentials): every internal service requires the token
     # (`tandem serve` makes a random one when none is set); optional mutual TLS between services
     internal_token: str | None = field(default=None, repr=False)  # or internal_token_file, TANDEM_INTERNAL_TOKEN
@@ -99,6 +139,7 @@ class PipelineConfig:
     # asks for, e.g. {tandem_gateway: 1} offered only by the head pod (the chart): it lands there
 
     def __post_init__(self) -> None:
+        self.migration = MigrationConfig.parse(self.migration)
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.replicas, dict):

@@ -10,7 +10,8 @@ string a request carries is bounded (tandem.limits) before it is admitted. With 
 gets its own prefix cache (its requests' cache_salt is derived from the key). Errors from
 a worker come back with the worker's status and message. The client's deadline and cancellation
 travel downstream: a cancelled Generate cancels the worker's call, which aborts the request and
-frees its KV blocks.
+frees its KV blocks. Workers are picked among those serving now (services.routing), and a stream
+whose worker dies, stalls or drains moves to another one (services.migration).
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import asyncio
 import dataclasses
 import hmac
 import itertools
+import secrets
 import time
 import uuid
-from dataclasses import dataclass
 
 from tandem.errors import InvalidRequestError, QueueFullError
 from tandem.limits import (MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_RAG_K,
@@ -31,8 +32,11 @@ from tandem.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, draft_pb2_grpc, 
                        tokenizer_pb2, tokenizer_pb2_grpc)
 
 from .common import Registration, Unavailable, client_channel, rpc, status_of
+from .config import MigrationConfig
 from .convert import prompt_ids, sampling_message, sampling_params, token_ids
 from .metrics import GatewayMetrics
+from .migration import Migrator, Progress
+from .routing import Endpoint, Peer, Resolve, Router
 
 _request_ids = itertools.count()
 DEFAULT_RAG_K = 4
@@ -92,72 +96,58 @@ class Admission:
         self.gateway.inflight -= num
 
 
-@dataclass
-class Endpoint:
-    """A worker the router can pick, and the gateway's count of its requests in flight."""
-
-    target: str
-    stub: object
-    inflight: int = 0
-
-
-class Router:
-    """Prefill: the worker holding the longest cached prefix of the prompt (ties: least loaded).
-    Decode: the least loaded worker. Load is what this gateway has in flight on each."""
-
-    def __init__(self, prefill: list[Endpoint], decode: list[Endpoint]):
-        self.prefill, self.decode = prefill, decode
-        self._rr = itertools.count()
-
-    async def pick_prefill(self, prompt: list[int], timeout: float | None) -> Endpoint:
-        if len(self.prefill) == 1:
-            return self.prefill[0]
-        request = prefill_pb2.CachedPrefixRequest(prompt_ids=prompt)
-        answers = await asyncio.gather(*(e.stub.CachedPrefix(request, timeout=timeout) for e in self.prefill),
-                                       return_exceptions=True)
-        scored = [(a.num_cached_tokens if not isinstance(a, BaseException) else -1, -e.inflight, e)
-                  for a, e in zip(answers, self.prefill)]
-        best = max(scored, key=lambda s: s[:2])
-        return best[2]
-
-    def pick_decode(self) -> Endpoint:
-        low = min(e.inflight for e in self.decode)
-        candidates = [e for e in self.decode if e.inflight == low]
-        return candidates[next(self._rr) % len(candidates)]
+def with_seed(params: SamplingParams) -> SamplingParams:
+    """A sampled request always carries a seed (a random one unless the client chose): each draw
+    depends on the seed and its position only, so a migrated stream continues the same way."""
+    if params.greedy or params.seed is not None:
+        return params
+    return dataclasses.replace(params, seed=secrets.randbits(62))
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, tokenizer: str, decode: list[str], prefill: list[str] | None = None,
                  max_inflight: int = 256, max_message_bytes: int = 16 << 20, retrieval: str | None = None,
                  kvstore: str | None = None, draft: str | None = None, salt_per_key: bool = False,
-                 credentials=None):
+                 credentials=None, migration: MigrationConfig | None = None, resolve: Resolve | None = None):
         """tokenizer, decode, prefill, retrieval, kvstore, draft: targets (host:port) of the
         services. Without prefill targets the pipeline is aggregated: decode workers run whole
         requests. kvstore and draft are only asked for their Stats (/metrics). salt_per_key (API
-        keys are configured): each key's requests get a prefix cache of their own."""
+        keys are configured): each key's requests get a prefix cache of their own. migration: how
+        streams move between workers; resolve: where a service that moved listens now
+        (services.routing)."""
         if not decode:
             raise ValueError("the gateway needs at least one decode (or aggregated) worker")
         # credentials: the pipeline's (services.credentials), presented on every internal call
         channel = lambda target: client_channel(target, max_message_bytes, credentials)  # noqa: E731
-        self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(channel(tokenizer))
-        self.retrieval = retrieval_pb2_grpc.RetrievalStub(channel(retrieval)) if retrieval else None
-        self.router = Router([Endpoint(t, prefill_pb2_grpc.PrefillStub(channel(t))) for t in prefill or []],
-                             [Endpoint(t, decode_pb2_grpc.DecodeStub(channel(t))) for t in decode])
+        # Unary calls to the tokenizer and retrieval are retried while they restart (or move).
+        tokenizer_peer = Peer(tokenizer, channel, tokenizer_pb2_grpc.TokenizerStub, resolve)
+        retrieval_peer = Peer(retrieval, channel, retrieval_pb2_grpc.RetrievalStub, resolve) if retrieval else None
+        self.tokenizer = tokenizer_peer.retrying()
+        self.retrieval = retrieval_peer.retrying() if retrieval_peer else None
+        self.router = Router([Endpoint(t, channel, prefill_pb2_grpc.PrefillStub, resolve) for t in prefill or []],
+                             [Endpoint(t, channel, decode_pb2_grpc.DecodeStub, resolve) for t in decode])
+        self.migration = migration or MigrationConfig()
+        self.migrator = Migrator(self.migration, self.router,
+                                 lambda reason: self.metrics.migrations.labels(reason).inc())
         self.max_inflight, self.inflight, self.draining = max_inflight, 0, False
         self.salt_per_key = salt_per_key
         self.counters = {"requests": 0, "rejected": 0, "errors": 0}
         self.metrics = GatewayMetrics()
         self._model_card: gateway_pb2.ModelCard | None = None  # every worker serves the same model
-        self._stats_stubs = {("tokenizer", tokenizer): self.tokenizer,
-                             **{("prefill", e.target): e.stub for e in self.router.prefill},
-                             **{("decode" if self.disaggregated else "worker", e.target): e.stub
+        self._stats_peers = {("tokenizer", tokenizer): tokenizer_peer,
+                             **{("prefill", e.origin): e for e in self.router.prefill},
+                             **{("decode" if self.disaggregated else "worker", e.origin): e
                                 for e in self.router.decode}}
         if self.retrieval is not None:
-            self._stats_stubs[("retrieval", retrieval)] = self.retrieval
+            self._stats_peers[("retrieval", retrieval)] = retrieval_peer
         if kvstore:
-            self._stats_stubs[("kvstore", kvstore)] = kvstore_pb2_grpc.KVStoreStub(channel(kvstore))
+            self._stats_peers[("kvstore", kvstore)] = Peer(kvstore, channel, kvstore_pb2_grpc.KVStoreStub, resolve)
         if draft:
-            self._stats_stubs[("draft", draft)] = draft_pb2_grpc.DraftStub(channel(draft))
+            self._stats_peers[("draft", draft)] = Peer(draft, channel, draft_pb2_grpc.DraftStub, resolve)
+        try:
+            self.router.start()  # watch the workers' health from now on
+        except RuntimeError:  # made outside an event loop: the router starts with the first request
+            pass
 
     @property
     def disaggregated(self) -> bool:
@@ -283,7 +273,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def render_metrics(self) -> bytes:
         """Prometheus text: the gateway's instruments and every service's Stats, asked now."""
         self.metrics.inflight.set(self.inflight)
-        await self.metrics.refresh(self._stats_stubs)
+        await self.metrics.refresh({(service, peer.target): peer.stub
+                                    for (service, _), peer in self._stats_peers.items()})
         return self.metrics.render()
 
     async def _retrieve(self, options, question: str, timeout: float | None) -> list:
@@ -338,49 +329,41 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _run(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: Deadline,
                    clock: _Clock):
-        sampling = sampling_message(params)
-        first_tokens, hashes, cached, prefill_s, kv_s = [], [], 0, 0.0, 0.0
+        sampling = sampling_message(with_seed(params))
+        progress, hashes, cached, prefill_s, kv_s = Progress(params.n), [], 0, 0.0, 0.0
         if self.disaggregated:
-            endpoint = await self.router.pick_prefill(prompt, deadline.remaining())
-            endpoint.inflight += 1
-            try:
-                answer = await endpoint.stub.Prefill(
-                    prefill_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling),
-                    timeout=deadline.remaining())
-            finally:
-                endpoint.inflight -= 1
+            answer = await self.migrator.prefill(
+                prefill_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling), deadline.at)
             cached, prefill_s, kv_s = answer.num_cached_tokens, answer.prefill_seconds, answer.kv_transfer_seconds
             hashes = list(answer.block_hashes)
             for delta in answer.samples:
+                progress.add(delta)
                 clock.tick(delta)
                 yield gateway_pb2.GenerateResponse(request_id=request_id, delta=delta)
-            first_tokens = [d.token_ids[0] for d in answer.samples]
-            if all(d.finish_reason for d in answer.samples):
+            if progress.done:
                 yield clock.final(request_id, len(prompt), cached, prefill_s, kv_s)
                 return
-        endpoint = self.router.pick_decode()
-        endpoint.inflight += 1
-        try:
-            call = endpoint.stub.Decode(
-                decode_pb2.DecodeRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling,
-                                         first_token_ids=first_tokens, block_hashes=hashes),
-                timeout=deadline.remaining())
-            try:
-                async for message in call:
-                    if message.HasField("delta"):
-                        clock.tick(message.delta)
-                        yield gateway_pb2.GenerateResponse(request_id=request_id, delta=message.delta)
-                    else:
-                        cached = cached if self.disaggregated else message.usage.cached_tokens
-                        final = clock.final(request_id, len(prompt), cached, prefill_s,
-                                            kv_s + message.timings.kv_transfer)
-                        final.usage.spec_proposed_tokens = message.usage.spec_proposed_tokens
-                        final.usage.spec_accepted_tokens = message.usage.spec_accepted_tokens
-                        yield final
-            finally:
-                call.cancel()  # no-op once finished; frees the worker's blocks when we leave early
-        finally:
-            endpoint.inflight -= 1
+
+        def decode_request(attempt: int) -> decode_pb2.DecodeRequest:  # a resumed try carries what was sent
+            return decode_pb2.DecodeRequest(request_id=f"{request_id}~{attempt}" if attempt else request_id,
+                                            prompt_ids=prompt, sampling=sampling, generated=progress.generated(),
+                                            block_hashes=hashes)
+
+        usage = None
+        async for message in self.migrator.decode(decode_request, progress, deadline.at):
+            if message.HasField("delta"):
+                clock.tick(message.delta)
+                yield gateway_pb2.GenerateResponse(request_id=request_id, delta=message.delta)
+            else:
+                usage = message
+        if not self.disaggregated:  # a resumed worker's count may include generated tokens: prompt only
+            cached = min(usage.usage.cached_tokens, len(prompt)) if usage else 0
+        final = clock.final(request_id, len(prompt), cached, prefill_s,
+                            kv_s + (usage.timings.kv_transfer if usage else 0))
+        if usage is not None:
+            final.usage.spec_proposed_tokens = usage.usage.spec_proposed_tokens
+            final.usage.spec_accepted_tokens = usage.usage.spec_accepted_tokens
+        yield final
 
     # -- the rest of the API --------------------------------------------------------------------
     @rpc

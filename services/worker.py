@@ -6,15 +6,18 @@ the KV-cache store by content hash:
 
     prefill: fetch the prompt blocks the store has and the worker lacks -> run the prompt
              (prefill_only) -> publish the blocks the store lacks -> first tokens + block hashes
-    decode:  fetch the listed blocks it lacks -> continue from the first tokens -> stream
+    decode:  fetch the listed blocks it lacks -> continue from the first tokens (a migrated request:
+             every token sent so far, DecodeRequest.generated) -> stream
 
 A block the store no longer has is simply computed again: the hash chain makes every cache hit
 exact, never approximate.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 import time
 from contextlib import aclosing
 
@@ -32,8 +35,18 @@ from .config import PipelineConfig
 from .convert import delta_message, mean_itl, sampling_params, token_ids
 from .kvstore import KVStoreClient
 from .metrics import rpc_tally, with_rpc_counts
+from .routing import Resolve, resolve_now
 
 log = logging.getLogger(__name__)
+# A KV-store exchange that takes longer fails (the prompt is computed instead). Loopback moves a
+# 1,000-token prompt of the default model (46 KB of float32 KV per token) in well under a second.
+KV_STORE_TIMEOUT_S = 10.0
+# After a failed exchange the store is left alone for a while, doubling up to the cap while it
+# keeps failing: a stopped store costs a request KV_STORE_TIMEOUT_S at most, and only now and then.
+KV_STORE_REST_S, KV_STORE_MAX_REST_S = 5.0, 60.0
+# When the engine loop dies the worker reports NOT_SERVING, then exits this much later: time for
+# the health watchers (polled every HEALTH_POLL_S) to see it before the port closes.
+FATAL_EXIT_DELAY_S = 1.0
 
 
 def prompt_hashes(prompt: list[int], block_size: int, num_blocks: int | None = None,
@@ -51,21 +64,36 @@ def prompt_hashes(prompt: list[int], block_size: int, num_blocks: int | None = N
 class Worker:
     """The state both servicers share: the engine, the store client, counters, the drain flag."""
 
-    def __init__(self, llm: LLM, config: PipelineConfig, role: str, kv_store: str | None):
-        self.llm, self.config, self.role = llm, config, role
+    def __init__(self, llm: LLM, config: PipelineConfig, role: str, kv_store: str | None,
+                 resolve: Resolve | None = None, exit_on_fatal: bool = False):
+        """resolve: where a service that moved listens now (services.routing), for the KV store.
+        exit_on_fatal: end the process when the engine loop dies, so its supervisor (Ray,
+        Kubernetes) starts a fresh one; else the worker only reports NOT_SERVING (in-process tests)."""
+        self.llm, self.config, self.role, self.resolve = llm, config, role, resolve
         self.rpc_tally = rpc_tally(self)
-        self.engine = AsyncEngine(llm.engine)
+        self.exit_on_fatal = exit_on_fatal
+        self.engine = AsyncEngine(llm.engine, on_fatal=self._engine_died)
         self.block_size = llm.engine.config.block_size
         self.namespace = config.kv_namespace(llm.model_path, self.block_size, llm.device.type)
-        self.kv_store_target = kv_store
+        self.kv_store_target = self.kv_store_origin = kv_store
+        self._store_failures, self._store_rests_until = 0, 0.0
         self._store: KVStoreClient | None = None
         self.draining = False
         self.counters = {"kv_blocks_fetched": 0, "kv_blocks_published": 0, "kv_bytes_fetched": 0,
                          "kv_bytes_published": 0, "kv_transfer_seconds": 0.0, "kv_store_errors": 0, "requests": 0}
 
     @classmethod
-    def build(cls, config: PipelineConfig, role: str, kv_store: str | None) -> Worker:
-        return cls(LLM(**config.llm_kwargs()), config, role, kv_store)
+    def build(cls, config: PipelineConfig, role: str, kv_store: str | None, resolve: Resolve | None = None,
+              exit_on_fatal: bool = False) -> Worker:
+        return cls(LLM(**config.llm_kwargs()), config, role, kv_store, resolve, exit_on_fatal)
+
+    def _engine_died(self, exc: BaseException) -> None:
+        """AsyncEngine's on_fatal (on the engine thread): NOT_SERVING from now on (healthy() is
+        False: the engine is not alive), and with exit_on_fatal the process ends soon after."""
+        self.draining = True
+        if self.exit_on_fatal:
+            log.critical("the engine loop died (%s): exiting in %.1f s for a restart", exc, FATAL_EXIT_DELAY_S)
+            threading.Timer(FATAL_EXIT_DELAY_S, os._exit, (70,)).start()  # EX_SOFTWARE
 
     @property
     def store(self) -> KVStoreClient | None:
@@ -96,15 +124,25 @@ class Worker:
                                       max_model_len=self.llm.max_model_len, kv_namespace=self.namespace)
 
     # -- KV through the store -------------------------------------------------------------------
+    def _store_resting(self) -> bool:
+        return time.monotonic() < self._store_rests_until
+
     async def _through_store(self, work, failure: str) -> float:
-        """Run a KV-store exchange and time it. A store that fails costs recomputation (`failure`
-        says what), never the request."""
+        """Run a KV-store exchange, within KV_STORE_TIMEOUT_S, and time it. A store that fails or
+        hangs costs recomputation (`failure` says what), never the request; it is then left alone
+        for a while and looked up again (it may have restarted elsewhere)."""
         start = time.perf_counter()
         try:
-            await work
-        except grpc.aio.AioRpcError as exc:
+            await asyncio.wait_for(work, KV_STORE_TIMEOUT_S)
+            self._store_failures = 0
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
             self.counters["kv_store_errors"] += 1
-            log.warning("KV store unavailable, %s: %s", failure, exc.details())
+            self._store_failures += 1
+            rest = min(KV_STORE_MAX_REST_S, KV_STORE_REST_S * 2 ** (self._store_failures - 1))
+            self._store_rests_until = time.monotonic() + rest
+            details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "no answer in time"
+            log.warning("KV store failed, %s for %.0f s: %s", failure, rest, details)
+            await self._relocate_store()
         elapsed = time.perf_counter() - start
         self.counters["kv_transfer_seconds"] += elapsed
         return elapsed
@@ -112,9 +150,9 @@ class Worker:
     async def fetch(self, hashes: list[bytes]) -> float:
         """Import the leading blocks of `hashes` this engine lacks and the store has. Returns the
         seconds it took (0 without a store)."""
-        if self.store is None or not hashes:
+        if self.store is None or not hashes or self._store_resting():
             return 0.0
-        return await self._through_store(self._fetch(self.store, hashes), "computing the prompt instead")
+        return await self._through_store(self._fetch(self.store, hashes), "computing prompts instead")
 
     async def _fetch(self, store: KVStoreClient, hashes: list[bytes]) -> None:
         local = await self.engine.run(self.llm.engine.cached_prefix, hashes)
@@ -135,9 +173,16 @@ class Worker:
         """Make sure the store holds every full block of the prompt: the ones computed here, and
         cached ones it has lost since (else the decode side recomputes them)."""
         kv = output.kv
-        if self.store is None or kv is None or not kv.block_hashes:
+        if self.store is None or kv is None or not kv.block_hashes or self._store_resting():
             return 0.0
-        return await self._through_store(self._publish(self.store, kv), "blocks not published")
+        return await self._through_store(self._publish(self.store, kv), "publishing no blocks")
+
+    async def _relocate_store(self) -> None:
+        """Where the store listens now: a restarted store may have come back on another port."""
+        target = await resolve_now(self.resolve, self.kv_store_origin)
+        if target and target != self.kv_store_target:
+            log.info("the KV store moved: %s -> %s", self.kv_store_target, target)
+            self.kv_store_target, self._store = target, None  # the next exchange connects there
 
     async def _publish(self, store: KVStoreClient, kv) -> None:
         blocks = list(zip(kv.new_hashes, kv.new_blocks))
@@ -177,7 +222,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         firsts: dict[int, common_pb2.SampleDelta] = {}
         output = None
         async with aclosing(stream):
-            async for item in stream:
+            async for item in _unless_engine_died(stream, w.engine):
                 if isinstance(item, RequestOutput):
                     output = item
                 elif item.index not in firsts:
@@ -216,12 +261,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         w = self.worker
         w.admit()
         params = sampling_params(request.sampling)
-        prompt, firsts = token_ids(request.prompt_ids), token_ids(request.first_token_ids)
-        fetch_s = await w.fetch(list(request.block_hashes)) if firsts else 0.0
-        options = {"first_token_ids": firsts} if firsts else {}
+        prompt = token_ids(request.prompt_ids)
+        generated = ([token_ids(g.token_ids) for g in request.generated]
+                     or [[t] for t in token_ids(request.first_token_ids)])
+        fetch_s = await w.fetch(list(request.block_hashes)) if generated else 0.0
+        options = {"generated": generated} if generated else {}
         stream = await w.engine.add_request(request.request_id or f"decode-{id(request)}", prompt, params, **options)
         async with aclosing(stream):  # leaving early (the caller cancelled) aborts and frees the blocks
-            async for item in stream:
+            async for item in _unless_engine_died(stream, w.engine):
                 if isinstance(item, RequestOutput):
                     m = item.metrics
                     completion = sum(len(o.token_ids) for o in item.outputs)
@@ -242,6 +289,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     @rpc
     async def Stats(self, request, context):
         return self.worker.stats()
+
+
+async def _unless_engine_died(stream, engine: AsyncEngine):
+    """The stream's items; if the engine dies under it, UNAVAILABLE (the gateway moves the request
+    elsewhere) rather than the engine's error (INTERNAL: the request's own fault)."""
+    try:
+        async for item in stream:
+            yield item
+    except RuntimeError:
+        if engine.fatal_error is None:
+            raise
+        raise Unavailable(f"the worker's engine died: {engine.fatal_error}") from None
 
 
 def registrations(worker: Worker) -> list[Registration]:

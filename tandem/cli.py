@@ -400,7 +400,7 @@ def cmd_service(args) -> int:
         raise ValueError(f"refusing to serve {args.name} on {host} without the pipeline's credentials: anyone who "
                          "can reach it could use it. Set internal_token (or internal_token_file, "
                          "$TANDEM_INTERNAL_TOKEN) or mutual TLS (internal_tls_cert/key/ca), or listen on 127.0.0.1")
-    server = build(args.name, config, port=args.port, peers=peers, host=host)
+    server = build(args.name, config, port=args.port, peers=peers, host=host, exit_on_fatal=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -57,9 +57,10 @@ class DecodeServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Decode(self, request, context):
-        """Disaggregated: first_token_ids holds each sample's first token from the prefill worker and
-        block_hashes the prompt blocks it published; the worker fetches the blocks it lacks from the
-        KV-cache store. Aggregated: both are empty and the worker runs the whole request.
+        """Disaggregated: first_token_ids (or generated) holds each sample's first token from the prefill
+        worker and block_hashes the prompt blocks it published; the worker fetches the blocks it lacks
+        from the KV-cache store. Aggregated: both are empty and the worker runs the whole request.
+        A migrated request carries generated: each sample's tokens so far.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

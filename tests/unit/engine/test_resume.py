@@ -78,6 +78,16 @@ def test_a_sample_with_no_tokens_yet_starts_from_the_prompt(engines):
     assert [o.token_ids for o in got.outputs] == [o.token_ids for o in want.outputs]
 
 
+def test_a_seeded_sampled_request_resumes_with_the_same_draws(engines):
+    reference, resumer = engines
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, ignore_eos=True, seed=1234,
+                            presence_penalty=0.5)
+    want = run(reference, "seed-ref", PROMPT, params)
+    for cut in (1, 9):
+        got = resumed(resumer, f"seed-res-{cut}", params, [want.token_ids[:cut]])
+        assert got.token_ids == want.token_ids, cut
+
+
 def test_resume_refuses_finished_or_malformed_samples(engines):
     _, resumer = engines
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)

@@ -209,7 +209,8 @@ def test_every_service_serves_health_and_reflection(pipe):
 
 
 def test_health_is_not_serving_when_the_engine_is_dead(tiny_hf_dir):
-    with InProcessPipeline(config(tiny_hf_dir, mode="aggregated")) as p:
+    # No other worker serves: a request waits worker_wait_s for one (a restart), then gets UNAVAILABLE.
+    with InProcessPipeline(config(tiny_hf_dir, mode="aggregated", migration={"worker_wait_s": 1.0})) as p:
         worker = p.hosts["worker-0"]
         channel = grpc.insecure_channel(worker.address)
         stub = health_pb2_grpc.HealthStub(channel)
@@ -219,7 +220,7 @@ def test_health_is_not_serving_when_the_engine_is_dead(tiny_hf_dir):
         assert wait_until(lambda: check() == health_pb2.HealthCheckResponse.NOT_SERVING)
         with Client(p.address, max_retries=0) as c, pytest.raises(Exception) as err:
             c.complete("hi", max_tokens=2)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no decode worker is serving" in str(err.value)
         channel.close()
 
 

@@ -1,0 +1,205 @@
+"""Where the gateway sends work: the workers it knows, which of them serve now, and how a service
+is found again after it moved.
+
+Health: the Router watches every worker's grpc.health.v1 (`Watch`, one stream each, in the
+background) and never picks one that reports NOT_SERVING (draining, its engine dead) or cannot be
+reached; a call that fails UNAVAILABLE marks its worker down at once. With no worker serving, a
+request waits for one (a restarting worker) until its deadline.
+
+Discovery: a Peer knows the address a service was first given; when calls to it fail, it asks
+`resolve` (the Ray launcher's asks the named actor `tandem-<instance>`) where that service listens
+now, and moves its channel there. So a service restarted on another port or node is found again.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tandem.v1 import prefill_pb2
+
+from .common import Unavailable
+
+log = logging.getLogger(__name__)
+
+Resolve = Callable[[str], "str | None"]  # the address a service was first given -> where it is now
+CONTROL_TIMEOUT_S = 30.0  # a unary control call (tokenize, retrieve, info) without a client deadline
+PREFIX_QUERY_TIMEOUT_S = 1.0  # the router's CachedPrefix question: a slow worker just loses the bid
+WATCH_RETRY_S = 0.5  # between health watches of an unreachable worker
+RETRY_BACKOFF_S = (0.1, 0.2, 0.5, 1.0)  # a unary call retried while its service restarts
+
+
+def until(timeout: float | None, cap: float | None = None) -> float | None:
+    """The monotonic time `timeout` seconds from now, no later than `cap` seconds from now."""
+    if timeout is None and cap is None:
+        return None
+    return time.monotonic() + min(t for t in (timeout, cap) if t is not None)
+
+
+def left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+async def resolve_now(resolve: Resolve | None, origin: str) -> str | None:
+    """Where the service first given as `origin` listens now; None when unknown (no registry, or
+    it does not answer). resolve may block (a Ray call): it runs on a thread."""
+    if resolve is None:
+        return None
+    try:
+        return await asyncio.to_thread(resolve, origin)
+    except Exception as exc:  # the registry is unreachable: callers keep the old address
+        log.warning("cannot resolve %s: %s", origin, exc)
+        return None
+
+
+class Peer:
+    """A service this process calls: a channel and stub to where the service is now.
+
+    make_channel(target) -> grpc.aio.Channel; make_stub(channel) -> the generated stub."""
+
+    def __init__(self, target: str, make_channel: Callable, make_stub: Callable, resolve: Resolve | None = None):
+        self.origin = self.target = target
+        self._make_channel, self._make_stub, self.resolve = make_channel, make_stub, resolve
+        self.channel = make_channel(target)
+        self.stub = make_stub(self.channel)
+
+    async def relocate(self) -> bool:
+        """Ask where the service listens now and move there if it moved. True when it moved."""
+        target = await resolve_now(self.resolve, self.origin)
+        if not target or target == self.target:
+            return False
+        log.info("%s moved: %s -> %s", self.origin, self.target, target)
+        old, self.target = self.channel, target
+        self.channel = self._make_channel(target)
+        self.stub = self._make_stub(self.channel)
+        asyncio.get_running_loop().create_task(old.close())
+        return True
+
+    def retrying(self) -> _RetryingStub:
+        """The stub's unary methods, retried on UNAVAILABLE (the service restarting or moved)
+        within the call's timeout, and given CONTROL_TIMEOUT_S when the caller gave none. Only for
+        calls that are safe to repeat."""
+        return _RetryingStub(self)
+
+
+class _RetryingStub:
+    def __init__(self, peer: Peer):
+        self._peer = peer
+
+    def __getattr__(self, method: str):
+        async def call(request, timeout: float | None = None, **kwargs):
+            deadline = until(timeout, CONTROL_TIMEOUT_S)
+            for attempt in itertools.count():
+                try:
+                    return await getattr(self._peer.stub, method)(request, timeout=left(deadline), **kwargs)
+                except grpc.aio.AioRpcError as exc:
+                    pause = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or left(deadline) <= pause:
+                        raise
+                    await self._peer.relocate()
+                    await asyncio.sleep(pause)
+        return call
+
+
+class Endpoint(Peer):
+    """A worker the router can pick: whether it serves now, and this gateway's requests on it."""
+
+    def __init__(self, target: str, make_channel: Callable, make_stub: Callable, resolve: Resolve | None = None):
+        super().__init__(target, make_channel, make_stub, resolve)
+        self.inflight = 0
+        self.serving = True  # until its first health answer: the launcher starts workers first
+        self._watch: grpc.aio.UnaryStreamCall | None = None
+
+    def mark_down(self) -> None:
+        """A call found it unreachable: not picked until its health watch says it serves again."""
+        self.serving = False
+        if self._watch is not None:
+            self._watch.cancel()  # watch again now: the answer comes from the worker, or its absence
+
+
+class Router:
+    """Prefill: the serving worker holding the longest cached prefix of the prompt (ties: least
+    loaded). Decode: the least loaded serving worker. Load is what this gateway has in flight on
+    each. `avoid`: workers this request already failed on, picked only when no other serves."""
+
+    def __init__(self, prefill: list[Endpoint], decode: list[Endpoint]):
+        self.prefill, self.decode = prefill, decode
+        self._rr = itertools.count()
+        self._changed = asyncio.Event()
+        self._watchers: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        """Watch every worker's health (on the running event loop) until stop()."""
+        if not self._watchers:
+            self._changed = asyncio.Event()
+            self._watchers = [asyncio.get_running_loop().create_task(self._watch(e))
+                              for e in (*self.prefill, *self.decode)]
+
+    def stop(self) -> None:
+        for task in self._watchers:
+            task.cancel()
+        self._watchers = []
+
+    async def pick_prefill(self, prompt: list[int], deadline: float | None, avoid=()) -> Endpoint:
+        candidates = await self._serving(self.prefill, deadline, avoid)
+        if len(candidates) == 1:
+            return candidates[0]
+        request = prefill_pb2.CachedPrefixRequest(prompt_ids=prompt)
+        answers = await asyncio.gather(*(e.stub.CachedPrefix(request, timeout=PREFIX_QUERY_TIMEOUT_S)
+                                         for e in candidates), return_exceptions=True)
+        scored = [(a.num_cached_tokens if not isinstance(a, BaseException) else -1, -e.inflight, e)
+                  for a, e in zip(answers, candidates)]
+        return max(scored, key=lambda s: s[:2])[2]
+
+    async def pick_decode(self, deadline: float | None, avoid=()) -> Endpoint:
+        candidates = await self._serving(self.decode, deadline, avoid)
+        low = min(e.inflight for e in candidates)
+        candidates = [e for e in candidates if e.inflight == low]
+        return candidates[next(self._rr) % len(candidates)]
+
+    async def _serving(self, endpoints: list[Endpoint], deadline: float | None, avoid) -> list[Endpoint]:
+        """The serving endpoints not in avoid (or, failing that, those in it), waiting for one
+        until deadline (None: forever)."""
+        self.start()
+        while True:
+            serving = [e for e in endpoints if e.serving]
+            if serving:
+                return [e for e in serving if e not in avoid] or serving
+            wait = left(deadline)
+            if wait == 0.0:
+                raise Unavailable(f"no {'prefill' if endpoints is self.prefill else 'decode'} worker is serving")
+            try:
+                await asyncio.wait_for(self._changed.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    def _set(self, endpoint: Endpoint, serving: bool) -> None:
+        if endpoint.serving != serving:
+            log.info("worker %s is %s", endpoint.target, "serving" if serving else "not serving")
+        endpoint.serving = serving
+        if serving:  # wake every request waiting for a worker
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def _watch(self, endpoint: Endpoint) -> None:
+        request = health_pb2.HealthCheckRequest(service="")
+        while True:
+            try:
+                endpoint._watch = health_pb2_grpc.HealthStub(endpoint.channel).Watch(request)
+                async for answer in endpoint._watch:
+                    self._set(endpoint, answer.status == health_pb2.HealthCheckResponse.SERVING)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._set(endpoint, False)
+                    await endpoint.relocate()
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise  # the router stops; else mark_down cancelled the call: watch again
+            finally:
+                endpoint._watch = None
+            await asyncio.sleep(WATCH_RETRY_S)
