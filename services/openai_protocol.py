@@ -22,7 +22,7 @@ from tandem.limits import (MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOG
                            MAX_MESSAGES, MAX_N, MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_PROMPTS,
                            MAX_RAG_K, MAX_REPETITION_PENALTY, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
                            MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MAX_TOKEN_ID, MAX_TOKENS_LIMIT, MAX_TOP_K,
-                           MIN_REPETITION_PENALTY)
+                           MIN_REPETITION_PENALTY, MIN_TOP_P)
 from tandem.sampling_params import SamplingParams
 from tandem.speculative import MAX_K
 from tandem.v1 import common_pb2, gateway_pb2
@@ -97,14 +97,15 @@ class _Sampling(BaseModel):
     model: Name | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=MIN_TOP_P, le=1)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
                                Annotated[float, Field(ge=-100, le=100)]],
-                          Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
+                          Field(max_length=MAX_LOGIT_BIAS_ENTRIES,
+                                json_schema_extra={"additionalProperties": False})] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Name | None = None
@@ -148,7 +149,7 @@ class CompletionRequest(_Sampling):
              | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS)])
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: Literal[False] = False  # not supported
     suffix: str | None = Field(None, max_length=0)  # not supported: only empty
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
@@ -164,30 +165,31 @@ class CompletionRequest(_Sampling):
         return list(p)
 
     def check_supported(self) -> None:
-        if self.echo:
-            raise InvalidRequestError("echo is not supported")
         if self.suffix:
             raise InvalidRequestError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of is not supported (it may only equal n)")
 
 
+class TextPart(BaseModel):
+    """A part of a message's content; this model takes text parts only."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | list[dict[str, Any]] | None = None
+    role: Literal["system", "developer", "user", "assistant"]  # tool messages are not supported
+    content: (Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
+              | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)] | None) = None
     name: Name | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InvalidRequestError(f"message content parts of type {part.get('type')!r} are not "
-                                          "supported; this model takes text")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -214,9 +216,6 @@ class ChatCompletionRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def pb_messages(self) -> list[common_pb2.ChatMessage]:
-        for m in self.messages:
-            if m.role == "tool":
-                raise InvalidRequestError("tool messages are not supported")
         return [common_pb2.ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
                 for m in self.messages]
 

@@ -20,6 +20,8 @@ MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
 MAX_PROCESSOR_ARG_BYTES = 4096  # a plugin's per-request arguments, as JSON
 MAX_TOKEN_ID = (1 << 31) - 1  # no vocabulary comes near; the engine checks the model's own size
 MAX_TOP_K = MAX_TOKEN_ID  # top_k above the vocabulary size keeps every token
+# top_p below this is 0 in fp32 (5e-324 is a valid double) and filters out every token: NaN.
+MIN_TOP_P = 1e-30
 MAX_TEMPERATURE = 100.0  # fp32 logits / 100 are already uniform; larger values only risk overflow
 # repetition_penalty divides or multiplies logits: far outside [1e-3, 1e3] a penalty pushes fp32
 # logits toward 0 or inf (1e-300 is 0 in fp32 and gives inf/NaN), and no caller means such a value.

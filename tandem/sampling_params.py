@@ -11,7 +11,7 @@ from tandem.errors import InvalidRequestError
 from tandem.limits import (MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_N,
                            MAX_PROCESSOR_ARG_BYTES, MAX_REPETITION_PENALTY, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
                            MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MAX_TOKEN_ID, MAX_TOKENS_LIMIT, MAX_TOP_K,
-                           MIN_REPETITION_PENALTY, check_text)
+                           MIN_REPETITION_PENALTY, MIN_TOP_P, check_text)
 
 # Temperatures below this are greedy: dividing fp32 logits by less overflows (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
@@ -99,7 +99,8 @@ class SamplingParams:
                f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {self.temperature!r}")
         _check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and 0 <= self.top_k <= MAX_TOP_K,
                f"top_k must be an integer in [0, {MAX_TOP_K}] (0 = off), got {self.top_k!r}")
-        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(_is_number(self.top_p) and MIN_TOP_P <= self.top_p <= 1,
+               f"top_p must be in (0, 1] (at least {MIN_TOP_P:g}), got {self.top_p!r}")
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
         _check(_is_number(self.repetition_penalty)
                and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,

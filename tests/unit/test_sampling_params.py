@@ -35,7 +35,7 @@ BAD_VALUES = [
     ("stop_token_ids", [-1]), ("stop_token_ids", ["2"]), ("stop_token_ids", [1.0]),
     # values that can only produce inf/NaN in sampling, and unbounded lists and strings (tandem.limits)
     ("repetition_penalty", 1e-300), ("repetition_penalty", 1e-4), ("repetition_penalty", 1e300),
-    ("temperature", 1e9), ("top_k", 2**62), ("stop", ["x" * 257]), ("stop", ["a\ud800"]),
+    ("temperature", 1e9), ("top_k", 2**62), ("top_p", 5e-324), ("top_p", 1e-40), ("stop", ["x" * 257]), ("stop", ["a\ud800"]),
     ("stop_token_ids", list(range(257))), ("stop_token_ids", [2**63]), ("logit_bias", {2**62: 1.0}),
     ("logit_bias", {1: math.inf}), ("cache_salt", "s" * 257), ("cache_salt", 5), ("cache_salt", "\udc00"),
     ("speculative", {"method": "ngram", "options": {"max_n": 10**6}}),
@@ -50,7 +50,7 @@ def test_bad_value_raises_invalid_request_naming_the_field(field, value):
 
 
 def test_message_says_what_is_allowed_and_what_was_given():
-    with pytest.raises(ValueError, match=re.escape("top_p must be in (0, 1], got 1.5")):
+    with pytest.raises(ValueError, match=re.escape("top_p must be in (0, 1] (at least 1e-30), got 1.5")):
         SamplingParams(top_p=1.5)
     with pytest.raises(ValueError, match=r"max_tokens must be an integer in \[1, 1048576\], got 0"):
         SamplingParams(max_tokens=0)
