@@ -264,17 +264,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def model_card(self, deadline: Deadline | None = None) -> gateway_pb2.ModelCard:
         """The served model, asked of a worker once (every HTTP request checks its `model` against it)."""
         if self._model_card is None:
-            endpoint = self.router.decode[0]
-            info = await endpoint.stub.Info(prefill_pb2.WorkerInfoRequest(),
-                                            timeout=(deadline or Deadline(10.0)).remaining())
+            deadline = deadline if deadline is not None and deadline.at is not None else Deadline(10.0)
+            endpoint = await self.router.pick_decode(deadline.at)  # a serving one
+            info = await endpoint.stub.Info(prefill_pb2.WorkerInfoRequest(), timeout=deadline.remaining())
             self._model_card = gateway_pb2.ModelCard(id=info.model, max_model_len=info.max_model_len)
         return self._model_card
 
     async def render_metrics(self) -> bytes:
         """Prometheus text: the gateway's instruments and every service's Stats, asked now."""
         self.metrics.inflight.set(self.inflight)
-        await self.metrics.refresh({(service, peer.target): peer.stub
-                                    for (service, _), peer in self._stats_peers.items()})
+        peers = {(service, peer.target): peer for (service, _), peer in self._stats_peers.items()}
+        await self.metrics.refresh({key: peer.stub for key, peer in peers.items()})
+        silent = [peer for key, peer in peers.items() if self.metrics.services.snapshot.get(key) is None]
+        await asyncio.gather(*(peer.relocate() for peer in silent))  # moved? the next scrape asks there
         return self.metrics.render()
 
     async def _retrieve(self, options, question: str, timeout: float | None) -> list:
