@@ -205,3 +205,16 @@ def test_the_router_never_picks_a_worker_that_is_not_serving(tiny_hf_dir):
             client.complete(PROMPT, max_tokens=2, temperature=0)
         assert stats(pipe, "worker-0")["requests"] == 0 and stats(pipe, "worker-1")["requests"] == 6
         assert migrations(pipe) == {}
+
+
+def test_the_migration_config_is_typed_and_checked():
+    from tandem.errors import ConfigError
+    from tandem.services.config import MigrationConfig, PipelineConfig
+
+    loaded = PipelineConfig(migration={"enabled": False, "stall_timeout_s": 5})
+    assert loaded.migration == MigrationConfig(enabled=False, stall_timeout_s=5)
+    assert PipelineConfig(**loaded.to_dict()).migration == loaded.migration  # what the Ray actors receive
+    for bad, message in (({"stall": 1}, "unknown keys"), ({"max_attempts": -1}, "max_attempts"),
+                         ({"enabled": "yes"}, "enabled"), ({"worker_wait_s": 0}, "worker_wait_s"), ("on", "mapping")):
+        with pytest.raises(ConfigError, match=message):
+            PipelineConfig(migration=bad)
