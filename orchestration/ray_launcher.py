@@ -23,6 +23,7 @@ from .topology import Instance, peers, plan, stages
 log = logging.getLogger(__name__)
 NAMESPACE = "tandem"
 READY_TIMEOUT_S = 600
+STOP_MARGIN_S = 15  # past its drain grace, how long an actor's stop may take (closing servers, the engine)
 RESOLVE_TIMEOUT_S = 1.0  # a restarting actor answers once it listens again; until then the caller retries
 WORKERS = ("prefill", "decode", "worker")
 
@@ -157,7 +158,7 @@ class RayPipeline:
         for name in reversed(list(self.actors)):  # gateway first: no new work reaches the workers
             actor = self.actors.pop(name)
             try:
-                ray.get(actor.stop.remote(), timeout=30)
+                ray.get(actor.stop.remote(), timeout=self.config.drain_grace_s + STOP_MARGIN_S)
             except Exception:  # already dead, or stuck: it goes anyway
                 pass
             ray.kill(actor, no_restart=True)

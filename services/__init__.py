@@ -31,7 +31,7 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
     get_plugin_manager(config.plugins)  # the allowlist holds before anything in this process loads a plugin
     credentials = config.internal_credentials()
     internal = ServerOptions(host=host or config.service_host, port=port, max_message_bytes=config.max_message_bytes,
-                             credentials=credentials or None)
+                             credentials=credentials or None, grace_s=config.drain_grace_s)
     internal.any_port_if_taken = any_port_if_taken
     if name == "tokenizer":
         from tandem.model.loader import load_tokenizer
@@ -73,7 +73,8 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
             if not peers.get(key):
                 raise ConfigError(f"the gateway needs the address of the {key} service")
         public = ServerOptions(host=host or config.host, port=port, max_message_bytes=config.max_message_bytes,
-                               api_keys=config.resolved_api_keys(), tls_cert=config.tls_cert, tls_key=config.tls_key)
+                               api_keys=config.resolved_api_keys(), tls_cert=config.tls_cert, tls_key=config.tls_key,
+                               grace_s=config.drain_grace_s)
         holder = {}
 
         def registrations():
@@ -92,7 +93,7 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
             options = HttpOptions(host=public.host, port=config.http_port, api_keys=public.api_keys,
                                   max_body_bytes=config.max_message_bytes, served_model_name=config.model,
                                   tls_cert=config.tls_cert, tls_key=config.tls_key,
-                                  request_timeout_s=config.http_request_timeout_s)
+                                  request_timeout_s=config.http_request_timeout_s, grace_s=config.drain_grace_s)
             frontend = HttpFrontend(lambda: create_app(holder["servicer"], options), options)
         healthy = lambda: "servicer" in holder and holder["servicer"].healthy()  # noqa: E731
         def drain():  # new requests get UNAVAILABLE (HTTP 503, /health 503) while in-flight ones finish

@@ -119,6 +119,9 @@ class PipelineConfig:
     tls_key: str | None = None
     max_inflight: int = 256  # samples (n per prompt) in flight at the gateway beyond which it answers RESOURCE_EXHAUSTED
     http_request_timeout_s: float | None = 600.0  # an HTTP request's deadline (504 after); null: none
+    # On SIGTERM / Ctrl-C the gateway refuses new requests and lets those in flight finish for this
+    # long, then every service stops. The chart sizes the pod's terminationGracePeriodSeconds from it.
+    drain_grace_s: float = 30.0
     max_message_bytes: int = 16 << 20
     migration: MigrationConfig = field(default_factory=MigrationConfig)  # or a mapping of its fields
     # the pipeline's credentials (services.credentials): every internal service requires the token
@@ -173,6 +176,9 @@ class PipelineConfig:
         if self.plugins is not None and not (isinstance(self.plugins, list)
                                              and all(isinstance(p, str) and p for p in self.plugins)):
             raise ConfigError(f"plugins must be a list of plugin names, got {self.plugins!r}")
+        if not (isinstance(self.drain_grace_s, (int, float)) and not isinstance(self.drain_grace_s, bool)
+                and 0 <= self.drain_grace_s <= 3600):
+            raise ConfigError(f"drain_grace_s must be a number of seconds in [0, 3600], got {self.drain_grace_s!r}")
         timeout = self.http_request_timeout_s
         if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
                                         and timeout > 0):

@@ -88,7 +88,8 @@ class Migrator:
         tried: list[Endpoint] = []
         base_id = request.request_id
         for attempt in range(self.config.max_attempts + 1):
-            endpoint = await self.router.pick_prefill(list(request.prompt_ids), self._wait_until(deadline), tried)
+            endpoint = await self.router.pick_prefill(list(request.prompt_ids), self._wait_until(deadline), tried,
+                                                      request.sampling.cache_salt)
             endpoint.inflight += 1
             if attempt:
                 request.request_id = f"{base_id}~{attempt}"  # a stalled try may still hold the old id

@@ -145,11 +145,14 @@ class Router:
             task.cancel()
         self._watchers = []
 
-    async def pick_prefill(self, prompt: list[int], deadline: float | None, avoid=()) -> Endpoint:
+    async def pick_prefill(self, prompt: list[int], deadline: float | None, avoid=(),
+                           cache_salt: str = "") -> Endpoint:
+        """cache_salt: the request's (its blocks' hash chain starts from it): without it the
+        workers would report the unsalted prefix, which salted requests never reuse."""
         candidates = await self._serving(self.prefill, deadline, avoid)
         if len(candidates) == 1:
             return candidates[0]
-        request = prefill_pb2.CachedPrefixRequest(prompt_ids=prompt)
+        request = prefill_pb2.CachedPrefixRequest(prompt_ids=prompt, cache_salt=cache_salt)
         answers = await asyncio.gather(*(e.stub.CachedPrefix(request, timeout=PREFIX_QUERY_TIMEOUT_S)
                                          for e in candidates), return_exceptions=True)
         scored = [(a.num_cached_tokens if not isinstance(a, BaseException) else -1, -e.inflight, e)

@@ -182,6 +182,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-request-timeout-s", type=float, default=None, metavar="SECONDS",
                    help="an HTTP request's deadline: 504 after it (default 600)")
     p.add_argument("--max-message-bytes", type=int, default=None, help="gRPC message limit (default 16 MiB)")
+    p.add_argument("--drain-grace-s", type=float, default=None, metavar="SECONDS",
+                   help="on SIGTERM / Ctrl-C, how long requests in flight may finish before the services stop "
+                        "(default 30)")
     p.add_argument("--rag-data-dir", default=None, help="the retrieval service's store (default ~/.local/share/tandem/rag)")
     p.add_argument("--onnx-cache-dir", default=None, help="the embedder's ONNX export cache (default ~/.cache/tandem/onnx)")
     p.add_argument("--speculative", default=None, metavar="JSON",
@@ -358,7 +361,7 @@ _PIPELINE_KEYS = ("model", "dtype", "device", "num_threads", "quantization", "at
                   "api_key_file", "tls_cert", "tls_key", "kv_store_bytes", "max_inflight", "max_message_bytes",
                   "ray_address", "dashboard", "object_store_memory", "rag_data_dir", "onnx_cache_dir",
                   "internal_token_file", "internal_tls_cert", "internal_tls_key", "internal_tls_ca",
-                  "http_request_timeout_s", "speculative_methods", "plugins")
+                  "http_request_timeout_s", "speculative_methods", "plugins", "drain_grace_s")
 
 
 def _pipeline_config(args):

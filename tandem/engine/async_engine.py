@@ -61,7 +61,7 @@ class AsyncEngine:
         StreamDelta items as samples advance, then the final RequestOutput (metrics included).
         Cancelling the consumer, or closing the stream early (`await stream.aclose()`, or
         `contextlib.aclosing`), aborts the request and frees its blocks at once. options go to
-        LLMEngine.add_request (prefill_only, first_token_ids)."""
+        LLMEngine.add_request (prefill_only, generated)."""
         stream = _Stream(asyncio.get_running_loop())
         future = self._submit(self._add, request_id, prompt_ids, params, options, stream)
         try:

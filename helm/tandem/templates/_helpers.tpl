@@ -92,7 +92,14 @@ httpGet:
 The keys of tandem.yaml the chart owns: they must agree with the pods and the Service.
 */}}
 {{- define "tandem.ownedConfigKeys" -}}
-model host service_host grpc_port http_port gateway_resources dashboard ray_address internal_token
+model host service_host grpc_port http_port gateway_resources dashboard ray_address internal_token drain_grace_s
+{{- end }}
+
+{{/*
+The head pod's grace: the preStop sleep, tandem's drain, then stopping the rest of the pipeline.
+*/}}
+{{- define "tandem.terminationGracePeriodSeconds" -}}
+{{- add .Values.gateway.preStopSleepSeconds .Values.gateway.drainGraceSeconds .Values.gateway.stopMarginSeconds }}
 {{- end }}
 
 {{/*
@@ -121,6 +128,7 @@ then the keys the chart owns. Nulls are left out: tandem's default applies.
 {{- $_ := set $config "http_port" (int .Values.gateway.httpPort) }}
 {{- $_ := set $config "gateway_resources" (dict "tandem_gateway" 1) }}
 {{- $_ := set $config "dashboard" .Values.rayCluster.dashboard }}
+{{- $_ := set $config "drain_grace_s" (int .Values.gateway.drainGraceSeconds) }}
 {{- range $key, $value := $config }}
 {{- if kindIs "invalid" $value }}
 {{- $_ := unset $config $key }}

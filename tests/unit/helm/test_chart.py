@@ -38,7 +38,7 @@ WORKER_GROUP_SPEC = {"suspend", "groupName", "replicas", "minReplicas", "maxRepl
 AUTOSCALER_OPTIONS = {"resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds",
                       "upscalingMode", "version", "env", "envFrom", "volumeMounts", "command", "args"}
 CRD_KINDS = {"RayCluster", "ServiceMonitor"}
-OWNED_KEYS = {"model", "host", "service_host", "grpc_port", "http_port", "gateway_resources", "dashboard",
+OWNED_KEYS = {"model", "host", "service_host", "grpc_port", "http_port", "gateway_resources", "dashboard", "drain_grace_s",
               "ray_address", "internal_token"}  # the token comes from the internalToken Secret, never the ConfigMap
 
 GPU_VALUES = yaml.safe_load((CHART / "values-gpu.yaml").read_text())
@@ -206,6 +206,18 @@ def test_head_offers_the_resource_the_gateway_asks_for(chart, tmp_path):
 
 
 # -- the head pod: Ray's head and the tandem driver --------------------------------------------
+@pytest.mark.parametrize("gateway, grace", [({}, 30), ({"drainGraceSeconds": 90, "preStopSleepSeconds": 0}, 90)])
+def test_the_pods_grace_covers_the_prestop_sleep_and_tandems_drain(chart, tmp_path, gateway, grace):
+    """SIGTERM after the preStop sleep; tandem then drains for drain_grace_s; the pod's
+    terminationGracePeriodSeconds leaves room for all of it, so Kubernetes never SIGKILLs a drain."""
+    rendered = render(chart, {"gateway": gateway} if gateway else None)
+    pod = one(rendered, "RayCluster")["spec"]["headGroupSpec"]["template"]
+    sleep = int(containers(pod)["tandem"]["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert sleep == gateway.get("preStopSleepSeconds", 5)
+    assert load_config(rendered, tmp_path).drain_grace_s == grace
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= sleep + grace + 15  # ray_launcher.STOP_MARGIN_S
+
+
 def test_driver_waits_for_the_local_gcs_then_serves_the_mounted_config(chart):
     rendered = render(chart)
     pod = one(rendered, "RayCluster")["spec"]["headGroupSpec"]["template"]

@@ -31,6 +31,8 @@ def test_yaml_then_flags(tmp_path):
     ({"engine": {"blok_size": 8}}, "unknown keys"),
     ({"tls_cert": "cert.pem"}, "both tls_cert and tls_key"),
     ({"max_inflight": 0}, "positive integer"),
+    ({"drain_grace_s": -1}, "drain_grace_s must be"),
+    ({"drain_grace_s": "30"}, "drain_grace_s must be"),
 ])
 def test_bad_values_are_config_errors(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -114,3 +116,12 @@ def test_request_limits_and_plugins_settings(tmp_path):
                 {"http_request_timeout_s": True}):
         with pytest.raises(ConfigError):
             PipelineConfig(**bad)
+
+
+def test_every_service_drains_for_the_configured_grace(tiny_hf_dir):
+    from tandem.services import build
+
+    config = PipelineConfig(model=str(tiny_hf_dir), drain_grace_s=42.0, http_port=0)
+    assert build("kvstore", config).options.grace_s == 42.0
+    gateway = build("gateway", config, peers={"tokenizer": "127.0.0.1:1", "decode": ["127.0.0.1:2"]})
+    assert gateway.options.grace_s == 42.0 and gateway.http.options.grace_s == 42.0

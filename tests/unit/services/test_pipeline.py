@@ -156,6 +156,25 @@ def test_a_repeated_prefix_is_served_from_the_caches(client, pipe, tiny_llm):
     assert stats(pipe, "kvstore-0")["hits"] > store_hits
 
 
+def test_the_router_asks_for_the_salted_prefix_of_a_salted_request(client, pipe, tiny_llm):
+    """Regression: the router's CachedPrefix question left out the request's cache_salt, so the
+    workers scored the unsalted chain and a salted request was sent away from its own blocks."""
+    prefix = "Is this a dagger which I see before me, the handle toward my hand? Come, let me clutch thee. " * 3
+    salted = common_pb2.SamplingParams(temperature=0, max_tokens=2, cache_salt="tenant-b")
+    with grpc.insecure_channel(pipe.address_of("prefill-1")) as channel:  # only prefill-1 holds it
+        prefill_pb2_grpc.PrefillStub(channel).Prefill(prefill_pb2.PrefillRequest(
+            request_id="seed-salted", prompt_ids=tiny_llm.tokenize(prefix + "x"), sampling=salted), timeout=30)
+
+    def held(name: str) -> int:
+        with grpc.insecure_channel(pipe.address_of(name)) as channel:
+            return prefill_pb2_grpc.PrefillStub(channel).CachedPrefix(prefill_pb2.CachedPrefixRequest(
+                prompt_ids=tiny_llm.tokenize(prefix), cache_salt="tenant-b"), timeout=10).num_cached_tokens
+
+    assert held("prefill-0") == 0 and held("prefill-1") >= 64
+    client.complete(prefix + "thou marshall'st me the way", cache_salt="tenant-b", **GREEDY)
+    assert held("prefill-0") == 0  # routed to prefill-1, where its salted blocks are
+
+
 def test_bad_input_is_invalid_argument_with_the_library_message(client, tiny_llm):
     with pytest.raises(ValueError) as library:
         tandem.SamplingParams(max_tokens=0)
