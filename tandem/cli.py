@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     plugins_sub = plugins.add_subparsers(dest="plugins_command", required=True)
     listing = plugins_sub.add_parser("list", help="every plugin and component: category, source, whether it loaded")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.add_argument("--config", default=None, help="a tandem.yaml: list what its `plugins:` allowlist loads")
+    listing.add_argument("--plugin", action="append", default=None, metavar="NAME",
+                         help="list what this allowlist loads (repeatable; overrides --config's)")
 
     serve = sub.add_parser("serve", help="start the pipeline on Ray (one actor per service) and the gateway",
                            description="Start local Ray (or join --ray-address) with one actor per service: "
@@ -338,10 +341,15 @@ def cmd_model_info(args) -> int:
 def cmd_plugins_list(args) -> int:
     from tandem.plugins import get_plugin_manager
 
-    plugins = get_plugin_manager().plugins.values()
+    allow = args.plugin
+    if allow is None and args.config:
+        from tandem.services.config import PipelineConfig
+
+        allow = PipelineConfig.load(args.config).plugins
+    plugins = get_plugin_manager(allow).plugins.values()
     rows = []
     for info in plugins:
-        status = "loaded" if info.loaded else f"FAILED: {info.error}"
+        status = "loaded" if info.loaded else f"not loaded: {info.error}"
         for category, name in info.components or [("-", "-")]:
             rows.append({"category": category, "name": name, "plugin": info.name, "source": info.source,
                          "loaded": info.loaded, "status": status})

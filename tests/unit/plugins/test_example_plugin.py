@@ -4,6 +4,7 @@ name in a generation, a CLI listing included."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,14 @@ def test_cli_lists_it(manager):
     out = subprocess.run([sys.executable, "-m", "tandem.cli", "plugins", "list"], capture_output=True, text=True,
                          check=True).stdout
     assert "typical_p" in out and "package tandem-plugin-example 0.1.0" in out and "built-in" in out
+
+
+def test_cli_lists_what_an_allowlist_loads(tmp_path):
+    config = tmp_path / "tandem.yaml"
+    config.write_text("plugins: [someone-else]\n")
+    for flags in (["--config", str(config)], ["--plugin", "someone-else"]):
+        out = subprocess.run([sys.executable, "-m", "tandem.cli", "plugins", "list", "--json", *flags],
+                             capture_output=True, text=True, check=True).stdout
+        rows = {r["plugin"]: r for r in json.loads(out)}
+        assert rows["example"]["status"] == "not loaded: not in the plugins allowlist", flags
+        assert any(r["loaded"] and r["source"] == "built-in" for r in rows.values())  # built-ins always load
