@@ -39,14 +39,18 @@ def baseline(default_llm):
     {"method": "draft_model", "k": 3, "options": {"quantization": None, "num_layers": 8}},
 ], ids=["ngram", "draft-int4", "draft-8-layers"])
 def test_greedy_output_is_identical(default_llm, baseline, spec):
+    """The proposer's options are the server's (the engine's speculative setting); a request
+    only turns speculation on with a method and k."""
     work, want = baseline
-    params = tandem.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, speculative=spec)
-    batched = default_llm.generate(work, params)
+    llm = tandem.LLM("smollm2-135m", progress=False, speculative=spec) if spec.get("options") else default_llm
+    params = tandem.SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                                   speculative={"method": spec["method"], "k": spec["k"]})
+    batched = llm.generate(work, params)
     assert [o.token_ids for o in batched] == want
     for prompt, expected in zip(work[:4] + work[6:8], want[:4] + want[6:8]):
-        assert default_llm.generate([prompt], params)[0].token_ids == expected
+        assert llm.generate([prompt], params)[0].token_ids == expected
     proposed = sum(o.metrics.spec_proposed for o in batched)
     accepted = sum(o.metrics.spec_accepted for o in batched)
     assert proposed > 0 and accepted > 0
-    stats = default_llm.engine.stats()
+    stats = llm.engine.stats()
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
