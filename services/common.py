@@ -128,14 +128,22 @@ def rpc(method: Callable) -> Callable:
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes carry no credentials
 
 
+def bearer_key(header: str | None) -> str | None:
+    """The KEY of an `Authorization: Bearer KEY` value, None when it is not one: the one parse of
+    that header (the checks below, the gateway's per-key cache salts). The scheme is
+    case-insensitive (RFC 9110)."""
+    scheme, _, given = (header or "").partition(" ")
+    return given.strip() if scheme.lower() == "bearer" else None
+
+
 def bearer_authorized(header: str | None, keys: list[bytes]) -> bool:
     """Whether an `Authorization` value is `Bearer KEY` for one of keys: the one check of the gRPC
-    interceptor and the HTTP API alike. The scheme is case-insensitive (RFC 9110); the key is
-    compared with every key in constant time, so the time taken says nothing about which matched."""
-    scheme, _, given = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not keys:
+    interceptor and the HTTP API alike. The key is compared with every key in constant time, so
+    the time taken says nothing about which matched."""
+    given = bearer_key(header)
+    if given is None or not keys:
         return False
-    given_bytes = given.strip().encode()
+    given_bytes = given.encode()
     return any([hmac.compare_digest(given_bytes, k) for k in keys])
 
 

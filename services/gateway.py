@@ -26,34 +26,21 @@ import uuid
 from tandem.errors import InvalidRequestError, QueueFullError
 from tandem.limits import (MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_RAG_K,
                            MAX_ROLE_CHARS, check_count, check_text)
+from tandem.rag.prompt import canonical, rag_prompt
 from tandem.sampling_params import SamplingParams
 from tandem.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, draft_pb2_grpc, gateway_pb2, gateway_pb2_grpc,
                        kvstore_pb2_grpc, prefill_pb2, prefill_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc,
                        tokenizer_pb2, tokenizer_pb2_grpc)
 
-from .common import Registration, Unavailable, client_channel, rpc, status_of
+from .common import Registration, Unavailable, bearer_key, client_channel, rpc, status_of
 from .config import MigrationConfig
-from .convert import prompt_ids, sampling_message, sampling_params, token_ids
+from .convert import prompt_ids, token_ids
 from .metrics import GatewayMetrics
 from .migration import Migrator, Progress
 from .routing import Endpoint, Peer, Resolve, Router
 
 _request_ids = itertools.count()
 DEFAULT_RAG_K = 4
-RAG_INSTRUCTION = ("Answer the question using the sources below. Cite the sources you use by their "
-                   "number in square brackets, like [1].")
-
-
-def rag_prompt(question: str, chunks) -> str:
-    """Sources first, in a canonical order (document, then position), then the question: the same
-    sources give the same prompt prefix, whatever the question, so their KV comes from the cache."""
-    sources = "\n\n".join(f"[{i}] {c.title}: {c.text}" if c.title else f"[{i}] {c.text}"
-                           for i, c in enumerate(chunks, 1))
-    return f"{RAG_INSTRUCTION}\n\n{sources}\n\nQuestion: {question}"
-
-
-def canonical(chunks) -> list:
-    return sorted(chunks, key=lambda c: (c.document_id, c.position, c.id))
 
 
 class Deadline:
@@ -68,12 +55,6 @@ class Deadline:
 
     def remaining(self) -> float | None:
         return None if self.at is None else max(0.0, self.at - time.monotonic())
-
-
-def bearer_token(authorization: str) -> str:
-    """The key of an `Authorization: Bearer <key>` header ("" when there is none)."""
-    scheme, _, token = authorization.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def check_rag(rag) -> None:
@@ -196,8 +177,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def _grpc_params(self, request, context) -> SamplingParams:
         check_text("request_id", request.request_id, MAX_NAME_CHARS)
         check_text("model", request.model, MAX_NAME_CHARS)
-        key = bearer_token(dict(context.invocation_metadata() or ()).get("authorization", ""))
-        return self.salted(sampling_params(request.sampling), key)
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        return self.salted(SamplingParams.from_pb(request.sampling), authorization)
 
     # -- what both APIs (gRPC and the OpenAI-compatible HTTP) call -----------------------------
     def admit(self, num_samples: int, api: str, endpoint: str) -> Admission:
@@ -218,12 +199,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.inflight += num_samples
         return Admission(self, num_samples)
 
-    def salted(self, params: SamplingParams, api_key: str) -> SamplingParams:
-        """params with its caller's cache salt: with API keys, HMAC(key, the request's own salt), so
-        a key's requests share cached prefixes only among themselves (and a request's own salt splits
-        them further); without keys, the request's own salt as it is."""
+    def salted(self, params: SamplingParams, authorization: str | None) -> SamplingParams:
+        """params with its caller's cache salt: with API keys, HMAC(the key of the caller's
+        `authorization` header, the request's own salt), so a key's requests share cached prefixes
+        only among themselves (and a request's own salt splits them further); without keys, the
+        request's own salt as it is."""
         if not self.salt_per_key:
             return params
+        api_key = bearer_key(authorization) or ""
         salt = hmac.new(api_key.encode(), (params.cache_salt or "").encode(), "sha256").hexdigest()
         return dataclasses.replace(params, cache_salt=salt)
 
@@ -331,7 +314,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _run(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: Deadline,
                    clock: _Clock):
-        sampling = sampling_message(with_seed(params))
+        sampling = with_seed(params).to_pb()
         progress, hashes, cached, prefill_s, kv_s = Progress(params.n), [], 0, 0.0, 0.0
         if self.disaggregated:
             answer = await self.migrator.prefill(

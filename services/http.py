@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .common import bearer_authorized, status_of
-from .gateway import Deadline, GatewayServicer, bearer_token
+from .gateway import Deadline, GatewayServicer
 from .openai_protocol import (HTTP_STATUS, ChatCompletionRequest, CompletionLogprobs, CompletionRequest,
                               OpenAIError, chat_logprobs, new_id, now, usage)
 
@@ -140,7 +140,7 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
 
     def params(body, request: Request, max_tokens: int, logprobs: int | None):
         """The body's SamplingParams with its caller's cache salt."""
-        return gateway.salted(body.sampling(max_tokens, logprobs), bearer_token(request.headers.get("authorization", "")))
+        return gateway.salted(body.sampling(max_tokens, logprobs), request.headers.get("authorization"))
 
     async def model_id(requested: str | None) -> tuple[str, int]:
         card = await gateway.model_card()

@@ -28,11 +28,12 @@ from tandem.engine.block_manager import block_hash, chain_root
 from tandem.kv_store import BlockSeal
 from tandem.llm import LLM
 from tandem.outputs import RequestOutput
+from tandem.sampling_params import SamplingParams
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 from .common import Registration, Unavailable, client_channel, rpc
 from .config import PipelineConfig
-from .convert import delta_message, mean_itl, sampling_params, token_ids
+from .convert import delta_message, mean_itl, token_ids
 from .kvstore import KVStoreClient
 from .metrics import rpc_tally, with_rpc_counts
 from .routing import Resolve, resolve_now
@@ -212,7 +213,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def Prefill(self, request, context):
         w = self.worker
         w.admit()
-        params = sampling_params(request.sampling)
+        params = SamplingParams.from_pb(request.sampling)
         prompt = token_ids(request.prompt_ids)
         start = time.perf_counter()
         fetch_s = await w.fetch(prompt_hashes(prompt, w.block_size, (len(prompt) - 1) // w.block_size,
@@ -260,7 +261,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def Decode(self, request, context):
         w = self.worker
         w.admit()
-        params = sampling_params(request.sampling)
+        params = SamplingParams.from_pb(request.sampling)
         prompt = token_ids(request.prompt_ids)
         generated = ([token_ids(g.token_ids) for g in request.generated]
                      or [[t] for t in token_ids(request.first_token_ids)])

@@ -1,17 +1,27 @@
 """SamplingParams: how one request picks its tokens and when it stops. Validated on construction,
 so a bad value fails before any work starts, with a message that says what is allowed.
+
+It converts itself to and from its message, tandem.v1.SamplingParams (`to_pb` / `from_pb`, as
+TGI's domain types do): the one place that knows both, used by the gateway, the workers and the
+SDK (`fields_to_pb`, for the fields a caller gave). The generated protobuf module loads on first use.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 from tandem.errors import InvalidRequestError
 from tandem.limits import (MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_N,
-                           MAX_PROCESSOR_ARG_BYTES, MAX_REPETITION_PENALTY, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
-                           MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MAX_TOKEN_ID, MAX_TOKENS_LIMIT, MAX_TOP_K,
-                           MIN_REPETITION_PENALTY, MIN_TOP_P, check_text)
+                           MAX_PROCESSOR_ARG_BYTES, MAX_REPETITION_PENALTY, MAX_SPECULATIVE_JSON_BYTES,
+                           MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE,
+                           MAX_TOKEN_ID, MAX_TOKENS_LIMIT, MAX_TOP_K, MIN_REPETITION_PENALTY, MIN_TOP_P,
+                           check_text)
+
+if TYPE_CHECKING:
+    from tandem.v1 import common_pb2
 
 # Temperatures below this are greedy: dividing fp32 logits by less overflows (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
@@ -153,3 +163,119 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    def to_pb(self) -> common_pb2.SamplingParams:
+        """These params as a tandem.v1.SamplingParams (what the gateway forwards to the workers).
+        Every field is set but seed and logprobs when None, speculative when "default" and
+        logits_processors when empty: unset, which from_pb reads back as the same values."""
+        return fields_to_pb({name: getattr(self, name) for name in PROTO_FIELDS})
+
+    @classmethod
+    def from_pb(cls, msg: common_pb2.SamplingParams) -> SamplingParams:
+        """The params of a tandem.v1.SamplingParams, validated: an unset field takes the library's
+        default, and a bad value raises InvalidRequestError with the library's message."""
+        kwargs = {key: getattr(msg, key) for key in _OPTIONAL_PB_FIELDS if msg.HasField(key)}
+        for name, limit in _JSON_PB_LIMITS.items():  # bounded before any is parsed
+            check_text(PROTO_FIELDS[name], getattr(msg, PROTO_FIELDS[name]), limit)
+        for name in _JSON_PB_LIMITS:
+            if text := getattr(msg, PROTO_FIELDS[name]):
+                try:
+                    kwargs[name] = json.loads(text)
+                except ValueError as exc:
+                    raise InvalidRequestError(f"{PROTO_FIELDS[name]} is not valid JSON: {exc}") from None
+        return cls(logit_bias=dict(msg.logit_bias), stop=list(msg.stop) or None,
+                   stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+                   cache_salt=msg.cache_salt or None, **kwargs)
+
+
+# -- the wire: tandem.v1.SamplingParams ----------------------------------------------------------
+# The fields that travel as JSON (their values are free-form: plugin kwargs, a speculative method),
+# with the bound on their text, checked before it is parsed (the parsed value has its own bounds).
+_JSON_PB_LIMITS = {"logits_processors": 2 * MAX_PROCESSOR_ARG_BYTES, "speculative": MAX_SPECULATIVE_JSON_BYTES}
+# SamplingParams field -> its proto field: the same name, or NAME_json for the JSON ones.
+PROTO_FIELDS: dict[str, str] = {f.name: f"{f.name}_json" if f.name in _JSON_PB_LIMITS else f.name
+                                for f in fields(SamplingParams)}
+# The proto3 `optional` scalars: unset means the library's default (0 is a value like any other).
+_OPTIONAL_PB_FIELDS = ("max_tokens", "n", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                       "presence_penalty", "frequency_penalty", "seed", "skip_special_tokens", "logprobs")
+
+
+def fields_to_pb(values: Mapping) -> common_pb2.SamplingParams:
+    """The tandem.v1.SamplingParams of some of SamplingParams's fields (name -> value), as given:
+    not range-checked (the SDK leaves that to the server, whatever its version). A field left out
+    or None stays unset, so the receiver applies the default; speculative None means off, as in
+    the library, and "default" stays unset. A value protobuf cannot hold raises
+    InvalidRequestError ("NAME must be ..."); an unknown name, TypeError."""
+    from tandem.v1 import common_pb2
+
+    unknown = sorted(set(values) - set(PROTO_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown sampling keyword(s) {', '.join(unknown)}; allowed: {', '.join(PROTO_FIELDS)}")
+    msg = common_pb2.SamplingParams()
+    for name, value in values.items():
+        if name == "speculative":
+            if value != "default":
+                msg.speculative_json = _to_json(name, value)
+        elif value is None:
+            continue
+        elif name == "logits_processors":
+            if value != {}:  # the default: nothing to send
+                msg.logits_processors_json = _to_json(name, value)
+        elif name == "logit_bias":
+            _set_logit_bias(msg, value)
+        elif name == "cache_salt":
+            if not isinstance(value, str):
+                raise _cannot_hold(name, "a string", value)
+            msg.cache_salt = value
+        elif name == "stop":
+            _set_repeated(msg, name, [value] if isinstance(value, str) else value, "a string or a list of strings")
+        elif name == "stop_token_ids":
+            _set_repeated(msg, name, value, "a list of integers")
+        else:
+            _set_scalar(msg, name, value)
+    return msg
+
+
+def _cannot_hold(name: str, expected: str, value, error: Exception | None = None) -> InvalidRequestError:
+    reason = f" ({error})" if error else ""
+    return InvalidRequestError(f"{name} must be {expected}, got {value!r}{reason}")
+
+
+def _set_scalar(msg: common_pb2.SamplingParams, name: str, value) -> None:
+    pb_field = msg.DESCRIPTOR.fields_by_name[name]
+    expected = {pb_field.CPPTYPE_INT64: "an integer", pb_field.CPPTYPE_DOUBLE: "a number",
+                pb_field.CPPTYPE_BOOL: "a bool"}[pb_field.cpp_type]
+    # protobuf reads True as 1 in a number; the receiver must see the bool to reject it as the library does
+    if isinstance(value, bool) and expected != "a bool":
+        raise _cannot_hold(name, expected, value)
+    try:
+        setattr(msg, name, value)
+    except (TypeError, ValueError) as e:
+        raise _cannot_hold(name, expected, value, e) from e
+
+
+def _set_repeated(msg: common_pb2.SamplingParams, name: str, values, expected: str) -> None:
+    try:
+        getattr(msg, name).extend(values)
+    except (TypeError, ValueError) as e:
+        raise _cannot_hold(name, expected, values, e) from e
+
+
+def _set_logit_bias(msg: common_pb2.SamplingParams, bias) -> None:
+    expected = "a dict of token id -> number"
+    if not isinstance(bias, dict):
+        raise _cannot_hold("logit_bias", expected, bias)
+    for token_id, value in bias.items():
+        if isinstance(value, bool):
+            raise _cannot_hold("logit_bias", expected, bias)
+        try:
+            msg.logit_bias[token_id] = value
+        except (TypeError, ValueError) as e:
+            raise _cannot_hold("logit_bias", expected, bias, e) from e
+
+
+def _to_json(name: str, value) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise _cannot_hold(name, "JSON-serializable", value, e) from e

@@ -4,26 +4,15 @@ the two clients differ only in how they wait.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import random
 import time
 
 import grpc
-from google.protobuf.descriptor import FieldDescriptor
 
-from tandem.sampling_params import SamplingParams
+from tandem.errors import InvalidRequestError
+from tandem.sampling_params import fields_to_pb
 from tandem.sdk.errors import DeadlineExceededError, InvalidArgumentError
 from tandem.v1 import common_pb2, gateway_pb2
-
-# Keyword -> SamplingParams proto field: the library's names, so a SamplingParams's fields can be
-# passed as they are. logits_processors travels as JSON (its values are arbitrary plugin kwargs).
-SAMPLING_FIELDS: dict[str, str] = {
-    f.name: f"{f.name}_json" if f.name in ("logits_processors", "speculative") else f.name
-    for f in dataclasses.fields(SamplingParams)
-}
-_SCALAR_KINDS = {FieldDescriptor.CPPTYPE_INT64: "an integer", FieldDescriptor.CPPTYPE_DOUBLE: "a number",
-                 FieldDescriptor.CPPTYPE_BOOL: "a bool"}
 
 # Backoff between retries of UNAVAILABLE: the usual gRPC client schedule (0.1 s doubling, capped),
 # each delay drawn in [d/2, d] so that clients cut off together do not come back together.
@@ -36,73 +25,14 @@ def _invalid(name: str, expected: str, value, error: Exception | None = None) ->
     return InvalidArgumentError(f"{name} must be {expected}, got {value!r}{reason}")
 
 
-def _set_scalar(msg: common_pb2.SamplingParams, name: str, value) -> None:
-    field = msg.DESCRIPTOR.fields_by_name[name]
-    expected = _SCALAR_KINDS[field.cpp_type]
-    # protobuf reads True as 1 in a double; the server must see the bool to reject it as the library does
-    if isinstance(value, bool) and expected != "a bool":
-        raise _invalid(name, expected, value)
-    try:
-        setattr(msg, name, value)
-    except (TypeError, ValueError) as e:
-        raise _invalid(name, expected, value, e) from e
-
-
-def _set_repeated(msg: common_pb2.SamplingParams, name: str, values, expected: str) -> None:
-    try:
-        getattr(msg, name).extend(values)
-    except (TypeError, ValueError) as e:
-        raise _invalid(name, expected, values, e) from e
-
-
 def sampling_to_pb(sampling: dict) -> common_pb2.SamplingParams:
-    """The proto of `sampling` (SamplingParams's field names -> values). Keywords left out or None
-    stay unset, so the server applies the library's defaults. Ranges are the server's to check."""
-    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
-    if unknown:
-        raise TypeError(f"unknown sampling keyword(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
-    msg = common_pb2.SamplingParams()
-    for name, value in sampling.items():
-        if name == "speculative":  # None means off here, as in the library; "default" the server's setting
-            if value != "default":
-                msg.speculative_json = _to_json(value)
-            continue
-        if value is None:
-            continue
-        if name == "logit_bias":
-            _set_logit_bias(msg, value)
-        elif name == "cache_salt":
-            if not isinstance(value, str):
-                raise _invalid(name, "a string", value)
-            msg.cache_salt = value
-        elif name == "logits_processors":
-            msg.logits_processors_json = _to_json(value)
-        elif name == "stop":
-            _set_repeated(msg, name, [value] if isinstance(value, str) else value, "a string or a list of strings")
-        elif name == "stop_token_ids":
-            _set_repeated(msg, name, value, "a list of integers")
-        else:
-            _set_scalar(msg, name, value)
-    return msg
-
-
-def _set_logit_bias(msg: common_pb2.SamplingParams, bias) -> None:
-    if not isinstance(bias, dict):
-        raise _invalid("logit_bias", "a dict of token id -> number", bias)
-    for token_id, value in bias.items():
-        if isinstance(value, bool):
-            raise _invalid("logit_bias", "a dict of token id -> number", bias)
-        try:
-            msg.logit_bias[token_id] = value
-        except (TypeError, ValueError) as e:
-            raise _invalid("logit_bias", "a dict of token id -> number", bias, e) from e
-
-
-def _to_json(processors) -> str:
+    """The proto of `sampling` (SamplingParams's field names -> values, the library's names).
+    Keywords left out or None stay unset, so the server applies the library's defaults. Ranges
+    are the server's to check; a value protobuf cannot hold fails here (tandem.sampling_params)."""
     try:
-        return json.dumps(processors)
-    except (TypeError, ValueError) as e:
-        raise _invalid("logits_processors", "JSON-serializable", processors, e) from e
+        return fields_to_pb(sampling)
+    except InvalidRequestError as e:
+        raise InvalidArgumentError(str(e)) from e
 
 
 def rag_options(rag) -> gateway_pb2.RagOptions | None:

@@ -95,3 +95,39 @@ def test_non_list_stop_fields_raise_invalid_request(field):
 def test_bool_stop_token_id_is_rejected():
     with pytest.raises(InvalidRequestError, match=r"^stop_token_ids\b"):
         SamplingParams(stop_token_ids=[True])
+
+
+# -- the wire: to_pb / from_pb (tandem.v1.SamplingParams) -----------------------------------------
+def test_every_field_survives_the_round_trip():
+    p = SamplingParams(max_tokens=7, n=2, temperature=0, top_k=5, top_p=0.5, min_p=0.1, repetition_penalty=1.2,
+                       presence_penalty=-1.0, frequency_penalty=0.5, logit_bias={3: -100.0}, seed=0,
+                       logits_processors={"typical_p": {"mass": 0.9}}, stop=["\n"], stop_token_ids=[2],
+                       ignore_eos=True, skip_special_tokens=False, speculative={"method": "ngram", "k": 3},
+                       logprobs=0, cache_salt="tenant")
+    assert SamplingParams.from_pb(p.to_pb()) == p
+    for speculative in (None, "default"):
+        assert SamplingParams.from_pb(SamplingParams(speculative=speculative).to_pb()).speculative == speculative
+
+
+def test_unset_fields_take_the_defaults_and_zero_is_a_value():
+    from tandem.v1 import common_pb2
+
+    assert SamplingParams.from_pb(common_pb2.SamplingParams()) == SamplingParams()
+    msg = SamplingParams().to_pb()
+    assert not any(msg.HasField(f) for f in ("seed", "logprobs")) and msg.HasField("temperature")
+    assert (msg.logits_processors_json, msg.speculative_json, msg.cache_salt) == ("", "", "")
+    zeros = SamplingParams.from_pb(common_pb2.SamplingParams(temperature=0, top_k=0, seed=0, logprobs=0))
+    assert (zeros.temperature, zeros.top_k, zeros.seed, zeros.logprobs) == (0, 0, 0, 0) and zeros.greedy
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"max_tokens": 0}, r"^max_tokens must be an integer in \[1, "),
+    ({"logits_processors_json": "{"}, r"^logits_processors_json is not valid JSON: "),
+    ({"speculative_json": "[1"}, r"^speculative_json is not valid JSON: "),
+    ({"speculative_json": "x" * 100_000}, r"^speculative_json\b"),
+])
+def test_a_bad_message_raises_the_librarys_error(fields, message):
+    from tandem.v1 import common_pb2
+
+    with pytest.raises(InvalidRequestError, match=message):
+        SamplingParams.from_pb(common_pb2.SamplingParams(**fields))

@@ -88,7 +88,7 @@ def test_the_gateway_answers_from_retrieved_chunks(tmp_path, onnx_cache, embedde
     from tandem.orchestration.local import InProcessPipeline
     from tandem.sdk import Client, InvalidArgumentError
     from tandem.services.config import PipelineConfig
-    from tandem.services.gateway import canonical, rag_prompt
+    from tandem.rag.prompt import canonical, rag_prompt
 
     config = PipelineConfig(model=str(tiny_hf_dir), grpc_port=0, http_port=0, kv_cache_memory=16 << 20, mode="aggregated",
                             rag_data_dir=str(tmp_path / "rag"), onnx_cache_dir=str(onnx_cache))

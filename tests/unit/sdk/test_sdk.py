@@ -13,7 +13,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from tandem.sampling_params import SamplingParams
+from tandem.sampling_params import PROTO_FIELDS, SamplingParams
 from tandem.sdk import (AsyncClient, Chunk, Client, Completion, DeadlineExceededError, InternalError,
                         InvalidArgumentError, NotFoundError, RequestCancelledError, ResourceExhaustedError,
                         TandemRpcError, Timings, UnauthenticatedError, UnavailableError, Usage, from_rpc_error)
@@ -128,8 +128,8 @@ def sent(fake, method="Generate"):
 
 def test_every_sampling_params_field_has_a_proto_field():
     proto_fields = common_pb2.SamplingParams.DESCRIPTOR.fields_by_name
-    assert set(_wire.SAMPLING_FIELDS) == {f for f in SamplingParams.__dataclass_fields__}
-    assert all(name in proto_fields for name in _wire.SAMPLING_FIELDS.values())
+    assert set(PROTO_FIELDS) == {f for f in SamplingParams.__dataclass_fields__}
+    assert all(name in proto_fields for name in PROTO_FIELDS.values())
 
 
 def test_sampling_keywords_reach_the_proto(client, fake):
