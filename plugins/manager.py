@@ -6,14 +6,24 @@ An installed plugin runs its code with the server's rights as soon as it is impo
 config's `plugins:` list) names the third-party plugins that may load; the others are listed as not
 loaded and never imported. The built-ins (DEFAULT_PLUGINS, tandem's own code) always load.
 
-A plugin is registered whole or not at all: if importing it fails, a hook raises, a component
-is not a subclass of its category's base class, needs a newer API, or reuses a name another
-plugin took, the plugin is recorded as not loaded with the reason, and the others go on.
+What is refused, and how much (docs/plugins.md section 6 says the same):
+- The whole plugin, when the plugin itself is broken: importing it fails, a hook raises or returns
+  something other than a list, a hookimpl names a hook tandem does not have (a misspelling pluggy
+  would only report in `check_pending`), a function named like a hook is not marked @hookimpl, a
+  component is not a subclass of its category's base class or has no name, or a name is taken.
+  It is recorded as not loaded with the reason and the components it offered (so `tandem plugins
+  list` can name what was lost); nothing of it is registered; the other plugins go on.
+- One component, when that component cannot be used here but the plugin is sound: it needs a
+  newer plugin API than this tandem has, or it is an attention variant whose mask is not causal
+  (`mask_problem`, checked when it loads and again when an engine builds it with its options).
+  The rest of the plugin loads; the component is listed as refused, with why.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +33,7 @@ import pluggy
 from tandem.draft import DraftProposer
 from tandem.rag.embedding import Embedder
 from tandem.errors import ConfigError, PluginError
-from tandem.model.attention import AttentionBackend, AttentionVariant
+from tandem.model.attention import AttentionBackend, AttentionVariant, mask_problem
 from tandem.model.kv_pool import KVCacheFormat
 from tandem.model.quantization import Quantizer
 from tandem.plugins import API_VERSION, ENTRY_POINT_GROUP, PROJECT_NAME, hookspecs
@@ -63,7 +73,35 @@ class PluginInfo:
     source: str  # "built-in" or "package NAME VERSION"
     loaded: bool
     error: str | None = None
-    components: list[tuple[str, str]] = field(default_factory=list)  # (category, name)
+    components: list[tuple[str, str]] = field(default_factory=list)  # (category, name): registered
+    # (category, name, why): not registered. For a loaded plugin, the components refused alone; for
+    # one not loaded, every component it offered (why: the plugin's error).
+    refused: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        """`tandem plugins list`'s rows: one per component, registered or not (none: one "-" row)."""
+        status = "loaded" if self.loaded else f"not loaded: {self.error}"
+        rows = [self._row(category, name, self.loaded, status) for category, name in self.components]
+        rows += [self._row(category, name, False, f"refused: {why}" if self.loaded else status)
+                 for category, name, why in self.refused]
+        return rows or [self._row("-", "-", self.loaded, status)]
+
+    def _row(self, category: str, name: str, loaded: bool, status: str) -> dict:
+        return {"category": category, "name": name, "plugin": self.name, "source": self.source, "loaded": loaded,
+                "status": status}
+
+
+@dataclass
+class _Offer:
+    """What one plugin's hooks returned, sorted by what happens to it."""
+
+    accepted: list[tuple[str, type]] = field(default_factory=list)
+    refused: list[tuple[str, str, str]] = field(default_factory=list)  # (category, name, why): left out alone
+    offered: list[tuple[str, str]] = field(default_factory=list)  # every named component, for the listing
+    error: str | None = None  # the first fault that refuses the whole plugin
+
+    def fault(self, reason: str) -> None:
+        self.error = self.error or reason
 
 
 class PluginManager:
@@ -76,6 +114,7 @@ class PluginManager:
         self._pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
         self._components: dict[str, dict[str, tuple[type, str]]] = {c: {} for c in CATEGORIES}
+        self._refused: dict[str, dict[str, tuple[str, str]]] = {c: {} for c in CATEGORIES}  # name -> (plugin, why)
         if load:
             for module_name in DEFAULT_PLUGINS:
                 self.register_module(module_name, BUILTIN_SOURCE)
@@ -116,56 +155,99 @@ class PluginManager:
                                                     f"(from {self.plugins[name].source})", keep_existing=True)
         try:
             self._pm.register(plugin, name)
-        except Exception as exc:  # pluggy's own validation: unknown hook, bad signature, same object twice
+        except Exception as exc:  # pluggy's own validation: bad signature, same object twice
             return self._fail(strict, name, source, f"{type(exc).__name__}: {exc}")
-        try:
-            found = self._collect(plugin, name)
-        except PluginError as exc:
+        offer = self._collect(plugin)
+        error = self._hook_fault(plugin) or offer.error
+        if error is not None:
             self._pm.unregister(plugin)
-            return self._fail(strict, name, source, str(exc))
-        for category, cls in found:
+            return self._fail(strict, name, source, error, lost=offer.offered)
+        for category, cls in offer.accepted:
             self._components[category][cls.name] = (cls, name)
-        info = PluginInfo(name, source, True, None, [(c, cls.name) for c, cls in found])
+        for category, cls_name, why in offer.refused:
+            log.warning("plugin %r: %s %r refused: %s", name, category, cls_name, why)
+            self._refused[category].setdefault(cls_name, (name, why))
+        info = PluginInfo(name, source, True, None, [(c, cls.name) for c, cls in offer.accepted], offer.refused)
         self.plugins[name] = info
         return info
 
-    def _collect(self, plugin: Any, plugin_name: str) -> list[tuple[str, type]]:
-        found, seen = [], set()
+    def _hook_fault(self, plugin: Any) -> str | None:
+        """A hookimpl naming no hook of tandem's (unless marked optionalhook: written for a newer
+        tandem), or a function named like a hook but not marked @hookimpl: either way the plugin
+        would load, as "loaded", with nothing in it."""
+        specs = [n for n, caller in vars(self._pm.hook).items() if not n.startswith("_") and caller.has_spec()]
+        for caller in self._pm.get_hookcallers(plugin) or ():
+            impls = [i for i in caller.get_hookimpls() if i.plugin is plugin and not i.optionalhook]
+            if not caller.has_spec() and impls:
+                closest = difflib.get_close_matches(caller.name, specs, n=1, cutoff=0)
+                return f"unknown hook {caller.name!r}: tandem has no such hook (did you mean {closest[0]!r}?)"
+        for spec in specs:
+            unmarked = self._pm.parse_hookimpl_opts(plugin, spec) is None
+            if unmarked and callable(inspect.getattr_static(plugin, spec, None)):
+                return f"{spec} is not marked @hookimpl (tandem.plugins.hookimpl), so it would never be called"
+        return None
+
+    def _collect(self, plugin: Any) -> _Offer:
+        offer = _Offer()
         for category, (hook_name, base) in CATEGORIES.items():
-            impls = [i for i in getattr(self._pm.hook, hook_name).get_hookimpls() if i.plugin is plugin]
-            for impl in impls:
+            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
                 kwargs = {"api_version": API_VERSION}
                 try:
                     classes = impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
                 except Exception as exc:
-                    raise PluginError(f"hook {hook_name} raised {type(exc).__name__}: {exc}") from exc
+                    offer.fault(f"hook {hook_name} raised {type(exc).__name__}: {exc}")
+                    continue
+                if not isinstance(classes, (list, tuple, type(None))):
+                    offer.fault(f"hook {hook_name} returned {classes!r}, not a list of classes")
+                    continue
                 for cls in classes or ():
-                    self._check_component(category, base, cls, seen)
-                    seen.add((category, cls.name))
-                    found.append((category, cls))
-        return found
+                    self._sort(offer, category, base, cls)
+        return offer
 
-    def _check_component(self, category: str, base: type, cls: Any, seen: set) -> None:
+    def _sort(self, offer: _Offer, category: str, base: type, cls: Any) -> None:
         if not (isinstance(cls, type) and issubclass(cls, base)):
-            raise PluginError(f"{category} {cls!r} is not a subclass of tandem.plugins.{base.__name__}")
+            return offer.fault(f"{category} {cls!r} is not a subclass of tandem.plugins.{base.__name__}")
         if not isinstance(cls.name, str) or not cls.name:
-            raise PluginError(f"{category} {cls.__qualname__} has no name")
-        if cls.api_version > API_VERSION:
-            raise PluginError(f"{category} {cls.name!r} needs plugin API {cls.api_version}; "
-                              f"this tandem has {API_VERSION}")
+            return offer.fault(f"{category} {cls.__qualname__} has no name")
+        offer.offered.append((category, cls.name))
+        why = self._refusal(category, cls)
+        if why is not None:  # before the name check: a newer component may share its fallback's name
+            offer.refused.append((category, cls.name, why))
+            return None
         taken = self._components[category].get(cls.name)
-        if taken is not None or (category, cls.name) in seen:
+        if taken is not None or any(c == category and k.name == cls.name for c, k in offer.accepted):
             owner = taken[1] if taken else "the same plugin"
-            raise PluginError(f"duplicate {category} name {cls.name!r}: already provided by {owner!r}")
+            return offer.fault(f"duplicate {category} name {cls.name!r}: already provided by {owner!r}")
+        offer.accepted.append((category, cls))
+        return None
 
-    def _fail(self, strict: bool, name: str, source: str, reason: str, keep_existing: bool = False) -> PluginInfo:
+    @staticmethod
+    def _refusal(category: str, cls: type) -> str | None:
+        """Why this one component is left out while the rest of its plugin loads, or None."""
+        if not isinstance(cls.api_version, int) or cls.api_version > API_VERSION:
+            return f"needs plugin API {cls.api_version}; this tandem has {API_VERSION}"
+        if category != "attention_variant":
+            return None
+        options = getattr(cls, "example_options", {})
+        try:
+            variant = cls(**options)
+        except Exception:  # needs options to be built: checked when an engine builds it (create)
+            return None
+        problem = _variant_problem(variant)
+        return None if problem is None else f"its mask{f' (options {options})' if options else ''} {problem}"
+
+    def _fail(self, strict: bool, name: str, source: str, reason: str, keep_existing: bool = False,
+              lost: list[tuple[str, str]] = ()) -> PluginInfo:
         if strict:
             raise PluginError(f"plugin {name!r} ({source}) was refused: {reason}")
-        return self._refuse(name, source, reason, keep_existing)
+        return self._refuse(name, source, reason, keep_existing, lost)
 
-    def _refuse(self, name: str, source: str, reason: str, keep_existing: bool = False) -> PluginInfo:
+    def _refuse(self, name: str, source: str, reason: str, keep_existing: bool = False,
+                lost: list[tuple[str, str]] = ()) -> PluginInfo:
         log.warning("plugin %r (%s) not loaded: %s", name, source, reason)
-        info = PluginInfo(name, source, False, reason)
+        info = PluginInfo(name, source, False, reason, [], [(category, c, reason) for category, c in lost])
         if keep_existing:  # the name belongs to the plugin that got it first; list the refusal beside it
             self.plugins[f"{name} ({source})"] = info
         else:
@@ -180,10 +262,13 @@ class PluginManager:
         if category not in CATEGORIES:
             raise ConfigError(f"unknown plugin category {category!r}; categories: {', '.join(CATEGORIES)}")
         entry = self._components[category].get(name)
-        if entry is None:
-            label = category.replace("_", " ")
-            raise ConfigError(f"unknown {label} {name!r}; available: {', '.join(self.names(category)) or 'none'}")
-        return entry[0]
+        if entry is not None:
+            return entry[0]
+        label = category.replace("_", " ")
+        if name in self._refused[category]:
+            plugin, why = self._refused[category][name]
+            raise ConfigError(f"{label} {name!r} from plugin {plugin!r} was refused: {why}")
+        raise ConfigError(f"unknown {label} {name!r}; available: {', '.join(self.names(category)) or 'none'}")
 
     def owner(self, category: str, name: str) -> str:
         return self._components[category][name][1]
@@ -192,7 +277,7 @@ class PluginManager:
         """Instantiate a component; its constructor validates the options (ConfigError)."""
         cls = self.get(category, name)
         try:
-            return cls(**(options or {}))
+            component = cls(**(options or {}))
         except ConfigError:
             raise
         except TypeError as exc:
@@ -200,12 +285,24 @@ class PluginManager:
         except Exception as exc:
             raise PluginError(f"{category.replace('_', ' ')} {name!r} from plugin "
                               f"{self.owner(category, name)!r} failed to start: {type(exc).__name__}: {exc}") from exc
+        problem = _variant_problem(component) if category == "attention_variant" else None
+        if problem is not None:
+            raise PluginError(f"attention variant {name!r} from plugin {self.owner(category, name)!r} with options "
+                              f"{options or {}}: its mask {problem}")
+        return component
 
     def sampler_pipeline(self, vocab_size: int) -> SamplerPipeline:
         """Every registered logits processor, instantiated, in order."""
         names = self.names("logits_processor")
         processors = [self.create("logits_processor", n) for n in names]
         return SamplerPipeline(processors, vocab_size, {n: self.owner("logits_processor", n) for n in names})
+
+
+def _variant_problem(variant: AttentionVariant) -> str | None:
+    try:
+        return mask_problem(variant)
+    except Exception as exc:  # the plugin's own code
+        return f"could not be checked: {type(exc).__name__}: {exc}"
 
 
 _default: PluginManager | None = None

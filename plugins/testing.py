@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from tandem.draft import DraftProposer
-from tandem.model.attention import AttentionBackend, AttentionMask, AttentionVariant, fresh_causal_mask
+from tandem.model.attention import AttentionBackend, AttentionMask, AttentionVariant, fresh_causal_mask, mask_problem
 from tandem.model.kv_pool import KVCacheFormat
 from tandem.model.quantization import Quantizer
 from tandem.plugins.manager import PluginManager, get_plugin_manager
@@ -120,8 +120,8 @@ def check_attention_variant(component, num_heads: int = 4, num_kv_heads: int = 2
     allowed = variant.allowed(pos.view(-1, 1), pos.view(1, -1))
     _require(allowed.dtype == torch.bool and allowed.shape == (length, length),
              f"{name}: allowed() must return a bool tensor broadcast to (T, S), got {allowed.dtype} {tuple(allowed.shape)}")
-    _require(bool(allowed.diagonal().all()), f"{name}: a query must be allowed to see its own key")
-    _require(not bool(allowed.triu(1).any()), f"{name}: a query may not see later keys (the mask must be causal)")
+    problem = mask_problem(variant, pos)
+    _require(problem is None, f"{name}: the mask {problem}")
     bias = variant.bias(pos.view(-1, 1), pos.view(1, -1), num_heads)
     if bias is not None:
         _require(bias.shape == (num_heads, length, length) and bias.dtype == torch.float32,

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="plugin commands")
     plugins_sub = plugins.add_subparsers(dest="plugins_command", required=True)
-    listing = plugins_sub.add_parser("list", help="every plugin and component: category, source, whether it loaded")
+    listing = plugins_sub.add_parser("list", help="every plugin and component: category, source, whether it "
+                                                   "loaded, or why not (a failed plugin's components are listed)")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.add_argument("--config", default=None, help="a tandem.yaml: list what its `plugins:` allowlist loads")
     listing.add_argument("--plugin", action="append", default=None, metavar="NAME",
@@ -346,13 +347,7 @@ def cmd_plugins_list(args) -> int:
         from tandem.services.config import PipelineConfig
 
         allow = PipelineConfig.load(args.config).plugins
-    plugins = get_plugin_manager(allow).plugins.values()
-    rows = []
-    for info in plugins:
-        status = "loaded" if info.loaded else f"not loaded: {info.error}"
-        for category, name in info.components or [("-", "-")]:
-            rows.append({"category": category, "name": name, "plugin": info.name, "source": info.source,
-                         "loaded": info.loaded, "status": status})
+    rows = [row for info in get_plugin_manager(allow).plugins.values() for row in info.rows()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

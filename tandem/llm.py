@@ -80,9 +80,14 @@ class LLM:
             spec = SpeculativeConfig.parse(speculative)
         except InvalidRequestError as exc:
             raise ConfigError(str(exc)) from None
-        proposers = lambda config: self.plugins.create("draft_proposer", config.method, config.options)  # noqa: E731
-        if spec is not None:
-            proposers(spec)  # a bad method or option fails before the model loads
+        # The default's proposer is built now, so a bad method or option fails before the model
+        # loads, and handed to the engine: a draft model is loaded once, not twice.
+        default = None if spec is None else self.plugins.create("draft_proposer", spec.method, spec.options)
+
+        def proposers(config: SpeculativeConfig):
+            if default is not None and (config.method, config.options) == (spec.method, spec.options):
+                return default
+            return self.plugins.create("draft_proposer", config.method, config.options)
         kv_format = self.plugins.create("kv_cache_format", kv_cache_dtype)
         if attention is not None:  # before loading, so a bad name or option costs nothing
             variant = self.plugins.create("attention_variant", attention, attention_options)

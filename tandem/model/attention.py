@@ -167,6 +167,34 @@ def fresh_causal_mask(variant: AttentionVariant, num_tokens: int, num_heads: int
     return AttentionMask.build(variant, positions, positions, num_heads)
 
 
+# Where a variant's mask is checked: every position below 64, and 48 consecutive positions
+# straddling each power of two from 128 to 8192 (chunk, block and window edges sit there): 400
+# positions, a (400, 400) bool mask, 0.4-1.2 ms for the built-ins on a 2-core CPU, run once per
+# variant when it loads and when an engine builds it.
+MASK_CHECK_POSITIONS = torch.cat([torch.arange(64)] + [torch.arange(2 ** e - 24, 2 ** e + 24) for e in range(7, 14)])
+
+
+def mask_problem(variant: AttentionVariant, positions: torch.Tensor = MASK_CHECK_POSITIONS) -> str | None:
+    """Why the engine cannot use this variant's mask, or None. The mask must be a bool tensor, let
+    every query see its own key (else a row is fully masked), and be causal: the KV cache computes
+    each token once, so a query that sees later keys in a prefill (where they exist) would see
+    fewer in decode (where they do not yet): outputs change silently with chunking and caching."""
+    q_pos, k_pos = positions.view(-1, 1), positions.view(1, -1)
+    allowed = variant.allowed(q_pos, k_pos)
+    if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
+        return f"is not a bool tensor: allowed() returned {getattr(allowed, 'dtype', type(allowed).__name__)}"
+    allowed = allowed.broadcast_to((len(positions), len(positions)))
+    hidden = (~allowed.diagonal()).nonzero().flatten()
+    if len(hidden):
+        return f"hides query {int(positions[hidden[0]])} from its own key (a query must see its own key)"
+    later = (allowed & (k_pos > q_pos)).nonzero()
+    if len(later):
+        q, k = int(positions[later[0, 0]]), int(positions[later[0, 1]])
+        return (f"is not causal: query {q} sees key {k}, a later one (the mask must be causal: a prefill "
+                "would see keys that decode cannot, and outputs would change with chunking and caching)")
+    return None
+
+
 class AttentionBackend:
     """Base class and the CPU default: torch SDPA for prefill, grouped batched matmuls for decode."""
 
