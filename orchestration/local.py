@@ -13,21 +13,30 @@ from __future__ import annotations
 from tandem.services import ServiceHost, build
 from tandem.services.config import PipelineConfig
 
-from .topology import Instance, free_port, peers, plan
+from .topology import Instance, peers, plan, stages
 
 
 class InProcessPipeline:
+    """Internal services listen on any free port (port 0) and their peers are given the address
+    each one bound, stage by stage, as the Ray launcher does: a port planned up front could be
+    taken (by another process, or as some connection's local port) before the service binds it."""
+
     def __init__(self, config: PipelineConfig):
         self.config = config
         self.instances: list[Instance] = plan(config)
         self.hosts: dict[str, ServiceHost] = {}
-        self.links = peers(config, self.instances)
+        self.advertised: dict[str, str] = {}  # instance name -> the address it first bound
+        self.links: dict = {}
         self.moved: dict[str, str] = {}  # first address -> where the service listens now
 
     def start(self) -> InProcessPipeline:
         try:
-            for inst in self.instances:
-                self.hosts[inst.name] = self._build(inst, inst.port).start()
+            for group in stages(self.instances):  # each once everything it calls listens
+                self.links = peers(self.config, self.instances, self.advertised)
+                for inst in group:
+                    host = self._build(inst, inst.port if inst.service == "gateway" else 0).start()
+                    self.hosts[inst.name] = host
+                    self.advertised[inst.name] = host.address
         except BaseException:
             self.stop()
             raise
@@ -59,9 +68,9 @@ class InProcessPipeline:
     def restart(self, name: str) -> str:
         """Start a killed service again, on a new port; returns its address."""
         inst = next(i for i in self.instances if i.name == name)
-        host = self._build(inst, free_port(self.config.service_host)).start()
+        host = self._build(inst, 0).start()
         self.hosts[name] = host
-        self.moved[f"{self.config.service_host}:{inst.port}"] = host.address
+        self.moved[self.advertised[name]] = host.address
         return host.address
 
     def _build(self, inst: Instance, port: int) -> ServiceHost:

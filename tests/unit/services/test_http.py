@@ -270,15 +270,16 @@ def test_a_client_that_goes_away_frees_its_blocks(pipe, model):
 
     done = threading.Event()
 
-    def whole():  # a non-streaming request whose client times out
+    def whole():  # a non-streaming request whose client times out, long before its 8 samples could finish
         try:
-            httpx.post(f"http://{pipe.http_address}/v1/completions", json={**body, "stream": False}, timeout=0.5)
+            httpx.post(f"http://{pipe.http_address}/v1/completions", json={**body, "stream": False, "n": 8},
+                       timeout=0.5)
         except httpx.TimeoutException:
             pass
         done.set()
 
     threading.Thread(target=whole).start()
-    assert wait_until(lambda: stats(pipe, "decode-0")["running"] == 1)
+    assert wait_until(lambda: stats(pipe, "decode-0")["running"] >= 1)
     assert done.wait(10)
     assert wait_until(lambda: stats(pipe, "decode-0")["running"] == 0)
     assert wait_until(lambda: stats(pipe, "decode-0")["kv_blocks_used"] == 0)
