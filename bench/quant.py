@@ -1,7 +1,7 @@
 """Quantization benchmark: quality and speed of each quantizer plugin against fp32, in one run.
 
 Quality: teacher-forced perplexity of the default model on the first 4,096 tokens of
-../shared/data/tinyshakespeare_train.txt (the same window as bench/fidelity.py), relative to fp32,
+tandem/data/tinyshakespeare.txt (the same window as bench/fidelity.py), relative to fp32,
 plus top-1 agreement with fp32's argmax. Speed: batch-1 greedy decode through the engine (a
 128-token prompt, 128 new tokens, EOS ignored), tokens/s of the decode phase. The fp32, int8 and
 int4 models are loaded side by side and measured in interleaved rounds (fp32, int8, int4, fp32,
@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 import tandem
+from tandem.data import SHAKESPEARE
 
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare_train.txt"
 
 # (label, LLM keyword arguments)
 CONFIGS = [
@@ -92,7 +91,7 @@ def decode_speed(llm: tandem.LLM, prompt: list[int], new_tokens: int) -> float:
 def speed_phase(rounds: int, decode_tokens: int) -> dict[str, float]:
     llms = {label: tandem.LLM(progress=False, kv_cache_memory=256 << 20, **dict(CONFIGS)[label])
             for label in SPEED_LABELS}
-    prompt = next(iter(llms.values())).tokenize(TEXT.read_text())[1000:1128]
+    prompt = next(iter(llms.values())).tokenize(SHAKESPEARE.read_text())[1000:1128]
     times: dict[str, list[float]] = {label: [] for label in llms}
     for _ in range(rounds):
         for label, llm in llms.items():
@@ -117,7 +116,7 @@ def main() -> None:
         if args.only and label not in args.only and label != "fp32":
             continue
         llm = tandem.LLM(progress=False, kv_cache_memory=256 << 20, **options)
-        tokens = llm.tokenize(TEXT.read_text())[:args.tokens]
+        tokens = llm.tokenize(SHAKESPEARE.read_text())[:args.tokens]
         ppl, argmax = perplexity(llm, tokens)
         row = {"perplexity": ppl}
         if reference is None:

@@ -1,4 +1,4 @@
-"""RAG retrieval benchmark: the SQuAD v2.0 dev paragraphs in ../shared/data/squad_corpus.json (each
+"""RAG retrieval benchmark: the SQuAD v2.0 dev paragraphs in tandem/data/squad_corpus.json (each
 one document) in a fresh temporary store, queried with the answerable questions of
 squad_dev_questions.jsonl. A question is a hit at rank r when a chunk of its gold paragraph is
 among the first r retrieved. Recall@1, recall@k, MRR (over the first k) and per-query latency
@@ -15,15 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from tandem.data import SQUAD_CORPUS, SQUAD_QUESTIONS
 from tandem.rag import Document, MiniLMEmbedder, RagStore, evaluation
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 
 
 def load_corpus() -> tuple[list[Document], list[dict]]:
-    return (evaluation.load_corpus(DATA / "squad_corpus.json"),
-            evaluation.load_questions(DATA / "squad_dev_questions.jsonl"))
+    return evaluation.load_corpus(SQUAD_CORPUS), evaluation.load_questions(SQUAD_QUESTIONS)
 
 
 def main() -> None:

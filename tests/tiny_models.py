@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from tandem.data import SHAKESPEARE
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
                  " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
                  "{{ '<|im_start|>assistant\n' }}{% endif %}")
-TRAINING_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare_train.txt"
 
 TINY_CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -29,7 +30,7 @@ def train_tiny_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    text = TRAINING_TEXT.read_text()[:50_000] if TRAINING_TEXT.exists() else "hello world " * 100
+    text = SHAKESPEARE.read_text()[:50_000]
     tok.train_from_iterator(text.splitlines(), trainer)
     assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
     return tok

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     target.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default: 600)")
     data = p.add_argument_group("prompts")
     data.add_argument("--dataset", "--dataset-name", choices=["random", "shared", "sharegpt"], default="random",
-                      help="random words; shared: windows of real text (../shared/data, or --dataset-path); "
+                      help="random words; shared: windows of real text (tandem.data's Shakespeare, or --dataset-path); "
                       "sharegpt: conversations from --dataset-path (default: random)")
     data.add_argument("--dataset-path", default=None, metavar="FILE_OR_DIR",
                       help="a text file, a directory of .txt/.md files, or a JSON/JSONL file of records")

@@ -2,9 +2,9 @@
 
 - random: prompts of random common English words, input and output lengths drawn uniformly from
   [len * (1 - range_ratio), len * (1 + range_ratio)] as vLLM's random dataset does.
-- shared: windows of real text cut at random places; by default the Shakespeare of the project's
-  shared data (../shared/data relative to the repository root), or any `--dataset-path`: a text
-  file, a directory of .txt/.md files, or a JSON/JSONL file of records (one prompt each).
+- shared: windows of real text cut at random places; by default the Shakespeare that ships with
+  tandem (`tandem.data.SHAKESPEARE`, 250 KB), or any `--dataset-path`: a text file, a directory of
+  .txt/.md files, or a JSON/JSONL file of records (one prompt each).
 - sharegpt: a JSON/JSONL file of {"conversations": [{"from": "human", "value": ...}, ...]}: the first
   turn is the prompt, the reply's length the output length (unless --output-len is given).
 
@@ -15,7 +15,6 @@ stay text and their lengths are estimates; servers that report usage correct the
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from tandem.benchmark.config import DEFAULT_OUTPUT_LEN, BenchConfig
+from tandem.data import SHAKESPEARE
 
 Encode = Callable[[str], list[int]]
 CHARS_PER_TOKEN = 4  # English text in a ~50k-token BPE vocabulary: the usual rule of thumb
-DEFAULT_SHARED_FILE = "tinyshakespeare_train.txt"
 TEXT_SUFFIXES = (".txt", ".md")
 RECORD_SUFFIXES = (".jsonl", ".json")
 PROMPT_KEYS = ("prompt", "question", "text", "input", "instruction", "content")
@@ -58,26 +57,11 @@ def load_requests(config: BenchConfig, count: int, encode: Encode | None = None)
     rng = np.random.default_rng(config.seed)
     if config.dataset == "random":
         return [_random_prompt(rng, n, encode, out) for n, out in zip(*_lengths(config, count, rng))]
-    path = Path(config.dataset_path).expanduser() if config.dataset_path else shared_data_dir() / DEFAULT_SHARED_FILE
+    path = Path(config.dataset_path).expanduser() if config.dataset_path else SHAKESPEARE
     texts, records = read_dataset(path)
     if config.dataset == "sharegpt" or records:
         return _record_requests(records, count, config.output_len, rng, encode)
     return [_text_prompt(texts, rng, n, encode, out) for n, out in zip(*_lengths(config, count, rng))]
-
-
-def shared_data_dir() -> Path:
-    """../shared/data from the repository root: found from $TANDEM_SHARED_DATA, this checkout, or
-    the working directory and its parents."""
-    if os.environ.get("TANDEM_SHARED_DATA"):
-        return Path(os.environ["TANDEM_SHARED_DATA"]).expanduser()
-    cwd = Path.cwd().resolve()
-    bases = [Path(__file__).resolve().parents[2], cwd, *cwd.parents]
-    for base in bases:
-        for candidate in (base.parent / "shared" / "data", base / "shared" / "data"):
-            if candidate.is_dir():
-                return candidate
-    raise ValueError("the shared data directory (../shared/data next to the repository) was not found: "
-                     "set $TANDEM_SHARED_DATA or pass --dataset-path FILE_OR_DIR")
 
 
 def read_dataset(path: Path) -> tuple[list[str], list[tuple[str, str | None]]]:

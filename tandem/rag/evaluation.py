@@ -1,7 +1,7 @@
 """Retrieval quality on a labelled set: recall@1, recall@k and MRR of the gold document, and the
 latency of each retrieval. Used by `tandem rag eval` and bench/rag.py.
 
-Formats (those of ../shared/data): a corpus JSON {"paragraphs": [{"id", "title", "text"}, ...]}
+Formats (those of tandem/data/squad_*): a corpus JSON {"paragraphs": [{"id", "title", "text"}, ...]}
 (or a plain list of those), and questions as JSON lines {"question", "paragraph_id",
 "is_impossible"}; questions without an answer (is_impossible) are left out.
 """

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tandem import SamplingParams
+from tandem.data import SHAKESPEARE
 from tests.conftest import TEST_DATA
 
 GREEDY_GOLDEN = json.loads((TEST_DATA / "llamacpp_greedy_golden.json").read_text())
@@ -57,9 +58,7 @@ def test_teacher_forced_fidelity_against_llamacpp(default_llm):
     """First 1,024 tokens of tinyshakespeare: perplexity within 0.5% of llama.cpp (f32 KV cache)
     and top-1 agreement >= 95% (bench/fidelity.py measures all 4,096)."""
     tokens = FIDELITY_GOLDEN["tokens"][:1024]
-    from tests.conftest import SHARED_DATA
-
-    text = (SHARED_DATA / "tinyshakespeare_train.txt").read_text()[:40_000]
+    text = SHAKESPEARE.read_text()[:40_000]
     assert default_llm.tokenize(text)[:1024] == tokens
     ours = default_llm.score(tokens)
     ref = FIDELITY_GOLDEN["kv_f32"]

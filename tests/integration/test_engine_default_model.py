@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tandem import SamplingParams
-from tests.conftest import SHARED_DATA
+from tandem.data import SHAKESPEARE
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -29,7 +29,7 @@ def one_torch_thread():
 def shakespeare_prompts(llm, count: int = 8) -> list[list[int]]:
     """The first passages (blank-line separated) of 5-40 tokens, one per 5-token length bucket
     while possible, so the batch mixes lengths."""
-    text = (SHARED_DATA / "tinyshakespeare_train.txt").read_text()[:60_000]
+    text = SHAKESPEARE.read_text()[:60_000]
     prompts, buckets = [], set()
     for passage in text.split("\n\n"):
         ids = llm.tokenize(passage.strip())

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import tandem
-from tests.conftest import SHARED_DATA
+from tandem.data import SHAKESPEARE, SQUAD_CORPUS
 
 MAX_TOKENS = 40
 
@@ -15,13 +15,13 @@ MAX_TOKENS = 40
 def prompts(llm) -> list[list[int]]:
     """Chat prompts that quote a SQuAD passage (where prompt lookup finds matches) and plain
     continuations of Shakespeare (where it mostly does not)."""
-    corpus = json.loads((SHARED_DATA / "squad_corpus.json").read_text())["paragraphs"]
+    corpus = json.loads(SQUAD_CORPUS.read_text())["paragraphs"]
     out = []
     for p in corpus[:6]:
         text = p["text"][:700] + "\n\nRepeat the first sentence of this passage word for word."
         out.append(llm.tokenizer.encode(llm.tokenizer.apply_chat_template([{"role": "user", "content": text}]),
                                         parse_special=True))
-    shakespeare = (SHARED_DATA / "tinyshakespeare_train.txt").read_text()
+    shakespeare = SHAKESPEARE.read_text()
     out += [llm.tokenize(shakespeare[i * 3000:i * 3000 + 400]) for i in range(6)]
     return out
 

@@ -1,16 +1,14 @@
 """tandem.benchmark.datasets: lengths in range, the same prompts for the same seed, exact lengths
-with a tokenizer, and prompts from the project's shared data and from user files."""
+with a tokenizer, and prompts from the text that ships with tandem and from user files."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tandem.benchmark.config import BenchConfig
-from tandem.benchmark.datasets import WORDS, load_requests, read_dataset, shared_data_dir
-
-SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"
+from tandem.benchmark.datasets import WORDS, load_requests, read_dataset
+from tandem.data import SHAKESPEARE, SQUAD_QUESTIONS
 
 
 def char_encode(text: str) -> list[int]:
@@ -48,9 +46,8 @@ def test_random_prompts_are_cut_to_exact_token_counts_with_a_tokenizer():
     assert all(28 <= r.prompt_len <= 52 for r in requests)
 
 
-def test_shared_data_is_found_and_cut_into_windows_of_real_text():
-    assert shared_data_dir().resolve() == SHARED.resolve()
-    text = (SHARED / "tinyshakespeare_train.txt").read_text()
+def test_shared_data_is_the_shipped_text_cut_into_windows():
+    text = SHAKESPEARE.read_text()
     requests = load_requests(BenchConfig(dataset="shared", input_len=64, output_len=8), 20)
     assert all(r.prompt in text and not r.prompt[0].isspace() for r in requests)
     assert all(abs(r.prompt_len - 64) <= 1 for r in requests)  # 4 characters per token, estimated
@@ -58,11 +55,6 @@ def test_shared_data_is_found_and_cut_into_windows_of_real_text():
     exact = load_requests(BenchConfig(dataset="shared", input_len=300), 5, encode=char_encode)
     assert [len(r.prompt) for r in exact] == [300] * 5 == [r.prompt_len for r in exact]  # the window grew
     assert all("".join(map(chr, r.prompt)) in text for r in exact)
-
-
-def test_shared_data_dir_can_be_set(monkeypatch, tmp_path):
-    monkeypatch.setenv("TANDEM_SHARED_DATA", str(tmp_path))
-    assert shared_data_dir() == tmp_path
 
 
 def test_a_directory_of_text_files(tmp_path):
@@ -77,7 +69,7 @@ def test_a_directory_of_text_files(tmp_path):
 
 
 def test_jsonl_records_are_prompts_as_they_are():
-    path = SHARED / "squad_dev_questions.jsonl"
+    path = SQUAD_QUESTIONS
     questions = {json.loads(line)["question"] for line in path.read_text().splitlines()}
     requests = load_requests(BenchConfig(dataset="shared", dataset_path=str(path), output_len=16), 50)
     assert all(r.prompt in questions and r.output_len == 16 for r in requests)
