@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt examples/tandem-plugin-example/pyprojec
 	$(PIP) install --no-deps $(MODEL_PKG)
 	# The example third-party plugin: the tests load it through its entry point. Without build
 	# isolation it builds with the venv's setuptools, which must meet its build-system.requires.
-	$(PIP) install "setuptools>=77"
+	$(PIP) install -c constraints.txt "setuptools>=77"
 	$(PIP) install --no-deps --no-build-isolation -e examples/tandem-plugin-example
 	touch $(STAMP)
 
