@@ -32,6 +32,7 @@ from tandem.errors import ConfigError
 from tandem.model.registry import DEFAULT_MODEL
 
 MODES = ("disaggregated", "aggregated")
+DISAGGREGATE = ("auto", "always", "never")  # the `disaggregate` policies (services.disaggregation)
 ROLES = ("prefill", "decode")
 SERVICES = ("tokenizer", "prefill", "decode", "worker", "kvstore", "draft", "retrieval", "gateway")
 ENGINE_KEYS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "enable_prefix_caching")
@@ -99,6 +100,15 @@ class PipelineConfig:
     engine: dict = field(default_factory=dict)  # more EngineConfig fields: block_size, max_num_seqs, ...
     # the shape of the pipeline
     mode: str = "disaggregated"
+    # Where a prompt runs in a disaggregated pipeline (services.disaggregation): "auto" (the router
+    # decides per request: on a decode worker when the prompt is short or the prefill workers are
+    # busier than the hand-off costs, else on a prefill worker), "always" (a prefill worker, then a
+    # decode worker), "never" (one decode worker runs it whole). A request may choose its own. No
+    # effect in aggregated mode (there are no prefill workers).
+    disaggregate: str = "auto"
+    # auto: a prompt with fewer uncached tokens than this runs whole on a decode worker (see
+    # services.disaggregation for the measurement behind the default).
+    disaggregate_min_uncached_tokens: int = 256
     replicas: dict = field(default_factory=lambda: {"prefill": 1, "decode": 1})
     kv_store_bytes: int = 1 << 30
     # retrieval (RAG): where its documents live, hybrid BM25 + vector ranking, the ONNX export cache
@@ -145,6 +155,11 @@ class PipelineConfig:
         self.migration = MigrationConfig.parse(self.migration)
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.disaggregate not in DISAGGREGATE:
+            raise ConfigError(f"disaggregate must be one of {DISAGGREGATE}, got {self.disaggregate!r}")
+        threshold = self.disaggregate_min_uncached_tokens
+        if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
+            raise ConfigError(f"disaggregate_min_uncached_tokens must be an integer >= 0, got {threshold!r}")
         if not isinstance(self.replicas, dict):
             raise ConfigError(f"replicas must map roles to counts, got {self.replicas!r}")
         self.replicas = {**{"prefill": 1, "decode": 1}, **self.replicas}

@@ -26,7 +26,7 @@ from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 from tandem.v1 import retrieval_pb2 as tandem_dot_v1_dot_retrieval__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/gateway.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\x1a\x19tandem/v1/retrieval.proto\"\xc9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\"\n\x03rag\x18\x06 \x01(\x0b\x32\x15.tandem.v1.RagOptionsB\x08\n\x06prompt\"K\n\nRagOptions\x12\t\n\x01k\x18\x01 \x01(\x03\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x13\n\x06hybrid\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_hybrid\"\xab\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\"\n\x03rag\x18\x05 \x01(\x0b\x32\x15.tandem.v1.RagOptions\"\xc8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.tandem.v1.SampleDelta\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x05 \x01(\x0b\x32\x12.tandem.v1.Timings\x12!\n\x07sources\x18\x06 \x03(\x0b\x32\x10.tandem.v1.Chunk\"\x13\n\x11ListModelsRequest\"D\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x03\x12\x14\n\x0cquantization\x18\x03 \x01(\t\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelCard2\xea\x02\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x16.tandem.v1.ChatRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.tandem.v1.DetokenizeRequest\x1a\x1d.tandem.v1.DetokenizeResponse\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/gateway.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\x1a\x19tandem/v1/retrieval.proto\"\xdf\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\"\n\x03rag\x18\x06 \x01(\x0b\x32\x15.tandem.v1.RagOptions\x12\x14\n\x0c\x64isaggregate\x18\x07 \x01(\tB\x08\n\x06prompt\"K\n\nRagOptions\x12\t\n\x01k\x18\x01 \x01(\x03\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x13\n\x06hybrid\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_hybrid\"\xc1\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\"\n\x03rag\x18\x05 \x01(\x0b\x32\x15.tandem.v1.RagOptions\x12\x14\n\x0c\x64isaggregate\x18\x06 \x01(\t\"\xc8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.tandem.v1.SampleDelta\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x05 \x01(\x0b\x32\x12.tandem.v1.Timings\x12!\n\x07sources\x18\x06 \x03(\x0b\x32\x10.tandem.v1.Chunk\"\x13\n\x11ListModelsRequest\"D\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x03\x12\x14\n\x0cquantization\x18\x03 \x01(\t\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelCard2\xea\x02\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x16.tandem.v1.ChatRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.tandem.v1.DetokenizeRequest\x1a\x1d.tandem.v1.DetokenizeResponse\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.gateway_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=90
-  _globals['_GENERATEREQUEST']._serialized_end=291
-  _globals['_RAGOPTIONS']._serialized_start=293
-  _globals['_RAGOPTIONS']._serialized_end=368
-  _globals['_CHATREQUEST']._serialized_start=371
-  _globals['_CHATREQUEST']._serialized_end=542
-  _globals['_GENERATERESPONSE']._serialized_start=545
-  _globals['_GENERATERESPONSE']._serialized_end=745
-  _globals['_LISTMODELSREQUEST']._serialized_start=747
-  _globals['_LISTMODELSREQUEST']._serialized_end=766
-  _globals['_MODELCARD']._serialized_start=768
-  _globals['_MODELCARD']._serialized_end=836
-  _globals['_LISTMODELSRESPONSE']._serialized_start=838
-  _globals['_LISTMODELSRESPONSE']._serialized_end=896
-  _globals['_GATEWAY']._serialized_start=899
-  _globals['_GATEWAY']._serialized_end=1261
+  _globals['_GENERATEREQUEST']._serialized_end=313
+  _globals['_RAGOPTIONS']._serialized_start=315
+  _globals['_RAGOPTIONS']._serialized_end=390
+  _globals['_CHATREQUEST']._serialized_start=393
+  _globals['_CHATREQUEST']._serialized_end=586
+  _globals['_GENERATERESPONSE']._serialized_start=589
+  _globals['_GENERATERESPONSE']._serialized_end=789
+  _globals['_LISTMODELSREQUEST']._serialized_start=791
+  _globals['_LISTMODELSREQUEST']._serialized_end=810
+  _globals['_MODELCARD']._serialized_start=812
+  _globals['_MODELCARD']._serialized_end=880
+  _globals['_LISTMODELSRESPONSE']._serialized_start=882
+  _globals['_LISTMODELSRESPONSE']._serialized_end=940
+  _globals['_GATEWAY']._serialized_start=943
+  _globals['_GATEWAY']._serialized_end=1305
 # @@protoc_insertion_point(module_scope)
