@@ -83,7 +83,9 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
                 list(peers.get("prefill") or []) if config.mode == "disaggregated" else [],
                 config.max_inflight, config.max_message_bytes, peers.get("retrieval"), peers.get("kvstore"),
                 peers.get("draft"), migration=config.migration, resolve=resolve,
-                credentials=credentials or None, salt_per_key=bool(public.api_keys))
+                credentials=credentials or None, salt_per_key=bool(public.api_keys),
+                disaggregate=config.disaggregate,
+                disaggregate_min_uncached_tokens=config.disaggregate_min_uncached_tokens)
             return [gateway.registration(holder["servicer"])]
 
         frontend = None

@@ -4,6 +4,10 @@
     KV published to the store) -> decode worker (streams the rest) -> the client
     aggregated mode: route -> one worker runs the whole request
 
+In a disaggregated pipeline, the route is chosen per request (services.disaggregation: the
+`disaggregate` policy, auto / always / never): a request may also run whole on a decode worker.
+The decision and its reason travel back in the last response's Usage and count in /metrics.
+
 Admission control: at most max_inflight samples at once (a request with n=4 counts 4), checked
 before any work (tokenizing, templating, retrieval): RESOURCE_EXHAUSTED beyond. Every list and
 string a request carries is bounded (tandem.limits) before it is admitted. With API keys, each key
@@ -35,6 +39,7 @@ from tandem.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, draft_pb2_grpc, 
 from .common import Registration, Unavailable, bearer_key, client_channel, rpc, status_of
 from .config import MigrationConfig
 from .convert import prompt_ids, token_ids
+from .disaggregation import Disaggregation, Route, check_policy
 from .metrics import GatewayMetrics
 from .migration import Migrator, Progress
 from .routing import Endpoint, Peer, Resolve, Router
@@ -89,13 +94,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, tokenizer: str, decode: list[str], prefill: list[str] | None = None,
                  max_inflight: int = 256, max_message_bytes: int = 16 << 20, retrieval: str | None = None,
                  kvstore: str | None = None, draft: str | None = None, salt_per_key: bool = False,
-                 credentials=None, migration: MigrationConfig | None = None, resolve: Resolve | None = None):
+                 credentials=None, migration: MigrationConfig | None = None, resolve: Resolve | None = None,
+                 disaggregate: str = "auto", disaggregate_min_uncached_tokens: int = 256):
         """tokenizer, decode, prefill, retrieval, kvstore, draft: targets (host:port) of the
         services. Without prefill targets the pipeline is aggregated: decode workers run whole
         requests. kvstore and draft are only asked for their Stats (/metrics). salt_per_key (API
         keys are configured): each key's requests get a prefix cache of their own. migration: how
         streams move between workers; resolve: where a service that moved listens now
-        (services.routing)."""
+        (services.routing). disaggregate, disaggregate_min_uncached_tokens: the requests' default
+        route policy and auto's threshold (services.disaggregation)."""
         if not decode:
             raise ValueError("the gateway needs at least one decode (or aggregated) worker")
         # credentials: the pipeline's (services.credentials), presented on every internal call
@@ -107,6 +114,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.retrieval = retrieval_peer.retrying() if retrieval_peer else None
         self.router = Router([Endpoint(t, channel, prefill_pb2_grpc.PrefillStub, resolve) for t in prefill or []],
                              [Endpoint(t, channel, decode_pb2_grpc.DecodeStub, resolve) for t in decode])
+        self.disaggregation = Disaggregation(self.router, disaggregate, disaggregate_min_uncached_tokens)
         self.migration = migration or MigrationConfig()
         self.migrator = Migrator(self.migration, self.router,
                                  lambda reason: self.metrics.migrations.labels(reason).inc())
@@ -147,6 +155,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise InvalidRequestError("the request has no prompt: set text or token_ids")
         rag = request.rag if request.HasField("rag") else None
         ids = prompt_ids(request.token_ids.ids) if which == "token_ids" else None
+        check_policy(request.disaggregate)
         admission = self.admit(params.n, "grpc", "generate")
         try:
             prompt, sources = await self.completion_prompt(request.text if which == "text" else None, ids, rag,
@@ -155,7 +164,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             admission.release()
             raise
         async for response in self.generate(request.request_id, prompt, params, deadline, sources,
-                                            api="grpc", endpoint="generate", admission=admission):
+                                            api="grpc", endpoint="generate", admission=admission,
+                                            disaggregate=request.disaggregate):
             yield response
 
     @rpc
@@ -163,6 +173,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         params = self._grpc_params(request, context)
         deadline = Deadline.of(context)
         messages = [common_pb2.ChatMessage(role=m.role, content=m.content) for m in request.messages]
+        check_policy(request.disaggregate)
         admission = self.admit(params.n, "grpc", "chat")
         try:
             prompt, sources = await self.chat_prompt(messages, request.rag if request.HasField("rag") else None,
@@ -171,7 +182,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             admission.release()
             raise
         async for response in self.generate(request.request_id, prompt, params, deadline, sources,
-                                            api="grpc", endpoint="chat", admission=admission):
+                                            api="grpc", endpoint="chat", admission=admission,
+                                            disaggregate=request.disaggregate):
             yield response
 
     def _grpc_params(self, request, context) -> SamplingParams:
@@ -277,10 +289,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return token_ids(answer.token_ids)
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: Deadline,
-                       sources=(), api: str = "grpc", endpoint: str = "generate", admission: Admission | None = None):
+                       sources=(), api: str = "grpc", endpoint: str = "generate", admission: Admission | None = None,
+                       disaggregate: str = ""):
         """Run one prompt: its GenerateResponses (deltas, then the finished one with usage and
         timings). admission: its params.n samples, admitted before the prompt was prepared (None:
-        admit them here); given back when the run ends. Counting and metrics happen here, for both APIs."""
+        admit them here); given back when the run ends. disaggregate: the request's route policy
+        ("" = the gateway's). Counting and metrics happen here, for both APIs."""
         admission = admission or self.admit(params.n, api, endpoint)
         if not prompt:
             admission.release(params.n)
@@ -293,7 +307,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         clock = _Clock(time.perf_counter())
         status = "CANCELLED"
         try:
-            async for response in self._run(internal_id, prompt, params, deadline, clock):
+            async for response in self._run(internal_id, prompt, params, deadline, clock, disaggregate):
                 response.request_id = request_id
                 if response.finished:
                     response.sources.extend(sources)
@@ -313,38 +327,43 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.metrics.count(api, endpoint, status)
 
     async def _run(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: Deadline,
-                   clock: _Clock):
+                   clock: _Clock, disaggregate: str = ""):
         sampling = with_seed(params).to_pb()
-        progress, hashes, cached, prefill_s, kv_s = Progress(params.n), [], 0, 0.0, 0.0
-        if self.disaggregated:
+        progress, cached, prefill_s, kv_s = Progress(params.n), 0, 0.0, 0.0
+        route = await self.disaggregation.route(prompt, disaggregate, sampling.cache_salt, deadline.at)
+        self.metrics.routed.labels(route.path, route.reason).inc()
+        if route.disaggregated:
             answer = await self.migrator.prefill(
-                prefill_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling), deadline.at)
+                prefill_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling), deadline.at,
+                route.prefill, route.uncached)
             cached, prefill_s, kv_s = answer.num_cached_tokens, answer.prefill_seconds, answer.kv_transfer_seconds
-            hashes = list(answer.block_hashes)
+            self.disaggregation.estimates.observe_prefill(len(prompt) - cached, prefill_s)
             for delta in answer.samples:
                 progress.add(delta)
                 clock.tick(delta)
                 yield gateway_pb2.GenerateResponse(request_id=request_id, delta=delta)
             if progress.done:
-                yield clock.final(request_id, len(prompt), cached, prefill_s, kv_s)
+                yield clock.final(request_id, len(prompt), cached, prefill_s, kv_s, route)
                 return
 
         def decode_request(attempt: int) -> decode_pb2.DecodeRequest:  # a resumed try carries what was sent
             return decode_pb2.DecodeRequest(request_id=f"{request_id}~{attempt}" if attempt else request_id,
-                                            prompt_ids=prompt, sampling=sampling, generated=progress.generated(),
-                                            block_hashes=hashes)
+                                            prompt_ids=prompt, sampling=sampling, generated=progress.generated())
 
         usage = None
-        async for message in self.migrator.decode(decode_request, progress, deadline.at):
+        async for message in self.migrator.decode(decode_request, progress, deadline.at,
+                                                  0 if route.disaggregated else route.uncached or len(prompt)):
             if message.HasField("delta"):
                 clock.tick(message.delta)
                 yield gateway_pb2.GenerateResponse(request_id=request_id, delta=message.delta)
             else:
                 usage = message
-        if not self.disaggregated:  # a resumed worker's count may include generated tokens: prompt only
+        if not route.disaggregated:  # a resumed worker's count may include generated tokens: prompt only
             cached = min(usage.usage.cached_tokens, len(prompt)) if usage else 0
+        elif usage is not None:
+            self.disaggregation.estimates.observe_handoff(len(prompt), kv_s + usage.timings.kv_transfer)
         final = clock.final(request_id, len(prompt), cached, prefill_s,
-                            kv_s + (usage.timings.kv_transfer if usage else 0))
+                            kv_s + (usage.timings.kv_transfer if usage else 0), route)
         if usage is not None:
             final.usage.spec_proposed_tokens = usage.usage.spec_proposed_tokens
             final.usage.spec_accepted_tokens = usage.usage.spec_accepted_tokens
@@ -390,13 +409,14 @@ class _Clock:
                 self.times0.extend([now] * len(delta.token_ids))
 
     def final(self, request_id: str, prompt_tokens: int, cached: int, prefill_s: float,
-              kv_s: float) -> gateway_pb2.GenerateResponse:
+              kv_s: float, route: Route) -> gateway_pb2.GenerateResponse:
         gaps = self.gaps()
         end = self.last or time.perf_counter()
         return gateway_pb2.GenerateResponse(
             request_id=request_id, finished=True,
             usage=common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=self.completion_tokens,
-                                   cached_tokens=cached),
+                                   cached_tokens=cached, disaggregated=route.disaggregated,
+                                   route_reason=route.reason),
             timings=common_pb2.Timings(ttft=(self.first or end) - self.arrival, e2e=end - self.arrival,
                                        mean_itl=sum(gaps) / len(gaps) if gaps else 0.0, prefill=prefill_s,
                                        kv_transfer=kv_s))

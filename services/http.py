@@ -181,7 +181,8 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
                                                            None if isinstance(p, str) else p, rag, deadline)
                            for p in texts]
                 runs = [gateway.generate("", ids, sampling, deadline, sources, api="http", endpoint="completions",
-                                         admission=admission) for ids, sources in prompts]
+                                         admission=admission, disaggregate=body.disaggregate or "")
+                        for ids, sources in prompts]
                 firsts = await _start(runs)
             except BaseException:
                 admission.release()
@@ -209,7 +210,8 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
                 if limit is None:  # OpenAI's default: the rest of the context
                     sampling = dataclasses.replace(sampling, max_tokens=max(1, max_len - len(ids)))
                 runs = [gateway.generate("", ids, sampling, deadline, sources, api="http",
-                                         endpoint="chat_completions", admission=admission)]
+                                         endpoint="chat_completions", admission=admission,
+                                         disaggregate=body.disaggregate or "")]
                 firsts = await _start(runs)
             except BaseException:
                 admission.release()
@@ -300,14 +302,19 @@ class _Reply:
     def __init__(self, request_id: str, model: str, n: int, logprobs: bool):
         self.id, self.model, self.n, self.logprobs, self.created = request_id, model, n, logprobs, now()
         self.totals = [0, 0, 0]  # prompt, completion, cached tokens
+        self.routes: dict[int, dict] = {}  # run (prompt) index -> where it ran
         self.sources: list[dict] = []
 
-    def _finished(self, response) -> None:
+    def _finished(self, run: int, response) -> None:
         u = response.usage
         for i, value in enumerate((u.prompt_tokens, u.completion_tokens, u.cached_tokens)):
             self.totals[i] += value
+        self.routes[run] = {"disaggregated": u.disaggregated, "reason": u.route_reason}
         self.sources += [{"id": c.id, "document_id": c.document_id, "title": c.title, "text": c.text,
                           "score": c.score} for c in response.sources]
+
+    def _usage(self) -> dict:
+        return usage(*self.totals, [self.routes[i] for i in sorted(self.routes)])
 
     def _head(self, name: str) -> dict:
         return {"id": self.id, "object": name, "created": self.created, "model": self.model}
@@ -316,12 +323,12 @@ class _Reply:
         choices = {}
         async for run, response in merged:
             if response.finished:
-                self._finished(response)
+                self._finished(run, response)
                 continue
             index = run * self.n + response.delta.index
             self.add(choices.setdefault(index, self.new_choice(index)), response.delta)
         out = {**self._head(self.object_name), "choices": [choices[i] for i in sorted(choices)],
-               "usage": usage(*self.totals)}
+               "usage": self._usage()}
         if self.sources:
             out["sources"] = self.sources
         return out
@@ -330,12 +337,12 @@ class _Reply:
         try:
             async for run, response in merged:
                 if response.finished:
-                    self._finished(response)
+                    self._finished(run, response)
                     continue
                 for chunk in self.chunks(run * self.n + response.delta.index, response.delta):
                     yield sse({**self._head(self.chunk_name), "choices": [chunk]})
             if include_usage:
-                yield sse({**self._head(self.chunk_name), "choices": [], "usage": usage(*self.totals)})
+                yield sse({**self._head(self.chunk_name), "choices": [], "usage": self._usage()})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the status is sent: the error travels as an event

@@ -83,14 +83,18 @@ class Migrator:
                 raise moved.cause
             raise Unavailable(f"the worker failed this request ({moved.reason}) and it cannot move again")
 
-    async def prefill(self, request: prefill_pb2.PrefillRequest, deadline: float | None) -> prefill_pb2.PrefillResponse:
-        """The prefill call, retried on another prefill worker when its worker fails."""
+    async def prefill(self, request: prefill_pb2.PrefillRequest, deadline: float | None,
+                      first: Endpoint | None = None, uncached: int = 0) -> prefill_pb2.PrefillResponse:
+        """The prefill call, retried on another prefill worker when its worker fails. first: the
+        worker to try first (the router already picked it); uncached: the prompt tokens it will
+        compute, counted in its queued_tokens while the call runs."""
         tried: list[Endpoint] = []
         base_id = request.request_id
         for attempt in range(self.config.max_attempts + 1):
-            endpoint = await self.router.pick_prefill(list(request.prompt_ids), self._wait_until(deadline), tried,
-                                                      request.sampling.cache_salt)
+            endpoint = first if attempt == 0 and first is not None else await self.router.pick_prefill(
+                list(request.prompt_ids), self._wait_until(deadline), tried, request.sampling.cache_salt)
             endpoint.inflight += 1
+            endpoint.queued_tokens += uncached
             if attempt:
                 request.request_id = f"{base_id}~{attempt}"  # a stalled try may still hold the old id
             stall_bound = deadline is None or left(deadline) > self.config.stall_timeout_s
@@ -107,20 +111,27 @@ class Migrator:
                 self.count("prefill_" + moved.reason)
             finally:
                 endpoint.inflight -= 1
+                endpoint.queued_tokens -= uncached
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def decode(self, make_request: Callable[[int], decode_pb2.DecodeRequest], progress: Progress,
-                     deadline: float | None) -> AsyncIterator[decode_pb2.DecodeResponse]:
+                     deadline: float | None, prefill_tokens: int = 0) -> AsyncIterator[decode_pb2.DecodeResponse]:
         """The decode stream's messages, across workers: deltas (each once), then the usage
         message. make_request(attempt) builds the request from `progress` as it stands. Ends
-        without the usage message when every sample finished before a worker failed."""
+        without the usage message when every sample finished before a worker failed.
+        prefill_tokens: the prompt tokens the worker computes itself (a request run whole on
+        it), counted in its queued_tokens until its first message."""
         tried: list[Endpoint] = []
         for attempt in range(self.config.max_attempts + 1):
             endpoint = await self.router.pick_decode(self._wait_until(deadline), tried)
             endpoint.inflight += 1
+            queued = prefill_tokens
+            endpoint.queued_tokens += queued
             call = endpoint.stub.Decode(make_request(attempt), timeout=left(deadline))
             try:
                 async for message in self._messages(call, progress, deadline, endpoint):
+                    endpoint.queued_tokens -= queued  # its prompt is computed
+                    queued = 0
                     yield message
                 return
             except _Moved as moved:
@@ -132,6 +143,7 @@ class Migrator:
             finally:
                 call.cancel()  # no-op once finished; frees the worker's blocks when we leave early
                 endpoint.inflight -= 1
+                endpoint.queued_tokens -= queued
 
     async def _messages(self, call, progress: Progress, deadline: float | None, endpoint: Endpoint):
         while True:

@@ -3,8 +3,8 @@ SamplingParams, and the response, chunk, logprobs and error objects.
 
 Follows OpenAI's API reference for /v1/completions and /v1/chat/completions, plus the extra
 sampling fields vLLM accepts (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
-skip_special_tokens) and tandem's own (speculative, rag), sent by the openai client through
-`extra_body`. A field OpenAI defines that tandem cannot honour (echo, suffix, best_of > n,
+skip_special_tokens) and tandem's own (speculative, rag, disaggregate), sent by the openai client
+through `extra_body`. A field OpenAI defines that tandem cannot honour (echo, suffix, best_of > n,
 tools, a non-text response_format) is refused with a 400 naming it, never silently ignored.
 Every field states the bounds the server enforces (tandem.limits), so /openapi.json describes what
 is accepted.
@@ -120,6 +120,8 @@ class _Sampling(BaseModel):
     # tandem's extras
     speculative: SpeculativeRequest | Literal["default"] | None = "default"
     rag: RagRequest | None = None
+    # where the prompt runs (services.disaggregation); None: the server's `disaggregate` setting
+    disaggregate: Literal["auto", "always", "never"] | None = None
 
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """SamplingParams for these fields; bad values raise InvalidRequestError (-> 400)."""
@@ -237,10 +239,15 @@ def token_text(raw: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, routes: list[dict] | None = None) -> dict:
+    """OpenAI's usage object; tandem adds `routes`: per prompt, in order, where it ran
+    ({"disaggregated": bool, "reason": str}, services.disaggregation)."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if routes:
+        out["routes"] = routes
+    return out
 
 
 class CompletionLogprobs:

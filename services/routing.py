@@ -112,6 +112,9 @@ class Endpoint(Peer):
     def __init__(self, target: str, make_channel: Callable, make_stub: Callable, resolve: Resolve | None = None):
         super().__init__(target, make_channel, make_stub, resolve)
         self.inflight = 0
+        # uncached prompt tokens this gateway sent it whose prefill has not ended (the
+        # disaggregation policy's measure of the work queued there)
+        self.queued_tokens = 0
         self.serving = True  # until its first health answer: the launcher starts workers first
         self._watch: grpc.aio.UnaryStreamCall | None = None
 
@@ -125,7 +128,8 @@ class Endpoint(Peer):
 class Router:
     """Prefill: the serving worker holding the longest cached prefix of the prompt (ties: least
     loaded). Decode: the least loaded serving worker. Load is what this gateway has in flight on
-    each. `avoid`: workers this request already failed on, picked only when no other serves."""
+    each. `avoid`: workers this request already failed on, picked only when no other serves.
+    Whether a request goes to a prefill worker at all is services.disaggregation's decision."""
 
     def __init__(self, prefill: list[Endpoint], decode: list[Endpoint]):
         self.prefill, self.decode = prefill, decode
@@ -149,15 +153,26 @@ class Router:
                            cache_salt: str = "") -> Endpoint:
         """cache_salt: the request's (its blocks' hash chain starts from it): without it the
         workers would report the unsalted prefix, which salted requests never reuse."""
+        return (await self.bid_prefill(prompt, deadline, avoid, cache_salt))[0]
+
+    async def bid_prefill(self, prompt: list[int], deadline: float | None, avoid=(), cache_salt: str = "",
+                          ask_one: bool = False) -> tuple[Endpoint, int]:
+        """(the prefill worker to use, the prompt tokens it holds cached). A lone candidate is
+        not asked (0 cached) unless ask_one: the disaggregation policy needs the number."""
         candidates = await self._serving(self.prefill, deadline, avoid)
-        if len(candidates) == 1:
-            return candidates[0]
+        if len(candidates) == 1 and not ask_one:
+            return candidates[0], 0
         request = prefill_pb2.CachedPrefixRequest(prompt_ids=prompt, cache_salt=cache_salt)
         answers = await asyncio.gather(*(e.stub.CachedPrefix(request, timeout=PREFIX_QUERY_TIMEOUT_S)
                                          for e in candidates), return_exceptions=True)
         scored = [(a.num_cached_tokens if not isinstance(a, BaseException) else -1, -e.inflight, e)
                   for a, e in zip(answers, candidates)]
-        return max(scored, key=lambda s: s[:2])[2]
+        cached, _, best = max(scored, key=lambda s: s[:2])
+        return best, max(cached, 0)
+
+    def serving_now(self, endpoints: list[Endpoint]) -> list[Endpoint]:
+        """Those of endpoints serving now, without waiting for one."""
+        return [e for e in endpoints if e.serving]
 
     async def pick_decode(self, deadline: float | None, avoid=()) -> Endpoint:
         candidates = await self._serving(self.decode, deadline, avoid)

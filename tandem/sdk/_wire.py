@@ -49,13 +49,25 @@ def rag_options(rag) -> gateway_pb2.RagOptions | None:
         raise _invalid("rag", 'True or a dict with k, collection, hybrid', rag, e) from e
 
 
+def disaggregate_option(value) -> str:
+    """disaggregate="auto" | "always" | "never" (None: the server's setting). The server checks
+    the value (INVALID_ARGUMENT); here only that it is a string."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _invalid("disaggregate", '"auto", "always", "never" or None', value)
+    return value
+
+
 def generate_request(prompt, model: str | None, request_id: str | None, sampling: dict) -> gateway_pb2.GenerateRequest:
     """GenerateRequest of a text prompt (str) or a token-id prompt (list of ints). sampling may
-    carry rag= (see rag_options) besides SamplingParams' fields."""
+    carry rag= (see rag_options) and disaggregate= (see disaggregate_option) besides
+    SamplingParams' fields."""
     sampling = dict(sampling)
     rag = rag_options(sampling.pop("rag", None))
+    disaggregate = disaggregate_option(sampling.pop("disaggregate", None))
     request = gateway_pb2.GenerateRequest(model=model or "", request_id=request_id or "",
-                                          sampling=sampling_to_pb(sampling), rag=rag)
+                                          sampling=sampling_to_pb(sampling), rag=rag, disaggregate=disaggregate)
     if isinstance(prompt, str):
         request.text = prompt
         return request
@@ -71,15 +83,16 @@ def generate_request(prompt, model: str | None, request_id: str | None, sampling
 
 
 def chat_request(messages, model: str | None, request_id: str | None, sampling: dict) -> gateway_pb2.ChatRequest:
-    """ChatRequest of [{"role": ..., "content": ...}, ...]; sampling may carry rag=."""
+    """ChatRequest of [{"role": ..., "content": ...}, ...]; sampling may carry rag= and disaggregate=."""
     sampling = dict(sampling)
     rag = rag_options(sampling.pop("rag", None))
+    disaggregate = disaggregate_option(sampling.pop("disaggregate", None))
     try:
         pb_messages = [common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
     except (TypeError, ValueError, KeyError) as e:
         raise _invalid("messages", 'a list of {"role": str, "content": str} dicts', messages, e) from e
     return gateway_pb2.ChatRequest(model=model or "", messages=pb_messages, request_id=request_id or "",
-                                   sampling=sampling_to_pb(sampling), rag=rag)
+                                   sampling=sampling_to_pb(sampling), rag=rag, disaggregate=disaggregate)
 
 
 def tokenize_request(text: str, add_special_tokens: bool, parse_special: bool, model: str | None):

@@ -40,8 +40,10 @@ class Client:
     Sampling keywords are tandem.SamplingParams's fields (max_tokens, n, temperature, top_k,
     top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed, stop,
     stop_token_ids, ignore_eos, skip_special_tokens, logits_processors); those left out take the
-    server's defaults. Failures raise TandemRpcError subclasses (InvalidArgumentError,
-    UnavailableError, ...), whose `code()` is the grpc.StatusCode.
+    server's defaults. generate, complete and chat also take rag= (retrieval) and disaggregate=
+    ("auto", "always" or "never": where the server runs the prompt; None: its setting). Failures
+    raise TandemRpcError subclasses (InvalidArgumentError, UnavailableError, ...), whose `code()`
+    is the grpc.StatusCode.
     """
 
     def __init__(self, target: str, api_key: str | None = None, tls=None, timeout: float | None = None,

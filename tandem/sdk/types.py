@@ -14,18 +14,22 @@ from tandem.v1 import common_pb2, gateway_pb2
 @dataclass(frozen=True)
 class Usage:
     """Token counts of one request. completion_tokens is over all n samples; cached_tokens are prompt
-    tokens whose KV came from a cache (a worker's prefix cache or the KV store)."""
+    tokens whose KV came from a cache (a worker's prefix cache or the KV store). disaggregated and
+    route_reason: where the server ran the prompt and why (its `disaggregate` policy: "short_prompt",
+    "long_prompt", "prefill_busy", "always", "never", ...; docs/serving.md)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     spec_proposed_tokens: int = 0  # speculative decoding: guesses verified, and accepted
     spec_accepted_tokens: int = 0
+    disaggregated: bool = False
+    route_reason: str = ""
 
     @classmethod
     def from_pb(cls, pb: common_pb2.Usage) -> Usage:
         return cls(pb.prompt_tokens, pb.completion_tokens, pb.cached_tokens, pb.spec_proposed_tokens,
-                   pb.spec_accepted_tokens)
+                   pb.spec_accepted_tokens, pb.disaggregated, pb.route_reason)
 
 
 @dataclass(frozen=True)
