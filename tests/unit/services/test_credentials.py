@@ -27,8 +27,7 @@ from tandem.orchestration.local import InProcessPipeline
 from tandem.sdk import Client
 from tandem.services.common import bearer_authorized, client_channel
 from tandem.services.config import PipelineConfig
-from tandem.engine.kv_connector import KVStoreClient
-from tandem.kv_store import to_chunks
+from tandem.services.kvstore import KVStoreClient, to_chunks
 from tandem.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, draft_pb2, draft_pb2_grpc,
                        gateway_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc, prefill_pb2, prefill_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc,
                        tokenizer_pb2, tokenizer_pb2_grpc)
