@@ -56,9 +56,7 @@ def setting(default=MISSING, help: str = "", *, repr: bool = True, **declared) -
     """A dataclass field with its Setting. A mutable default (a dict, a list) is copied for each
     instance, as default_factory would."""
     meta = {KEY: Setting(help, **declared)}
-    if isinstance(default, (dict, list)):
-        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), repr=repr, metadata=meta)
-    if dataclasses.is_dataclass(default):
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), repr=repr, metadata=meta)
     return dataclasses.field(default=default, repr=repr, metadata=meta)
 
@@ -72,13 +70,9 @@ class Kind:
     item: type | None = None  # list[item]
 
 
+@cache
 def fields(cls) -> list[tuple[dataclasses.Field, Setting, Kind]]:
     """The settings of a dataclass: its fields that declare a Setting, in order."""
-    return _fields(cls)
-
-
-@cache
-def _fields(cls) -> list:
     hints = typing.get_type_hints(cls)
     return [(f, f.metadata[KEY], _kind(hints[f.name])) for f in dataclasses.fields(cls) if KEY in f.metadata]
 
