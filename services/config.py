@@ -111,7 +111,8 @@ class PipelineConfig:
     dtype: str = setting("float32", "the dtype weights and KV are held in (auto: float32)", choices=DTYPES,
                          group="model")
     device: str = setting("auto", "where the model runs: cpu, cuda, cuda:N, or auto (a GPU when there is one: "
-                          "in a pipeline, the one Ray gave the worker)", pattern=r"auto|cpu|cuda(:[0-9]+)?", what="auto, cpu, cuda or cuda:N",
+                          "in a pipeline, the one Ray gave the worker)", pattern=r"auto|cpu|cuda(:[0-9]+)?",
+                          what="auto, cpu, cuda or cuda:N",
                           group="model")  # resolved on each worker
     max_model_len: int | None = setting(None, "context length limit (null: the model's)", min=2, group="model")
     quantization: str | None = setting(None, "a quantizer plugin re-quantizing the weights: int8, int4, nf4, fp8, ... "
@@ -135,7 +136,8 @@ class PipelineConfig:
         schema=_speculative_schema, group="speculative decoding")
     speculative_methods: list[str] | None = setting(
         None, "a speculative method requests may pick, with its k and adaptive (null: speculative's and ngram); "
-        "a proposer's options only ever come from speculative", flag="--speculative-method", group="speculative decoding")
+        "a proposer's options only ever come from speculative", flag="--speculative-method",
+        group="speculative decoding")
     plugins: list[str] | None = setting(None, "a third-party plugin allowed to load (null: every installed one); "
                                         "only the listed ones load, since a plugin runs code with the server's "
                                         "rights", flag="--plugin", group="model")
