@@ -149,9 +149,11 @@ class RemoteProposer(DraftProposer):
     """Guesses from the draft service (tandem.v1.Draft) running `method` with its `options`: the
     draft model lives in its own process (a Ray actor of `tandem serve`) instead of the worker's.
     A draft service that is down or slow means no guesses for that step, never a failed request:
-    speculation is only ever an optimization."""
+    speculation is only ever an optimization. Asynchronous: the engine asks ahead and never waits
+    for an answer (tandem.engine.spec_decode)."""
 
     name = "remote"
+    asynchronous = True
 
     def __init__(self, target: str = "", method: str = "ngram", options: dict | None = None, timeout: float = 2.0,
                  credentials=None):
@@ -170,21 +172,44 @@ class RemoteProposer(DraftProposer):
         self.stub = draft_pb2_grpc.DraftStub(channel)
         self.num_failures = 0
 
+    def _request(self, token_ids, num_tokens):
+        from tandem.v1 import draft_pb2
+
+        return draft_pb2.ProposeRequest(method=self.method, token_ids=list(token_ids), k=num_tokens,
+                                        options_json=self.options_json)
+
     def propose(self, token_ids, num_tokens):
         import grpc
-
-        from tandem.v1 import draft_pb2
 
         if num_tokens <= 0:
             return []
         try:
-            answer = self.stub.Propose(draft_pb2.ProposeRequest(method=self.method, token_ids=list(token_ids),
-                                                                 k=num_tokens, options_json=self.options_json),
-                                       timeout=self.timeout)
+            answer = self.stub.Propose(self._request(token_ids, num_tokens), timeout=self.timeout)
         except grpc.RpcError:
             self.num_failures += 1
             return []
         return list(answer.token_ids)[:num_tokens]
+
+    def propose_async(self, token_ids, num_tokens):
+        """The Propose call in flight (a grpc future: done(), result()); a failed call answers []."""
+        import concurrent.futures
+
+        import grpc
+
+        answer: concurrent.futures.Future = concurrent.futures.Future()
+        call = self.stub.Propose.future(self._request(token_ids, num_tokens), timeout=self.timeout)
+
+        def done(call) -> None:
+            try:
+                answer.set_result(list(call.result().token_ids)[:num_tokens])
+            except grpc.RpcError:
+                self.num_failures += 1
+                answer.set_result([])
+            except Exception as exc:  # a cancelled call, a broken channel
+                answer.set_exception(exc)
+
+        call.add_done_callback(done)
+        return answer
 
 
 @hookimpl

@@ -156,7 +156,7 @@ class PipelineConfig:
                                 "worker runs it whole); a request may choose its own", choices=DISAGGREGATE,
                                 group="pipeline")
     # services.disaggregation has the measurement behind the default.
-    disaggregate_min_uncached_tokens: int = setting(256, "disaggregate auto: a prompt with fewer uncached tokens "
+    disaggregate_min_uncached_tokens: int = setting(64, "disaggregate auto: a prompt with fewer uncached tokens "
                                                     "than this runs whole on a decode worker", min=0,
                                                     group="pipeline")
     replicas: dict = setting({"prefill": 1, "decode": 1}, "worker replicas per role, e.g. decode=2 (aggregated "

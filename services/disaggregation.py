@@ -49,15 +49,23 @@ POLICIES = ("auto", "always", "never")
 # Routing reasons, the label values of tandem_requests_routed_total{path, reason}.
 REASONS = ("always", "never", "no_prefill_workers", "prefill_unavailable", "short_prompt", "prefill_busy",
            "long_prompt")
-# Starting estimates, default model (SmolLM2-135M, fp32 KV: 46 KB per token) on the 2-core CPU of
-# bench/RESULTS.md ("The service pipeline against the in-process engine"): 3.1 s of prefill per
-# 1,000 prompt tokens; the KV hand-off 0.38 s per 1,000 tokens (publish + fetch through the store).
-DEFAULT_PREFILL_S_PER_TOKEN = 3.1e-3
-DEFAULT_HANDOFF_S_PER_TOKEN = 0.38e-3
-# The hand-off's cost beyond the bytes: a Prefill rpc, the store's Put and Lookup, the decode
-# worker's Get before its first step. Measured as TTFT(always) - TTFT(never) of 16-token prompts,
-# idle pipeline (bench/disaggregate.py --calibrate, bench/RESULTS.md).
-HANDOFF_FIXED_S = 0.03
+# Measured with `bench/disaggregate.py --calibrate` (bench/RESULTS.md, "Per-request
+# disaggregation"): default model (SmolLM2-135M, fp32 KV: 46 KB per token), one torch thread per
+# worker on the 2-core reference CPU, idle in-process pipeline, prompts of 16 to 512 fresh tokens.
+# - prefill: 3.2-3.5 ms per prompt token (0.83 s for 256 tokens, 1.78 s for 512);
+# - the KV hand-off (the prefill worker's publish + the decode worker's fetch, through the store):
+#   7.5 ms + 0.31 ms per prompt token (12.5 ms for 16 tokens, 166 ms for 512);
+# - a prompt run whole on a decode worker stalls the streams decoding there about as long as its
+#   prefill: 0.08 s for 16 tokens, 0.15 s for 32, 0.21 s for 64, 0.39 s for 128, 0.81 s for 256.
+DEFAULT_PREFILL_S_PER_TOKEN = 3.4e-3
+DEFAULT_HANDOFF_S_PER_TOKEN = 0.31e-3
+HANDOFF_FIXED_S = 0.0075  # the hand-off's cost beyond the bytes: the store's round trips
+# Below this many uncached tokens a prompt runs on a decode worker: there it stalls the running
+# streams ~0.2 s at most (about two decode steps), while the hand-off would make it wait behind
+# whatever the prefill worker is computing and cost two more rpcs and the store's round trips.
+# Chat turns (the SQuAD questions of tandem.data: 5-30 tokens) fall well under it, documents far
+# above. On a GPU a prefill is ~50x faster while the hand-off is not: raise it there.
+DEFAULT_MIN_UNCACHED_TOKENS = 64
 EWMA_WEIGHT = 0.2  # of each new measurement in the running averages
 # Prefill times of fewer computed tokens are mostly fixed costs (rpc, queueing, a step's overhead):
 # they do not update the per-token estimate.
@@ -110,7 +118,7 @@ def _ewma(old: float, new: float) -> float:
 class Disaggregation:
     """The policy of one gateway: its default, auto's threshold, and the running estimates."""
 
-    def __init__(self, router: Router, default: str = "auto", min_uncached_tokens: int = 256):
+    def __init__(self, router: Router, default: str = "auto", min_uncached_tokens: int = DEFAULT_MIN_UNCACHED_TOKENS):
         self.router, self.default, self.min_uncached_tokens = router, check_policy(default) or "auto", \
             min_uncached_tokens
         self.estimates = Estimates()

@@ -329,7 +329,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _run(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: Deadline,
                    clock: _Clock, disaggregate: str = ""):
         sampling = with_seed(params).to_pb()
-        progress, hashes, cached, prefill_s, kv_s = Progress(params.n), [], 0, 0.0, 0.0
+        progress, cached, prefill_s, kv_s = Progress(params.n), 0, 0.0, 0.0
         route = await self.disaggregation.route(prompt, disaggregate, sampling.cache_salt, deadline.at)
         self.metrics.routed.labels(route.path, route.reason).inc()
         if route.disaggregated:
@@ -338,7 +338,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 route.prefill, route.uncached)
             cached, prefill_s, kv_s = answer.num_cached_tokens, answer.prefill_seconds, answer.kv_transfer_seconds
             self.disaggregation.estimates.observe_prefill(len(prompt) - cached, prefill_s)
-            hashes = list(answer.block_hashes)
             for delta in answer.samples:
                 progress.add(delta)
                 clock.tick(delta)
@@ -349,8 +348,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         def decode_request(attempt: int) -> decode_pb2.DecodeRequest:  # a resumed try carries what was sent
             return decode_pb2.DecodeRequest(request_id=f"{request_id}~{attempt}" if attempt else request_id,
-                                            prompt_ids=prompt, sampling=sampling, generated=progress.generated(),
-                                            block_hashes=hashes)
+                                            prompt_ids=prompt, sampling=sampling, generated=progress.generated())
 
         usage = None
         async for message in self.migrator.decode(decode_request, progress, deadline.at,

@@ -4,7 +4,9 @@ expire. A block's key is its content hash (`block_hash`) sealed per deployment (
 carries a digest the workers check before importing it. Prefill workers publish the blocks
 they computed; decode workers look up the longest prefix of their hash chain (`block_hash`, the
 engine's prefix-cache key) and fetch the blocks they lack (Mooncake's / LMCache's shared KV store,
-kept in one process). No network here: services/kvstore.py serves it over gRPC.
+kept in one process). services/kvstore.py serves it over gRPC; the engine's KV connector
+(tandem/engine/kv_connector.py) is its client. Both ends of that wire share the chunking here:
+`to_chunks` cuts a block into KVChunk messages, `ChunkAssembler` puts them back together.
 
 A block's value is the raw bytes of its tensors, one after the other, with their dtypes and shapes.
 Tensors become bytes through uint8 views, never pickle, so bfloat16 and float8 survive bit-exact.
@@ -18,13 +20,14 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
 from tandem.errors import ConfigError, InvalidRequestError
+from tandem.v1 import kvstore_pb2
 
 # The dtypes a KV pool holds (model dtypes, int8/fp8 quantized KV and their scales).
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in (
@@ -270,21 +273,27 @@ class KVBlockStore:
     def pin(self, namespace: str, hashes: list[bytes], lease_s: float | None = None) -> int:
         """Pin the present blocks for lease_s seconds (default pin_lease_s, at most MAX_PIN_LEASE_S);
         pins count: each needs its own unpin, or expires. Returns how many were present."""
+        return len(hashes) - len(self.pin_present(namespace, hashes, lease_s))
+
+    def pin_present(self, namespace: str, hashes: list[bytes], lease_s: float | None = None) -> list[bytes]:
+        """As pin; returns the hashes that were not present (nothing pinned for them)."""
         lease_s = self.pin_lease_s if not lease_s or lease_s <= 0 else min(lease_s, MAX_PIN_LEASE_S)
+        missing = []
         with self._lock:
             self._expire()
-            until, num_present = self.clock() + lease_s, 0
+            until = self.clock() + lease_s
             for key in ((namespace, h) for h in hashes):
                 block = self.lru.pop(key, None)
                 if block is not None:
                     self.pinned[key] = block
                     self.pinned_bytes += block.cost
                 block = self.pinned.get(key)
-                if block is not None:
-                    block.leases.append(until)
-                    self._next_expiry = min(self._next_expiry, until)
-                    num_present += 1
-            return num_present
+                if block is None:
+                    missing.append(key[1])
+                    continue
+                block.leases.append(until)
+                self._next_expiry = min(self._next_expiry, until)
+            return missing
 
     def unpin(self, namespace: str, hashes: list[bytes]) -> int:
         """Release one pin (the one expiring first) of each present pinned block; returns how many
@@ -330,3 +339,95 @@ class KVBlockStore:
             return dict(blocks=len(self.lru) + len(self.pinned), bytes_used=self.bytes_used,
                         data_bytes=self.data_bytes, capacity_bytes=self.capacity_bytes,
                         pinned_blocks=len(self.pinned), **self.counts)
+
+
+# -- the wire: blocks as KVChunk messages (tandem.v1.KVStore), for the servicer and the client ---
+DEFAULT_CHUNK_BYTES = 1 << 20
+# Smaller chunks cost a message each; larger ones near the 16 MiB message limit gain nothing.
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 64 << 10, 4 << 20
+
+
+def specs_to_pb(specs: list[TensorSpec]) -> list[kvstore_pb2.TensorSpec]:
+    return [kvstore_pb2.TensorSpec(dtype=name, shape=shape) for name, shape in specs]
+
+
+def specs_from_pb(specs) -> list[TensorSpec]:
+    return [(s.dtype, tuple(s.shape)) for s in specs]
+
+
+def to_chunks(namespace: str, hash: bytes, specs: list[TensorSpec], data: bytes,
+              chunk_bytes: int, digest: bytes = b"") -> Iterator[kvstore_pb2.KVChunk]:
+    """One block as chunks of at most chunk_bytes of data (a block with no data: one chunk)."""
+    yield kvstore_pb2.KVChunk(hash=hash, namespace=namespace, tensors=specs_to_pb(specs),
+                              total_bytes=len(data), offset=0, data=data[:chunk_bytes], digest=digest)
+    for offset in range(chunk_bytes, len(data), chunk_bytes):
+        yield kvstore_pb2.KVChunk(offset=offset, data=data[offset:offset + chunk_bytes])
+
+
+@dataclass
+class Block:
+    namespace: str
+    hash: bytes
+    specs: list[TensorSpec]
+    data: bytes
+    digest: bytes = b""
+
+
+class ChunkAssembler:
+    """Blocks back from a stream of KVChunks. `feed` returns a block once its last byte arrives;
+    `close` checks the stream did not end inside one. Malformed -> InvalidRequestError.
+
+    skip(entry_bytes) -> True drops a block as it starts, from what it would take of a store's
+    capacity (tandem.kv_store.entry_bytes: data and metadata): its chunks are still checked, their
+    data is not kept (the server refuses a block larger than its capacity this way)."""
+
+    def __init__(self, skip: Callable[[int], bool] = lambda entry_bytes: False):
+        self.skip = skip
+        self.num_skipped = 0
+        self._block: Block | None = None  # the block being received, its data still empty
+        self._parts: list[bytes] | None = None  # None while skipping the current block
+        self._total = self._received = 0
+
+    def feed(self, chunk: kvstore_pb2.KVChunk) -> Block | None:
+        if chunk.pin and not (chunk.hash or chunk.data or chunk.tensors or chunk.offset):
+            return None  # a message of pins only (Put): no part of any block
+        if chunk.offset == 0:
+            self._start(chunk)
+        elif self._block is None:
+            raise InvalidRequestError(f"a chunk at offset {chunk.offset} belongs to no block "
+                                      "(no first chunk before it)")
+        elif chunk.offset != self._received:
+            raise InvalidRequestError(f"block {self._block.hash.hex()}: chunk at offset {chunk.offset}, "
+                                      f"expected {self._received}")
+        self._received += len(chunk.data)
+        if self._received > self._total:
+            raise InvalidRequestError(f"block {self._block.hash.hex()}: {self._received} bytes sent, "
+                                      f"more than its total_bytes {self._total}")
+        if self._parts is not None:
+            self._parts.append(chunk.data)
+        if self._received < self._total:
+            return None
+        block, parts, self._block = self._block, self._parts, None
+        if parts is None:
+            return None
+        block.data = b"".join(parts)
+        return block
+
+    def _start(self, chunk: kvstore_pb2.KVChunk) -> None:
+        self.close()
+        if not chunk.hash:
+            raise InvalidRequestError("a block's first chunk (offset 0) carries no hash")
+        specs = specs_from_pb(chunk.tensors)
+        if chunk.total_bytes != specs_nbytes(specs):
+            raise InvalidRequestError(f"block {chunk.hash.hex()}: total_bytes {chunk.total_bytes}, but its "
+                                      f"tensors take {specs_nbytes(specs)}")
+        self._block = Block(chunk.namespace, chunk.hash, specs, b"", chunk.digest)
+        self._total, self._received = chunk.total_bytes, 0
+        skipped = self.skip(entry_bytes(chunk.namespace, chunk.hash, specs, chunk.total_bytes, chunk.digest))
+        self.num_skipped += skipped
+        self._parts = None if skipped else []
+
+    def close(self) -> None:
+        if self._block is not None:
+            raise InvalidRequestError(f"block {self._block.hash.hex()} ended after {self._received} of "
+                                      f"{self._total} bytes")

@@ -1,16 +1,27 @@
-"""What generation returns, and the one place that decides when a sequence stops.
+"""What generation returns, and the engine's output processing: the one place that decides when a
+sequence stops.
 
 `OutputBuilder` takes sampled token ids one at a time, keeps the detokenized text (never half a
 UTF-8 character), and applies the stop rules of SamplingParams; the in-process API and the engine's
-workers both use it, so a request stops the same way wherever it runs.
+workers both use it, so a request stops the same way wherever it runs. `OutputProcessor` is what
+the engine hands every sampled token to: it starts a request's n outputs (forking its sequences at
+the first token), picks the logprobs each asked for, turns tokens into StreamDeltas and a finished
+request into its RequestOutput.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from tandem.engine.sequence import Request, Sequence
 
 
 @dataclass
@@ -49,6 +60,13 @@ class RequestMetrics:
     spec_proposed: int = 0  # speculative decoding: guesses verified, accepted, verification rounds
     spec_accepted: int = 0
     spec_rounds: int = 0
+    kv_transfer_s: float = 0.0  # moving its prompt's KV blocks from and to the KV-cache store
+
+    @property
+    def mean_itl(self) -> float:
+        """Mean inter-token latency of sample 0 (0.0 before its second token)."""
+        gaps = self.inter_token_latencies
+        return sum(gaps) / len(gaps) if gaps else 0.0
 
     @property
     def spec_acceptance_rate(self) -> float:
@@ -74,20 +92,10 @@ class RequestMetrics:
 
 
 @dataclass
-class KVHandoff:
-    """What a prefill-only request leaves for the decode side: the content hashes of the prompt's
-    full KV blocks, and the KV (ModelRunner.export_blocks' format) of the ones computed here."""
-
-    block_hashes: list[bytes]
-    new_hashes: list[bytes]
-    new_blocks: list[list]  # one list of tensors per entry of new_hashes
-
-
-@dataclass
 class RequestOutput:
     """One prompt's result: `outputs` holds its n samples; .text, .token_ids and .finish_reason
     are those of the first. error: why the request failed (a plugin raised), else None.
-    kv: the KV handoff of a prefill-only request (disaggregated serving), else None."""
+"""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -95,7 +103,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     error: str | None = None
-    kv: KVHandoff | None = None
 
     @property
     def text(self) -> str:
@@ -120,6 +127,20 @@ class StreamDelta:
     text: str
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
+
+    def to_pb(self, tokenizer: Tokenizer):
+        """As a tandem.v1.SampleDelta (each logprob's token as its bytes)."""
+        from tandem.v1 import common_pb2
+
+        def token(token_id: int) -> bytes:
+            return tokenizer.decode_bytes([token_id], skip_special_tokens=False)
+
+        logprobs = [common_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, token=token(lp.token_id),
+                                            top=[common_pb2.TokenLogprob(token_id=t, logprob=v, token=token(t))
+                                                 for t, v in lp.top])
+                    for lp in self.logprobs or ()]
+        return common_pb2.SampleDelta(index=self.index, token_ids=self.token_ids, text=self.text,
+                                      finish_reason=self.finish_reason or "", logprobs=logprobs)
 
 
 @dataclass
@@ -188,3 +209,87 @@ class OutputBuilder:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class OutputProcessor:
+    """The engine's output side, one instance per engine (no tensors but the logits it reads)."""
+
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int):
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+
+    def start(self, request: Request) -> None:
+        """Begin the request's n outputs (a builder and a random stream per sample)."""
+        from tandem.sampling import RandomStream
+
+        p = request.params
+        if request.seqs:
+            request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
+        for index in range(p.n):
+            request.builders.append(OutputBuilder(self.tokenizer, p, len(request.prompt_ids), self.max_model_len))
+            request.randomness.append(RandomStream(None if p.seed is None else p.seed + index))
+
+    def expand_forks(self, seqs: list[Sequence], requests: dict[str, Request],
+                     fork: Callable[[Sequence, int], Sequence]) -> tuple[list[Sequence], list[int]]:
+        """Rows to sample: a request's first sampling step starts its outputs and forks its n - 1
+        siblings (fork(seq, index) shares the prompt's blocks), which sample from the same logits
+        row. Returns the sequences and, for each, its row in `seqs`."""
+        out, rows = [], []
+        for row, seq in enumerate(seqs):
+            request = requests[seq.request_id]
+            family = [seq]
+            if not request.builders:
+                self.start(request)
+                for index in range(1, request.params.n):
+                    child = fork(seq, index)
+                    request.seqs.append(child)
+                    family.append(child)
+            out += family
+            rows += [row] * len(family)
+        return out, rows
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int],
+                 params: list[SamplingParams]) -> list[list[TokenLogprob] | None]:
+        """Per row, [the logprob of its token] for the rows whose request asked; None for the others."""
+        from tandem.sampling import token_logprobs
+
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        out: list[list[TokenLogprob] | None] = [None] * len(rows)
+        if wanted:
+            found = token_logprobs(logits[[rows[i] for i in wanted]], [tokens[i] for i in wanted],
+                                   [params[i].logprobs for i in wanted])
+            for i, lp in zip(wanted, found):
+                out[i] = [lp]
+        return out
+
+    @staticmethod
+    def append(request: Request, index: int, tokens: list[int], now: float,
+               logprobs: list[TokenLogprob] | None = None) -> StreamDelta:
+        """Give sample `index` its new tokens until it finishes (the delta says which it took)."""
+        builder = request.builders[index]
+        text, added = "", []
+        for j, token in enumerate(tokens):
+            text += builder.append(token, logprobs[j] if logprobs else None)
+            added.append(token)
+            if index == 0:
+                request.metrics.first_token_time = request.metrics.first_token_time or now
+                request.metrics.token_times.append(now)
+            if builder.finished:
+                break
+        return StreamDelta(request.request_id, index, added, text, builder.finish_reason,
+                           logprobs[:len(added)] if logprobs else None)
+
+    @staticmethod
+    def output(request: Request) -> RequestOutput:
+        """The request's RequestOutput as it stands (final once it finished or failed)."""
+        if request.resumed and request.seqs:
+            request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
+        if request.spec is not None:
+            m, sp = request.metrics, request.spec
+            m.spec_proposed, m.spec_accepted, m.spec_rounds = sp.proposed, sp.accepted, sp.rounds
+        outputs = [CompletionOutput(i, list(b.token_ids), b.text, b.finish_reason,
+                                    None if b.logprobs is None else list(b.logprobs))
+                   for i, b in enumerate(request.builders)]
+        finished = (request.finished and not request.saving) or bool(request.error)
+        return RequestOutput(request.request_id, request.prompt_ids, outputs, finished, request.metrics,
+                             request.error)

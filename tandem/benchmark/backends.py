@@ -67,7 +67,7 @@ class TandemBackend:
             async for chunk in self._client.generate(
                     request.prompt, timeout=self.config.request_timeout, model=self.config.model,
                     max_tokens=request.output_len, temperature=self.config.temperature,
-                    ignore_eos=self.config.ignore_eos):
+                    ignore_eos=self.config.ignore_eos, disaggregate=self.config.disaggregate):
                 if chunk.token_ids or chunk.text:
                     record.add_delta(time.perf_counter() - start, len(chunk.token_ids) or 1)
                 usage = chunk.usage or usage
@@ -75,6 +75,8 @@ class TandemBackend:
             return record.fail(type(e).__name__, str(e)[:MAX_ERROR_CHARS])
         except Exception as e:  # noqa: BLE001 - any failure is a failed request, counted by type
             return record.fail(type(e).__name__, str(e)[:MAX_ERROR_CHARS])
+        if usage is not None and usage.route_reason:  # a pipeline that reports its routes
+            record.disaggregated = usage.disaggregated
         return record.finish(usage and usage.completion_tokens, usage and usage.prompt_tokens)
 
     async def close(self) -> None:
@@ -129,6 +131,8 @@ class OpenAIBackend:
             body["prompt"] = request.prompt
         if self.config.ignore_eos:
             body["ignore_eos"] = True  # vLLM's and SGLang's extension; OpenAI itself rejects it
+        if self.config.disaggregate:
+            body["disaggregate"] = self.config.disaggregate  # tandem's extension
         return body
 
     async def send(self, request: SampleRequest) -> RequestRecord:
@@ -178,6 +182,9 @@ class OpenAIBackend:
             if choice.get("index", 0) == 0 and self._content(choice):
                 record.add_delta(elapsed, 1)
         usage.update(data.get("usage") or {})
+        routes = usage.get("routes")  # tandem's usage extension: where the prompt ran
+        if isinstance(routes, list) and routes and isinstance(routes[0], dict):
+            record.disaggregated = bool(routes[0].get("disaggregated"))
         return None
 
     def _content(self, choice: dict) -> str:

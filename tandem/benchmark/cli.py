@@ -15,6 +15,7 @@ EXIT_FAILED = 1
 EXAMPLES = """examples:
   tandem bench --num-prompts 50 --request-rate 1,2,4,inf                 # a tandem gateway on :50051
   tandem bench --max-concurrency 1,4,16 --dataset shared --input-len 512
+  tandem bench --dataset mixed --long-fraction 0.2 --input-len 1024 --request-rate 0.5 --disaggregate auto
   tandem bench --backend openai --base-url http://127.0.0.1:8000 --ignore-eos --goodput ttft:500 tpot:50
 """
 
@@ -39,9 +40,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="API key (default: $TANDEM_API_KEY for tandem, $OPENAI_API_KEY for openai)")
     target.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default: 600)")
     data = p.add_argument_group("prompts")
-    data.add_argument("--dataset", "--dataset-name", choices=["random", "shared", "sharegpt"], default="random",
+    data.add_argument("--dataset", "--dataset-name", choices=["random", "shared", "sharegpt", "mixed"],
+                      default="random",
                       help="random words; shared: windows of real text (tandem.data's Shakespeare, or --dataset-path); "
-                      "sharegpt: conversations from --dataset-path (default: random)")
+                      "sharegpt: conversations from --dataset-path; mixed: short chat turns (SQuAD questions) and "
+                      "--long-fraction long documents of --input-len tokens (default: random)")
     data.add_argument("--dataset-path", default=None, metavar="FILE_OR_DIR",
                       help="a text file, a directory of .txt/.md files, or a JSON/JSONL file of records")
     data.add_argument("--num-prompts", type=int, default=100, help="requests per measurement (default: 100)")
@@ -51,6 +54,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="max_tokens per request (default: 64; sharegpt: the reference reply's length)")
     data.add_argument("--range-ratio", type=float, default=0.0,
                       help="draw lengths uniformly from len*(1-r)..len*(1+r) (default: 0, exact)")
+    data.add_argument("--long-fraction", type=float, default=0.25,
+                      help="--dataset mixed: the share of long documents (default: 0.25)")
+    data.add_argument("--disaggregate", choices=["auto", "always", "never"], default=None,
+                      help="a tandem pipeline's route for every request: auto, always (prefill worker -> decode "
+                      "worker) or never (one decode worker) (default: the server's setting)")
     data.add_argument("--temperature", type=float, default=0.0, help="(default: 0, greedy)")
     data.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None,
                       help="generate exactly --output-len tokens (default: on for tandem; off for openai, "
@@ -83,7 +91,8 @@ def config_from_args(args):
         backend=args.backend, target=args.target, base_url=args.base_url, model=args.model, api_key=args.api_key,
         dataset=args.dataset, dataset_path=args.dataset_path, num_prompts=args.num_prompts,
         num_warmups=args.num_warmups, input_len=args.input_len, output_len=args.output_len,
-        range_ratio=args.range_ratio, request_rates=parse_rates(args.request_rate),
+        range_ratio=args.range_ratio, long_fraction=args.long_fraction, disaggregate=args.disaggregate,
+        request_rates=parse_rates(args.request_rate),
         max_concurrencies=parse_concurrencies(args.max_concurrency), burstiness=args.burstiness, seed=args.seed,
         temperature=args.temperature, ignore_eos=args.ignore_eos, percentiles=parse_percentiles(args.percentiles),
         goodput=parse_goodput(args.goodput), request_timeout=args.request_timeout, result_file=args.result_file,

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BACKENDS = ("tandem", "openai", "openai-chat")
-DATASETS = ("random", "shared", "sharegpt")
+DATASETS = ("random", "shared", "sharegpt", "mixed")
+DISAGGREGATE = ("auto", "always", "never")  # a tandem pipeline's route policies (services.disaggregation)
 SLO_METRICS = ("ttft", "tpot", "e2el")  # vLLM's --goodput keys; milliseconds
 _SLO_ALIASES = {"e2e": "e2el"}
 DEFAULT_OUTPUT_LEN = 64
@@ -104,6 +105,8 @@ class BenchConfig:
     input_len: int = 256
     output_len: int | None = None  # None: DEFAULT_OUTPUT_LEN, or a sharegpt reply's length
     range_ratio: float = 0.0
+    long_fraction: float = 0.25  # mixed: the share of long documents among the requests
+    disaggregate: str | None = None  # tandem's per-request route policy; None: the server's setting
     request_rates: list[float] = field(default_factory=lambda: [math.inf])
     max_concurrencies: list[int | None] = field(default_factory=lambda: [None])
     burstiness: float = 1.0
@@ -128,6 +131,9 @@ class BenchConfig:
         _check(self.input_len >= 1, f"--input-len must be >= 1, got {self.input_len}")
         _check(self.output_len is None or self.output_len >= 1, f"--output-len must be >= 1, got {self.output_len}")
         _check(0 <= self.range_ratio < 1, f"--range-ratio must be in [0, 1), got {self.range_ratio}")
+        _check(0 <= self.long_fraction <= 1, f"--long-fraction must be in [0, 1], got {self.long_fraction}")
+        _check(self.disaggregate is None or self.disaggregate in DISAGGREGATE,
+               f"--disaggregate must be one of {', '.join(DISAGGREGATE)}, got {self.disaggregate!r}")
         _check(bool(self.request_rates) and all(r > 0 for r in self.request_rates), "--request-rate must be > 0")
         _check(bool(self.max_concurrencies) and all(c is None or c >= 1 for c in self.max_concurrencies),
                "--max-concurrency must be >= 1")

@@ -7,6 +7,10 @@
   .txt/.md files, or a JSON/JSONL file of records (one prompt each).
 - sharegpt: a JSON/JSONL file of {"conversations": [{"from": "human", "value": ...}, ...]}: the first
   turn is the prompt, the reply's length the output length (unless --output-len is given).
+- mixed: short chat turns and long documents, as a chat service with document uploads sees them:
+  each request is, with probability `long_fraction`, a window of input_len tokens of the shared
+  text (Shakespeare, or --dataset-path's text), else a question from the SQuAD dev subset that
+  ships with tandem (`tandem.data.SQUAD_QUESTIONS`, 5-30 tokens) as it is.
 
 With an `encode` function (the server's tokenizer; the tandem backend has one) random and text
 prompts are cut to exactly their input length in tokens and sent as token ids. Without one they
@@ -22,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from tandem.benchmark.config import DEFAULT_OUTPUT_LEN, BenchConfig
-from tandem.data import SHAKESPEARE
+from tandem.data import SHAKESPEARE, SQUAD_QUESTIONS
 
 Encode = Callable[[str], list[int]]
 CHARS_PER_TOKEN = 4  # English text in a ~50k-token BPE vocabulary: the usual rule of thumb
@@ -59,6 +63,8 @@ def load_requests(config: BenchConfig, count: int, encode: Encode | None = None)
         return [_random_prompt(rng, n, encode, out) for n, out in zip(*_lengths(config, count, rng))]
     path = Path(config.dataset_path).expanduser() if config.dataset_path else SHAKESPEARE
     texts, records = read_dataset(path)
+    if config.dataset == "mixed":
+        return _mixed_requests(config, texts, count, rng, encode)
     if config.dataset == "sharegpt" or records:
         return _record_requests(records, count, config.output_len, rng, encode)
     return [_text_prompt(texts, rng, n, encode, out) for n, out in zip(*_lengths(config, count, rng))]
@@ -131,6 +137,29 @@ def _word_start(text: str, start: int) -> int:
     while i < len(text) and text[i].isspace():
         i += 1
     return i if i < len(text) else start
+
+
+def _mixed_requests(config: BenchConfig, texts: list[str], count: int, rng: np.random.Generator,
+                    encode: Encode | None) -> list[SampleRequest]:
+    """Long documents (input_len-token windows of `texts`) with probability long_fraction, else
+    short chat turns (SQuAD questions); the output length of both is config's."""
+    if not any(texts):
+        raise ValueError("--dataset mixed cuts its long documents from text: --dataset-path must hold text files")
+    questions = [prompt for prompt, _ in _read_records(SQUAD_QUESTIONS)]
+    long_lens, out_lens = _lengths(config, count, rng)
+    is_long = rng.random(count) < config.long_fraction
+    requests = []
+    for i in range(count):
+        if is_long[i]:
+            requests.append(_text_prompt(texts, rng, long_lens[i], encode, out_lens[i]))
+            continue
+        question = questions[int(rng.integers(len(questions)))]
+        if encode is None:
+            requests.append(SampleRequest(question, max(1, round(len(question) / CHARS_PER_TOKEN)), out_lens[i]))
+        else:
+            ids = encode(question)
+            requests.append(SampleRequest(ids, len(ids), out_lens[i]))
+    return requests
 
 
 def _record_requests(records: list[tuple[str, str | None]], count: int, output_len: int | None,

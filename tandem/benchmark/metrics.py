@@ -37,6 +37,7 @@ class RequestRecord:
     start: float = 0.0
     error_type: str | None = None
     error: str | None = None
+    disaggregated: bool | None = None  # a tandem pipeline's route for it (usage); None: not reported
 
     @property
     def tpot(self) -> float | None:
@@ -79,6 +80,10 @@ def meets_slos(record: RequestRecord, slos_ms: dict[str, float]) -> bool:
     return all(values[name] is not None and values[name] * MS <= limit for name, limit in slos_ms.items())
 
 
+def _fraction(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
 def percentile_key(p: float) -> str:
     return f"p{p:g}"
 
@@ -115,6 +120,7 @@ def summarize(records: list[RequestRecord], duration: float, percentiles: list[f
         "output_throughput": total_output / duration,
         "total_token_throughput": (total_input + total_output) / duration,
         "mean_tokens_per_chunk": total_output / num_chunks if num_chunks else None,
+        "disaggregated_fraction": _fraction([r.disaggregated for r in done if r.disaggregated is not None]),
     }
     series = {
         "ttft": [r.ttft for r in done if r.ttft is not None],

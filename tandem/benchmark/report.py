@@ -33,6 +33,8 @@ def format_table(m: Measurement, percentiles: list[float]) -> str:
     rows += [_row("Input token throughput (tok/s):", f"{x['input_throughput']:.2f}"),
              _row("Output token throughput (tok/s):", f"{x['output_throughput']:.2f}"),
              _row("Total Token throughput (tok/s):", f"{x['total_token_throughput']:.2f}")]
+    if x.get("disaggregated_fraction") is not None:  # a tandem pipeline's routes (usage)
+        rows.append(_row("Disaggregated requests (%):", f"{100 * x['disaggregated_fraction']:.1f}"))
     for metric, title, short in _SECTIONS:
         rows.append(_title(title, "-"))
         rows.append(_row(f"Mean {short} (ms):", _ms(x[f"mean_{metric}_ms"])))

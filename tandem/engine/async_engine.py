@@ -29,6 +29,12 @@ from tandem.outputs import RequestOutput, StreamDelta
 from tandem.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+def _nothing() -> None:
+    """A command that only wakes the engine thread."""
+
+
 _IDLE_WAIT_S = 0.5  # how often an idle engine thread checks whether it should stop
 
 
@@ -51,6 +57,8 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
         self.fatal_error: BaseException | None = None
+        if engine.connector is not None:  # a finished KV transfer wakes an idle engine thread
+            engine.connector.notify = self._wake
         self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
         self._thread.start()
 
@@ -92,6 +100,9 @@ class AsyncEngine:
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
+
+    def _wake(self) -> None:
+        self._commands.put((_nothing, (), None))
 
     def _submit(self, fn: Callable, *args) -> concurrent.futures.Future:
         if not self.is_alive:
@@ -138,10 +149,10 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                self._drain_commands(block=not self.engine.has_unfinished())
-                if self.engine.has_unfinished() and not self._stopping:
+                self._drain_commands(block=not self.engine.ready())
+                if self.engine.ready() and not self._stopping:
                     self._step()
-            for request_id in list(self.engine.requests):
+            for request_id in self.engine.unfinished_ids():
                 self._abort(request_id)
         except BaseException as exc:  # a bug in the loop itself: fail loudly, never hang callers
             self._die(exc)
@@ -213,7 +224,7 @@ class AsyncEngine:
                 stream.put(PluginError(output.error) if output.error else output)
 
     def _fail_all(self, exc: Exception) -> None:
-        for request_id in list(self.engine.requests):
+        for request_id in self.engine.unfinished_ids():
             self.engine.abort(request_id)
             stream = self._streams.get(request_id)
             if stream is not None:

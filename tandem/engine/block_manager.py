@@ -57,20 +57,29 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def chain(self, seq: Sequence, num_blocks: int | None = None) -> list[bytes]:
+        """The hash chain of the sequence's first num_blocks full blocks (default: all of them),
+        rooted in its cache salt. Each block's hash is computed once and kept on the sequence."""
+        full = seq.num_tokens // self.block_size
+        num_blocks = full if num_blocks is None else min(num_blocks, full)
+        chain, size = seq.hash_chain, self.block_size
+        while len(chain) < num_blocks:
+            i = len(chain)
+            chain.append(block_hash(chain[-1] if chain else chain_root(seq.params.cache_salt),
+                                    seq.token_ids[i * size:(i + 1) * size]))
+        return chain[:num_blocks]
+
     def _prefix_hits(self, seq: Sequence) -> list[tuple[int, bytes]]:
         """Cached blocks matching the sequence's leading full blocks. The last token is never
         a hit: its logits are needed, so at least one token is always computed."""
         if not self.enable_prefix_caching:
             return []
-        hits, parent = [], chain_root(seq.params.cache_salt)
-        for i in range((seq.num_tokens - 1) // self.block_size):
-            tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
-            h = block_hash(parent, tokens)
+        hits = []
+        for h in self.chain(seq, (seq.num_tokens - 1) // self.block_size):
             block = self.cached.get(h)
             if block is None:
                 break
             hits.append((block, h))
-            parent = h
         return hits
 
     def _tokens_to_cover(self, seq: Sequence, num_hits: int, max_new: int | None) -> int:
@@ -140,10 +149,10 @@ class BlockManager:
     def commit(self, seq: Sequence) -> None:
         """Register the sequence's newly computed full blocks in the prefix cache."""
         num_full = seq.num_computed_tokens // self.block_size
-        while len(seq.block_hashes) < num_full:
+        chain = self.chain(seq, num_full)
+        while len(seq.block_hashes) < len(chain):
             i = len(seq.block_hashes)
-            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else chain_root(seq.params.cache_salt),
-                           seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = chain[i]
             seq.block_hashes.append(h)
             block = seq.block_table[i]
             if self.enable_prefix_caching and block != NULL_BLOCK and h not in self.cached and self.hashes[block] is None:

@@ -1,59 +1,36 @@
 """LLMEngine: the one place that wires scheduler, block manager and model runner (nano-vllm's
 shape). `add_request`, then `step()` until nothing is left; each step schedules, runs one batched
-forward, samples, and reports what every sample gained. The prefill and decode workers and
-`tandem.LLM` all drive this same engine.
+forward and processes what it sampled. The prefill and decode workers and `tandem.LLM` all drive
+this same engine. Around that loop, each concern has its own module: output processing
+(tandem/outputs.py: text, stops, n-sample forks, logprobs), speculative decoding
+(engine/spec_decode.py: propose, verify, roll back) and KV transfer to an external store
+(engine/kv_connector.py, when a connector is attached).
 """
 from __future__ import annotations
 
 import itertools
-import json
+import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from tandem.engine.block_manager import NULL_BLOCK, BlockManager
+from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig, num_kv_blocks
+from tandem.engine.kv_connector import Blocks, KVConnector, Loaded
 from tandem.engine.model_runner import ModelRunner
-from tandem.engine.scheduler import Scheduler
-from tandem.engine.sequence import Sequence
+from tandem.engine.scheduler import Scheduler, SchedulerOutput
+from tandem.engine.sequence import Request, Sequence
+from tandem.engine.spec_decode import SpecDecoder
 from tandem.errors import ConfigError, InvalidRequestError, PluginError, QueueFullError
 from tandem.model.attention import DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBackend, AttentionVariant
 from tandem.model.kv_pool import DEFAULT_KV_FORMAT, KVCacheFormat
-from tandem.outputs import (CompletionOutput, KVHandoff, OutputBuilder, RequestMetrics, RequestOutput, StreamDelta,
-                            TokenLogprob)
-from tandem.sampling import RandomStream, SamplerPipeline, SamplingBatch, token_logprobs
-from tandem.draft import DraftProposer
+from tandem.outputs import OutputProcessor, RequestMetrics, RequestOutput, StreamDelta, TokenLogprob
+from tandem.sampling import SamplerPipeline, SamplingBatch
 from tandem.sampling_params import SamplingParams
-from tandem.speculative import (SpeculationState, SpeculativeConfig, SpeculativePolicy, verify_greedy,
-                                verify_sampled)
+from tandem.speculative import SpeculativeConfig
 from tandem.tokenizer import Tokenizer
 
-
-@dataclass(eq=False)
-class _Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    metrics: RequestMetrics
-    sampling_args: tuple  # each logits processor's argument for this request (SamplerPipeline.prepare)
-    seqs: list[Sequence] = field(default_factory=list)
-    builders: list[OutputBuilder] = field(default_factory=list)
-    randomness: list[RandomStream] = field(default_factory=list)  # one per sample
-    error: str | None = None
-    spec: SpeculationState | None = None  # speculative decoding, when on for this request
-    prefill_only: bool = False  # done once every sample has its first token (the prefill role)
-    resumed: bool = False  # started from first tokens sampled elsewhere (the decode role)
-    handoff: KVHandoff | None = None
-
-    def generator(self, index: int, ahead: int = 0) -> torch.Generator:
-        """Sample `index`'s generator for the draw of its next token (`ahead` tokens further)."""
-        return self.randomness[index].at(len(self.builders[index].token_ids) + ahead)
-
-    @property
-    def finished(self) -> bool:
-        return len(self.builders) == self.params.n and all(
-            b.finished or (self.prefill_only and b.token_ids) for b in self.builders)
+log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -62,13 +39,13 @@ class LLMEngine:
     speculative: the default speculative-decoding setting of its requests (SamplingParams can
     override it); speculative_methods: the proposers a request may pick (None: the default's and
     n-gram; see SpeculativePolicy); proposer_factory(SpeculativeConfig) -> DraftProposer makes the
-    proposers."""
+    proposers. connector: a KVConnector to an external KV store (attach_connector sets it later)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_model_len: int,
                  config: EngineConfig | None = None, *, sampler: SamplerPipeline,
                  variant: AttentionVariant = DEFAULT_VARIANT, backend: AttentionBackend = DEFAULT_BACKEND,
                  kv_format: KVCacheFormat = DEFAULT_KV_FORMAT, speculative: SpeculativeConfig | None = None,
-                 proposer_factory=None, speculative_methods=None):
+                 proposer_factory=None, speculative_methods=None, connector: KVConnector | None = None):
         self.config = config or EngineConfig()
         self.tokenizer, self.model_config, self.sampler = tokenizer, model.config, sampler
         self.variant, self.retention = variant, variant.retention()
@@ -93,12 +70,17 @@ class LLMEngine:
         if self.max_model_len < 2:
             raise ConfigError(f"a KV pool of {blocks} x {block_size} tokens cannot hold a one-token "
                               "prompt and its answer; raise num_kv_blocks or kv_cache_memory")
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, Request] = {}  # admitted and not finished (loading ones included)
+        self._loading: dict[str, Request] = {}  # waiting for prompt blocks from the connector
+        self._saving: dict[str, Request] = {}  # prefill_only, finished, their blocks going to the store
         self.num_finished_requests = 0
-        self.speculative, self.proposer_factory = speculative, proposer_factory
-        self.spec_policy = SpeculativePolicy.of(speculative, speculative_methods)
-        self._proposers: dict[tuple[str, str], DraftProposer] = {}
-        self.num_spec_proposed = self.num_spec_accepted = 0
+        self.outputs = OutputProcessor(tokenizer, self.max_model_len)
+        self.spec = SpecDecoder(speculative, speculative_methods, proposer_factory, c.vocab_size, self.max_model_len)
+        self.connector = connector
+
+    def attach_connector(self, connector: KVConnector | None) -> None:
+        """Share KV blocks with an external store from now on (None: stop). Call it before adding requests."""
+        self.connector = connector
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
@@ -106,15 +88,16 @@ class LLMEngine:
         """Queue a request. Raises InvalidRequestError for a bad prompt, QueueFullError when full.
 
         The two halves of disaggregated serving run the same engine with one of these:
-        prefill_only: the request ends once each sample has its first token; its output carries a
-        KVHandoff with the prompt's full blocks (hashes, and the KV of those computed here).
+        prefill_only: the request ends once each sample has its first token; with a connector,
+        the prompt's full blocks are saved to its store (pinned for the hand-off) before the
+        request reports its output.
         generated: continue a request whose samples' tokens so far (one list per sample, n in all)
         were sampled elsewhere: the first token of each (the prefill worker's), or everything a
         worker streamed before it died (the gateway migrates the request). They count as output,
         not prompt: penalties, max_tokens, stop rules and the seeded draws carry on as if this
         engine had sampled them; their text was streamed already. A sample they finish stays
-        finished. import_blocks first lets the prompt hit the prefix cache."""
-        if request_id in self.requests:
+        finished. With a connector, the prompt blocks the store holds are fetched first."""
+        if request_id in self.requests or request_id in self._saving:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty")
@@ -125,7 +108,7 @@ class LLMEngine:
                      if pool == self.max_model_len else f"the context window is {self.max_model_len}")
             raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens; {limit} "
                                       "and at least one token must be left to generate")
-        if len(self.scheduler.waiting) >= self.config.max_waiting:
+        if len(self.scheduler.waiting) + len(self._loading) >= self.config.max_waiting:
             raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting requests)")
         if generated is not None:
             if prefill_only:
@@ -135,30 +118,24 @@ class LLMEngine:
                                           f"got {len(generated)}")
             for tokens in generated:
                 self.tokenizer.check_ids(tokens)
-        sampling_args = self.sampler.prepare(params)
-        spec = self.spec_policy.for_request(params.speculative)
-        if spec is not None and not prefill_only:  # a method not enabled fails here, before any work
-            spec_state = SpeculationState(spec, self._proposer(spec))
-        else:
-            spec_state = None
-        request = _Request(request_id, list(prompt_ids), params, RequestMetrics(time.monotonic(), len(prompt_ids)),
-                           sampling_args, prefill_only=prefill_only, resumed=generated is not None,
-                           spec=spec_state)
+        request = Request(request_id, list(prompt_ids), params, RequestMetrics(time.monotonic(), len(prompt_ids)),
+                          self.sampler.prepare(params), prefill_only=prefill_only, resumed=generated is not None)
+        request.spec = self.spec.state_for(request)
         if generated is None:
             request.seqs.append(Sequence(request_id, list(prompt_ids), len(prompt_ids), params))
         else:
             self._resume(request, generated)
         self.requests[request_id] = request
-        for seq in request.seqs:
-            if not request.builders or not request.builders[seq.index].finished:
-                self.scheduler.add(seq)
+        self.spec.started(request)
+        if not self._load(request):
+            self._queue(request)
 
-    def _resume(self, request: _Request, generated: list[list[int]]) -> None:
+    def _resume(self, request: Request, generated: list[list[int]]) -> None:
         """Each sample continues after its generated tokens, replayed through its OutputBuilder
         (which then stops, counts and holds back stop-string text exactly as it did where they
         were sampled; the text they add was streamed there). The tokens' KV is recomputed, or
         found in the prefix cache."""
-        self._start_outputs(request)
+        self.outputs.start(request)
         for index, tokens in enumerate(generated):
             for token in tokens:
                 request.builders[index].append(token)
@@ -167,11 +144,18 @@ class LLMEngine:
         if request.finished:
             raise InvalidRequestError("every sample has finished already: nothing to continue")
 
+    def _queue(self, request: Request) -> None:
+        for seq in request.seqs:
+            if not request.builders or not request.builders[seq.index].finished:
+                self.scheduler.add(seq)
+
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks now. Unknown or finished ids are a no-op."""
-        request = self.requests.pop(request_id, None)
+        self._loading.pop(request_id, None)
+        request = self.requests.pop(request_id, None) or self._saving.pop(request_id, None)
         if request is None:
             return
+        self.spec.finished(request)
         for seq in request.seqs:
             self.scheduler.remove(seq)
         for builder in request.builders:
@@ -179,46 +163,80 @@ class LLMEngine:
                 builder.finish_reason = "abort"
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests or self._saving)
+
+    def unfinished_ids(self) -> list[str]:
+        return [*self.requests, *self._saving]
+
+    def ready(self) -> bool:
+        """Whether step() has anything to do now: sequences to run, or transfers that finished.
+        (Requests waiting only on the connector make it False: a driver may sleep until notified.)"""
+        return self.scheduler.has_work() or (self.connector is not None and self.connector.has_events)
 
     # -- stepping -------------------------------------------------------------------------------
     def step(self) -> tuple[list[StreamDelta], list[RequestOutput]]:
-        """One iteration. Returns the deltas of every sample that advanced and the outputs of the
-        requests that finished."""
-        drafts, early = self._propose()
+        """One iteration: schedule, run, process. Returns the deltas of every sample that advanced
+        and the outputs of the requests that finished."""
+        done = self._receive_kv() if self.connector is not None else []
+        if self.spec.num_active:
+            failed = self.spec.propose(self.scheduler.running, self.requests, self.block_manager,
+                                       len(self.scheduler.waiting))
+            done += [self._fail(request, error) for request, error in failed]
         plan = self.scheduler.schedule()
-        scheduled = {seq for seq, _ in plan.scheduled}
-        for seq in [s for s in drafts if s not in scheduled]:  # preempted or left out this step
-            del seq.token_ids[len(seq.token_ids) - len(drafts.pop(seq)):]
         if not plan.scheduled:
-            if self.requests:  # cannot happen while every sequence fits the pool alone; never spin
+            if self.scheduler.has_work():  # cannot happen while every sequence fits the pool alone; never spin
                 raise RuntimeError(f"the engine cannot schedule any of {len(self.requests)} requests: "
                                    f"{self.block_manager.num_free_blocks} of {self.block_manager.num_blocks} "
                                    "KV blocks free")
-            return [], early
-        # Logits rows: one for a sequence whose last token is computed now, one per computed
-        # position for a sequence verifying guesses (the last real token and each guess).
-        to_sample, counts = [], []
+            if self._loading or self._saving:  # only transfers left: wait for one (library mode)
+                self.connector.wait(0.05)
+            return [], done
+        rows, counts, verifying = self._sample_rows(plan)
+        logits = self.runner.execute(plan.scheduled, plan.copies, rows,
+                                     **({"num_rows": counts} if verifying else {}))  # plain steps: the plain call
+        deltas, finished = self._process(plan, logits, dict(zip(rows, itertools.accumulate([0, *counts]))))
+        return deltas, done + finished
+
+    def _sample_rows(self, plan: SchedulerOutput) -> tuple[list[int], list[int], bool]:
+        """Which scheduled sequences get logits, and how many rows each: one for a sequence whose
+        last token is computed now, one per computed position for a sequence verifying guesses
+        (its last real token and each guess), and whether any verifies. Guesses not scheduled are
+        dropped."""
+        scheduled = {seq for seq, _ in plan.scheduled}
+        for seq in self.scheduler.running:
+            if seq.spec_token_ids and seq not in scheduled:
+                seq.spec_token_ids = []
+        rows, counts = [], []
         for i, (seq, num) in enumerate(plan.scheduled):
-            if seq in drafts or num == seq.num_uncomputed_tokens:
-                to_sample.append(i)
-                counts.append(num if seq in drafts else 1)
-        rows = {"num_rows": counts} if drafts else {}  # plain steps make the plain call
-        logits = self.runner.execute(plan.scheduled, plan.copies, to_sample, **rows)
-        first_row = dict(zip(to_sample, itertools.accumulate([0, *counts])))
+            if seq.spec_token_ids or num == seq.num_uncomputed_tokens:
+                rows.append(i)
+                counts.append(num if seq.spec_token_ids else 1)
+        return rows, counts, any(seq.spec_token_ids for seq, _ in plan.scheduled)
+
+    def _process(self, plan: SchedulerOutput, logits: torch.Tensor, first_row: dict[int, int]):
+        """Per scheduled sequence: count its computed tokens; draw the next token of those whose
+        last token was computed; verify the guesses of those that had some."""
+        now = time.monotonic()
         plain, verify = [], []
         for i, (seq, num) in enumerate(plan.scheduled):
-            if seq in drafts:
+            if seq.spec_token_ids:
                 verify.append((seq, num, first_row[i]))
                 continue
             seq.num_computed_tokens += num
             self._commit(seq)
             if i in first_row:
                 plain.append((seq, first_row[i]))
-        now = time.monotonic()
         deltas, outputs, touched = self._sample(logits, plain, now)
-        spec_deltas, spec_outputs, spec_touched = self._verify(logits, verify, drafts, now)
-        return deltas + spec_deltas, early + outputs + spec_outputs + self._collect_finished(touched + spec_touched, now)
+        verify = [v for v in verify if v[0].request_id in self.requests]  # a sibling's failure ended it
+        if verify:
+            verified, failed = self.spec.verify(logits, verify, self.requests, self.sampler)
+            outputs += [self._fail(request, error, now) for request, error in failed
+                        if request.request_id in self.requests]
+            for v in verified:
+                if v.request.request_id in self.requests:
+                    deltas.append(self._advance(v.request, v.seq, v.tokens, now, v.num_computed, v.logprobs))
+                    touched.append(v.request)
+        return deltas, outputs + self._collect_finished(touched, now)
 
     def _commit(self, seq: Sequence) -> None:
         self.block_manager.commit(seq)
@@ -229,222 +247,130 @@ class LLMEngine:
         """The ordinary draw: one token per sequence (and the forks of a request's first sample)."""
         if not plain:
             return [], [], []
-        seqs, rows = self._expand_forks([seq for seq, _ in plain])
+        seqs, rows = self.outputs.expand_forks([seq for seq, _ in plain], self.requests, self._fork)
         rows = [plain[r][1] for r in rows]
         requests = [self.requests[s.request_id] for s in seqs]
         batch = SamplingBatch([s.params for s in seqs], [s.token_ids for s in seqs],
                               [s.num_prompt_tokens for s in seqs], [r.generator(s.index) for s, r in zip(seqs, requests)])
         result = self.sampler.sample(logits[rows], batch, [r.sampling_args for r in requests])
         failed = {requests[row].request_id: error for row, error in result.failures.items()}
-        logprobs = self._logprobs(logits, rows, result.tokens, [s.params for s in seqs])
-        deltas = [self._append(r, s, [t], now, logprobs=lp)
+        logprobs = self.outputs.logprobs(logits, rows, result.tokens, [s.params for s in seqs])
+        deltas = [self._advance(r, s, [t], now, logprobs=lp)
                   for s, r, t, lp in zip(seqs, requests, result.tokens, logprobs) if r.request_id not in failed]
         outputs = [self._fail(self.requests[request_id], error, now) for request_id, error in failed.items()]
         return deltas, outputs, requests
 
-    @staticmethod
-    def _logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int],
-                  params: list[SamplingParams]) -> list[list[TokenLogprob] | None]:
-        """Per row, [the logprob of its token], for the rows whose request asked; None for the others."""
-        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-        out: list[list[TokenLogprob] | None] = [None] * len(rows)
-        if wanted:
-            found = token_logprobs(logits[[rows[i] for i in wanted]], [tokens[i] for i in wanted],
-                                   [params[i].logprobs for i in wanted])
-            for i, lp in zip(wanted, found):
-                out[i] = [lp]
-        return out
+    def _fork(self, seq: Sequence, index: int) -> Sequence:
+        """Sample `index` of seq's request, sharing seq's blocks, running from now on."""
+        child = seq.fork(index)
+        self.block_manager.fork(seq, child)
+        self.scheduler.add_running(child)
+        return child
 
-    # -- speculative decoding -------------------------------------------------------------------
-    def _proposer(self, config: SpeculativeConfig) -> DraftProposer:
-        key = (config.method, json.dumps(config.options, sort_keys=True, default=str))
-        if key not in self._proposers:
-            if self.proposer_factory is None:
-                raise ConfigError("this engine has no draft proposers (speculative decoding is not set up)")
-            self._proposers[key] = self.proposer_factory(config)
-        return self._proposers[key]
-
-    def _propose(self) -> tuple[dict[Sequence, list[int]], list[RequestOutput]]:
-        """Ask the proposers for guesses for every running sequence that is decoding with
-        speculation on, and append them to its tokens. A guess that would need KV blocks other
-        sequences may need is not made: speculation never preempts anyone."""
-        drafts: dict[Sequence, list[int]] = {}
-        failed: list[RequestOutput] = []
-        spare = self.block_manager.num_free_blocks - len(self.scheduler.waiting)
-        for seq in list(self.scheduler.running):
-            request = self.requests.get(seq.request_id)
-            if request is None or request.spec is None or seq.num_uncomputed_tokens != 1 or not request.builders:
-                continue
-            builder = request.builders[seq.index]
-            room = min(request.params.max_tokens - len(builder.token_ids), self.max_model_len - seq.num_tokens) - 1
-            k = min(request.spec.wants(), room)
-            if k <= 0:
-                continue
-            try:
-                guesses = [int(t) for t in request.spec.proposer.propose(seq.token_ids, k)][:k]
-            except Exception as exc:
-                failed.append(self._fail(request, PluginError(
-                    f"draft proposer {request.spec.config.method!r} failed: {type(exc).__name__}: {exc}"),
-                    time.monotonic()))
-                continue
-            if not guesses or not all(0 <= t < self.model_config.vocab_size for t in guesses):
-                continue
-            need = self.block_manager.blocks_for(seq.num_tokens + len(guesses)) - len(seq.block_table)
-            if need > spare:
-                continue
-            spare -= max(0, need)
-            seq.token_ids.extend(guesses)
-            drafts[seq] = guesses
-        return drafts, failed
-
-    def _verify(self, logits: torch.Tensor, verify: list[tuple[Sequence, int, int]],
-                drafts: dict[Sequence, list[int]], now: float):
-        """Keep each sequence's longest accepted run of guesses and one token of the target's."""
-        verify = [v for v in verify if v[0].request_id in self.requests]  # a sibling's failure ended it
-        if not verify:
-            return [], [], []
-        params, contexts, prompt_lens, generators, args, rows = [], [], [], [], [], []
-        for seq, num, first in verify:
-            request = self.requests[seq.request_id]
-            base = seq.num_computed_tokens  # the last real token's position
-            for r in range(num):  # row r: the distribution after the real tokens and r guesses
-                params.append(seq.params)
-                contexts.append(seq.token_ids[:base + 1 + r])
-                prompt_lens.append(seq.num_prompt_tokens)
-                generators.append(request.generator(seq.index, r))
-                args.append(request.sampling_args)
-                rows.append(first + r)
-        processed, failures = self.sampler.process(logits[rows], SamplingBatch(params, contexts, prompt_lens,
-                                                                               generators), args)
-        failures.update(self.sampler.invalid_rows(processed, failures))
-        deltas, outputs, touched, row = [], [], [], 0
-        for seq, num, _ in verify:
-            request = self.requests.get(seq.request_id)
-            if request is None:  # failed by a sibling sample's error just above: its blocks are freed
-                row += num
-                continue
-            guesses = drafts[seq]
-            base = seq.num_computed_tokens
-            del seq.token_ids[base + 1:]  # back to the real tokens; accepted guesses return below
-            seq.num_computed_tokens = base + 1
-            mine = range(row, row + num)
-            row += num
-            error = next((failures[r] for r in mine if r in failures), None)
-            if error is not None:
-                outputs.append(self._fail(request, error, now))
-                continue
-            checked = guesses[:num - 1]  # guesses past the token budget were not computed
-            if seq.params.greedy:
-                accepted, token = verify_greedy(processed[row - num:row].argmax(-1).tolist(), checked)
-            else:
-                try:
-                    accepted, token = verify_sampled(processed[row - num:row].softmax(-1), checked, None,
-                                                     request.generator(seq.index))
-                except RuntimeError as exc:  # this request's draw, not the batch's
-                    outputs.append(self._fail(request, PluginError(f"sampling failed for this request: {exc}"), now))
-                    continue
-            request.spec.record(len(checked), accepted)
-            self.num_spec_proposed += len(checked)
-            self.num_spec_accepted += accepted
-            kept = [*checked[:accepted], token]  # kept[j] was drawn from logits row `first + j`
-            logprobs = None
-            if seq.params.logprobs is not None:
-                first = rows[row - num]
-                logprobs = token_logprobs(logits[first:first + len(kept)], kept, [seq.params.logprobs] * len(kept))
-            deltas.append(self._append(request, seq, kept, now, computed=accepted, logprobs=logprobs))
-            touched.append(request)
-        return deltas, outputs, touched
-    def _fail(self, request: _Request, error: PluginError, now: float) -> RequestOutput:
-        """A plugin raised for this request: stop it, free its blocks, report the error."""
-        for seq in request.seqs:
-            self.scheduler.remove(seq)
-        for builder in request.builders:
-            builder.finish_reason = builder.finish_reason or "error"
-        request.error = str(error)
-        request.metrics.finished_time = now
-        del self.requests[request.request_id]
-        return self.output_of(request)
-
-    def _expand_forks(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
-        """A request's first sampling step: start its output and fork its n - 1 siblings, which
-        share the prompt's blocks and sample from the same logits row."""
-        out, rows = [], []
-        for row, seq in enumerate(seqs):
-            request = self.requests[seq.request_id]
-            family = [seq]
-            if not request.builders:
-                self._start_outputs(request)
-                for index in range(1, request.params.n):
-                    child = seq.fork(index)
-                    self.block_manager.fork(seq, child)
-                    self.scheduler.add_running(child)
-                    request.seqs.append(child)
-                    family.append(child)
-            out += family
-            rows += [row] * len(family)
-        return out, rows
-
-    def _start_outputs(self, request: _Request) -> None:
-        p = request.params
-        if request.seqs:
-            request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
-        for index in range(p.n):
-            request.builders.append(OutputBuilder(self.tokenizer, p, len(request.prompt_ids), self.max_model_len))
-            request.randomness.append(RandomStream(None if p.seed is None else p.seed + index))
-
-    def _append(self, request: _Request, seq: Sequence, tokens: list[int], now: float,
-                computed: int | None = None, logprobs: list[TokenLogprob] | None = None) -> StreamDelta:
-        """Add sampled tokens to a sample until it finishes; one delta for all of them. After a
-        verification, `computed` says how many of them already have their KV (accepted guesses):
-        the blocks the rejected guesses took are given back and the full ones committed.
-        logprobs: one per token, when the request asked for them."""
-        builder = request.builders[seq.index]
-        text, added = "", []
-        for j, token in enumerate(tokens):
-            seq.token_ids.append(token)
-            if computed is not None and j < computed:
-                seq.num_computed_tokens += 1
-            text += builder.append(token, logprobs[j] if logprobs else None)
-            added.append(token)
-            if seq.index == 0:
-                request.metrics.first_token_time = request.metrics.first_token_time or now
-                request.metrics.token_times.append(now)
-            if builder.finished:
-                break
+    def _advance(self, request: Request, seq: Sequence, tokens: list[int], now: float,
+                 computed: int | None = None, logprobs: list[TokenLogprob] | None = None) -> StreamDelta:
+        """Append a sample's new tokens (until it finishes). After a verification, `computed` says
+        how many of them already have their KV (accepted guesses): the blocks the rejected guesses
+        took are given back and the full ones committed."""
+        delta = self.outputs.append(request, seq.index, tokens, now, logprobs)
+        seq.token_ids.extend(delta.token_ids)
         if computed is not None:
+            seq.num_computed_tokens += min(computed, len(delta.token_ids))
             self.block_manager.trim(seq)
             self._commit(seq)
-        if request.prefill_only and seq.index == 0:
-            request.handoff = self._export_prompt(request, seq)
-        if builder.finished or request.prefill_only:
+        if delta.finish_reason is not None or request.prefill_only:
             self.scheduler.remove(seq)
-        return StreamDelta(request.request_id, seq.index, added, text, builder.finish_reason,
-                           logprobs[:len(added)] if logprobs else None)
+        return delta
 
-    def _collect_finished(self, requests: list[_Request], now: float) -> list[RequestOutput]:
+    def _fail(self, request: Request, error: Exception, now: float | None = None) -> RequestOutput:
+        """A plugin raised for this request: stop it, free its blocks, report the error."""
+        for builder in request.builders:
+            builder.finish_reason = builder.finish_reason or "error"
+        self.abort(request.request_id)
+        request.error = str(error)
+        request.metrics.finished_time = now or time.monotonic()
+        return self.outputs.output(request)
+
+    def _collect_finished(self, requests: list[Request], now: float) -> list[RequestOutput]:
         done = []
         for request in dict.fromkeys(requests):
             if request.finished and request.request_id in self.requests:
                 del self.requests[request.request_id]
-                request.metrics.finished_time = now
-                self.num_finished_requests += 1
-                done.append(self.output_of(request))
+                self.spec.finished(request)
+                if request.prefill_only and self._save(request):
+                    continue  # its output comes once the store holds its blocks
+                done.append(self._finish(request, now))
         return done
 
-    def _export_prompt(self, request: _Request, seq: Sequence) -> KVHandoff:
-        """The prompt's full blocks: every hash, and the KV of those this engine computed (the
-        others came from a cache and were published when they were computed)."""
-        num_full = len(request.prompt_ids) // self.config.block_size
-        first_new = seq.num_cached_tokens // self.config.block_size
-        table = seq.block_table[:num_full]
-        new = [i for i in range(first_new, num_full) if table[i] != NULL_BLOCK]
-        tensors = self.runner.export_blocks([table[i] for i in new]) if new else []
-        return KVHandoff(list(seq.block_hashes[:num_full]), [seq.block_hashes[i] for i in new], tensors)
+    def _finish(self, request: Request, now: float) -> RequestOutput:
+        request.metrics.finished_time = now
+        self.num_finished_requests += 1
+        return self.outputs.output(request)
 
-    # -- KV blocks from elsewhere (the decode role) -----------------------------------------------
-    def cached_prefix(self, hashes: list[bytes]) -> int:
-        """How many leading blocks of a prompt's hash chain this engine's prefix cache holds."""
-        return self.block_manager.num_cached_prefix(hashes)
+    # -- KV blocks from and to an external store (the connector) ----------------------------------
+    def _load(self, request: Request) -> bool:
+        """Ask the connector for the leading prompt blocks this engine's prefix cache lacks; True:
+        the request waits aside for them (step() queues it once they are in)."""
+        if self.connector is None or not self.block_manager.enable_prefix_caching:
+            return False
+        size, first = self.config.block_size, request.seqs[0]
+        usable = min(len(request.prompt_ids), min(s.num_tokens for s in request.seqs) - 1) // size
+        chain = self.block_manager.chain(first, usable)
+        request.num_local_blocks = self.block_manager.num_cached_prefix(chain)
+        if request.num_local_blocks == usable or not self.connector.load(
+                request.request_id, chain[request.num_local_blocks:], release=request.resumed):
+            return False
+        self._loading[request.request_id] = request
+        return True
+
+    def _save(self, request: Request) -> bool:
+        """Send the prompt's full blocks the store may lack (those computed here) and pin the whole
+        chain for the hand-off; True: the request reports its output once that is done."""
+        if self.connector is None or not self.block_manager.enable_prefix_caching:
+            return False
+        chain = self.block_manager.chain(request.seqs[0], len(request.prompt_ids) // self.config.block_size)
+        known = request.num_local_blocks + request.num_loaded_blocks  # [local, known) came from the store
+        if not self.connector.save(request.request_id, self.export_cached(chain[known:]), chain):
+            return False
+        request.saving = True
+        self._saving[request.request_id] = request
+        return True
+
+    def _receive_kv(self) -> list[RequestOutput]:
+        """Finished transfers: loaded blocks into the prefix cache (their requests join the queue),
+        saved prompts' requests report their outputs."""
+        done = []
+        for event in self.connector.poll():
+            if isinstance(event, Loaded):
+                request = self._loading.pop(event.request_id, None)
+                if request is None:  # aborted meanwhile
+                    continue
+                request.metrics.kv_transfer_s += event.seconds
+                try:
+                    self.import_blocks([h for h, _ in event.blocks], [b for _, b in event.blocks])
+                    request.num_loaded_blocks = len(event.blocks)
+                except ValueError as exc:  # a block of another layout: computed instead
+                    log.warning("KV blocks from the store do not fit this pool: %s", exc)
+                self._queue(request)
+                continue
+            request = self._saving.get(event.request_id)
+            if request is None:
+                continue
+            request.metrics.kv_transfer_s += event.seconds
+            if event.missing and not request.resaved:  # evicted from the store since: once more, ours
+                request.resaved = True
+                if self.connector.save(request.request_id, self.export_cached(event.missing), event.missing):
+                    continue
+            del self._saving[event.request_id]
+            request.saving = False
+            done.append(self._finish(request, time.monotonic()))
+        return done
+
+    def num_cached_tokens(self, prompt_ids: list[int], cache_salt: str | None = None) -> int:
+        """How many leading tokens of a prompt this engine's prefix cache holds (whole blocks)."""
+        seq = Sequence("", list(prompt_ids), len(prompt_ids), SamplingParams(cache_salt=cache_salt))
+        size = self.config.block_size
+        return self.block_manager.num_cached_prefix(self.block_manager.chain(seq)) * size
 
     def import_blocks(self, hashes: list[bytes], blocks: list[list[torch.Tensor]]) -> int:
         """Put KV blocks computed elsewhere (runner.export_blocks' format) into the prefix cache
@@ -459,23 +385,11 @@ class LLMEngine:
             raise
         return len(taken)
 
-    def export_cached(self, hashes: list[bytes]) -> list[tuple[bytes, list[torch.Tensor]]]:
-        """The KV of those of `hashes` the prefix cache holds (to publish them again)."""
+    def export_cached(self, hashes: list[bytes]) -> Blocks:
+        """The KV of those of `hashes` the prefix cache holds."""
         found = [(h, self.block_manager.cached[h]) for h in hashes if h in self.block_manager.cached]
         blocks = self.runner.export_blocks([b for _, b in found]) if found else []
         return [(h, tensors) for (h, _), tensors in zip(found, blocks)]
-
-    def output_of(self, request: _Request) -> RequestOutput:
-        if request.resumed:
-            request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
-        if request.spec is not None:
-            m, sp = request.metrics, request.spec
-            m.spec_proposed, m.spec_accepted, m.spec_rounds = sp.proposed, sp.accepted, sp.rounds
-        outputs = [CompletionOutput(i, list(b.token_ids), b.text, b.finish_reason,
-                                    None if b.logprobs is None else list(b.logprobs))
-                   for i, b in enumerate(request.builders)]
-        return RequestOutput(request.request_id, request.prompt_ids, outputs, request.finished or bool(request.error),
-                             request.metrics, request.error, request.handoff)
 
     # -- observability --------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -490,8 +404,7 @@ class LLMEngine:
             "prefix_cache_hit_tokens": bm.num_hit_tokens,
             "prefix_cache_hit_rate": bm.num_hit_tokens / bm.num_queried_tokens if bm.num_queried_tokens else 0.0,
             "preemptions": self.scheduler.num_preemptions,
-            "spec_proposed_tokens": self.num_spec_proposed,
-            "spec_accepted_tokens": self.num_spec_accepted,
-            "spec_acceptance_rate": self.num_spec_accepted / self.num_spec_proposed if self.num_spec_proposed else 0.0,
+            **self.spec.stats(),
             "finished_requests": self.num_finished_requests,
+            **({"kv_loading_requests": len(self._loading), **self.connector.stats()} if self.connector else {}),
         }

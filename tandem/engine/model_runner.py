@@ -81,7 +81,7 @@ class ModelRunner:
         tokens, positions, rows = [], [], []
         for seq, num in scheduled:
             start = seq.num_computed_tokens
-            tokens += seq.token_ids[start:start + num]
+            tokens += seq.tokens_to_compute(num)
             positions += range(start, start + num)
             rows.append((seq.block_table, start, num))
         meta = build_metadata(rows, self.block_size, self.variant, self.config.num_heads).to(self.device)

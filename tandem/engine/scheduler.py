@@ -93,6 +93,7 @@ class Scheduler:
         return out
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        seq.spec_token_ids = []  # guesses are never worth a recomputation
         self.blocks.release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

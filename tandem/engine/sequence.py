@@ -1,12 +1,21 @@
-"""Sequence: one stream of tokens the engine computes (a request has n of them). Ids and counts
-only, so the scheduler and block manager that read it never touch tensors."""
+"""Sequence: one stream of tokens the engine computes (a request has n of them), and Request: the
+engine's record of one request. Ids and counts only, so the scheduler and block manager that read
+them never touch tensors."""
 from __future__ import annotations
 
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tandem.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from tandem.outputs import OutputBuilder, RequestMetrics
+    from tandem.sampling import RandomStream
+    from tandem.speculative import SpeculationState
 
 _seq_ids = itertools.count()
 
@@ -20,7 +29,7 @@ class SequenceStatus(enum.Enum):
 @dataclass(eq=False)
 class Sequence:
     request_id: str
-    token_ids: list[int]
+    token_ids: list[int]  # the real tokens: prompt, then output; never a draft guess
     num_prompt_tokens: int
     params: SamplingParams
     index: int = 0  # which of the request's n samples
@@ -28,6 +37,13 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of the computed full blocks, in order
+    # The content-hash chain of the full blocks of token_ids, computed once per block and kept
+    # (BlockManager.chain grows it): prefix lookups, commits and the KV connector all read it.
+    hash_chain: list[bytes] = field(default_factory=list)
+    # Draft tokens to verify this step (speculative decoding), held apart from token_ids: the
+    # scheduler gives them slots and the runner computes them after the real ones; verification
+    # moves the accepted ones into token_ids and clears this.
+    spec_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_released_blocks: int = 0  # leading table entries already checked by release_dead_blocks
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
@@ -39,16 +55,56 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        """Tokens still to compute, draft guesses included."""
+        return len(self.token_ids) + len(self.spec_token_ids) - self.num_computed_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
+    def tokens_to_compute(self, num: int) -> list[int]:
+        """The next num tokens whose KV is to be computed: real tokens, then draft guesses."""
+        start = self.num_computed_tokens
+        real = self.token_ids[start:start + num]
+        return real + self.spec_token_ids[:num - len(real)]
+
     def fork(self, index: int) -> Sequence:
         """A sibling sharing everything computed so far (the block manager shares the blocks)."""
         return Sequence(self.request_id, list(self.token_ids), self.num_prompt_tokens, self.params, index,
-                        status=self.status, block_hashes=list(self.block_hashes),
+                        status=self.status, block_hashes=list(self.block_hashes), hash_chain=list(self.hash_chain),
                         num_computed_tokens=self.num_computed_tokens, num_released_blocks=self.num_released_blocks,
-                        num_cached_tokens=self.num_cached_tokens,
-                        admitted=True)
+                        num_cached_tokens=self.num_cached_tokens, admitted=True)
+
+
+@dataclass(eq=False)
+class Request:
+    """One request in the engine: its n sequences (one until its first token, then forked), what
+    each sample has produced (an OutputBuilder each), its randomness and its speculation state."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    sampling_args: tuple  # each logits processor's argument for this request (SamplerPipeline.prepare)
+    seqs: list[Sequence] = field(default_factory=list)
+    builders: list[OutputBuilder] = field(default_factory=list)
+    randomness: list[RandomStream] = field(default_factory=list)  # one per sample
+    error: str | None = None
+    spec: SpeculationState | None = None  # speculative decoding, when on for this request
+    prefill_only: bool = False  # done once every sample has its first token (the prefill role)
+    resumed: bool = False  # started from tokens sampled elsewhere (the decode role, a migration)
+    # The KV connector: prompt blocks that came from the external store, and whether the prompt's
+    # blocks are still being saved there (a prefill_only request reports its output after that).
+    num_loaded_blocks: int = 0
+    num_local_blocks: int = 0  # leading prompt blocks this engine's prefix cache held at admission
+    saving: bool = False
+    resaved: bool = False  # blocks the store had lost were sent again (once per request)
+
+    def generator(self, index: int, ahead: int = 0) -> torch.Generator:
+        """Sample `index`'s generator for the draw of its next token (`ahead` tokens further)."""
+        return self.randomness[index].at(len(self.builders[index].token_ids) + ahead)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.builders) == self.params.n and all(
+            b.finished or (self.prefill_only and b.token_ids) for b in self.builders)

@@ -58,8 +58,9 @@ class DecodeServicer:
 
     def Decode(self, request, context):
         """Disaggregated: first_token_ids (or generated) holds each sample's first token from the prefill
-        worker and block_hashes the prompt blocks it published; the worker fetches the blocks it lacks
-        from the KV-cache store. Aggregated: both are empty and the worker runs the whole request.
+        worker; the worker's engine fetches the prompt blocks it lacks from the KV-cache store (the
+        prefill worker saved them there) and releases their hand-off lease. Aggregated: both are empty
+        and the worker runs the whole request.
         A migrated request carries generated: each sample's tokens so far.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

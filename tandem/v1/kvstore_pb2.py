@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/kvstore.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"*\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\x95\x01\n\x07KVChunk\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12&\n\x07tensors\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x07 \x01(\x0c\"2\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\"%\n\x0eLookupResponse\x12\x13\n\x0bnum_present\x18\x01 \x01(\x03\"R\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x03\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x03\x12\x10\n\x08rejected\x18\x03 \x01(\x03\x12\x0f\n\x07\x65victed\x18\x04 \x01(\x03\"D\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x03\"F\n\nPinRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\"\"\n\x0bPinResponse\x12\x13\n\x0bnum_changed\x18\x01 \x01(\x03\x32\xda\x02\n\x07KVStore\x12=\n\x06Lookup\x12\x18.tandem.v1.LookupRequest\x1a\x19.tandem.v1.LookupResponse\x12\x33\n\x03Put\x12\x12.tandem.v1.KVChunk\x1a\x16.tandem.v1.PutResponse(\x01\x12\x32\n\x03Get\x12\x15.tandem.v1.GetRequest\x1a\x12.tandem.v1.KVChunk0\x01\x12\x34\n\x03Pin\x12\x15.tandem.v1.PinRequest\x1a\x16.tandem.v1.PinResponse\x12\x36\n\x05Unpin\x12\x15.tandem.v1.PinRequest\x1a\x16.tandem.v1.PinResponse\x12\x39\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x17.tandem.v1.ServiceStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/kvstore.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"*\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xb9\x01\n\x07KVChunk\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12&\n\x07tensors\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x07 \x01(\x0c\x12\x0b\n\x03pin\x18\x08 \x03(\x0c\x12\x15\n\rlease_seconds\x18\t \x01(\x01\"2\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\"%\n\x0eLookupResponse\x12\x13\n\x0bnum_present\x18\x01 \x01(\x03\"c\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x03\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x03\x12\x10\n\x08rejected\x18\x03 \x01(\x03\x12\x0f\n\x07\x65victed\x18\x04 \x01(\x03\x12\x0f\n\x07missing\x18\x05 \x03(\x0c\"U\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07release\x18\x04 \x01(\x08\x32\xec\x01\n\x07KVStore\x12=\n\x06Lookup\x12\x18.tandem.v1.LookupRequest\x1a\x19.tandem.v1.LookupResponse\x12\x33\n\x03Put\x12\x12.tandem.v1.KVChunk\x1a\x16.tandem.v1.PutResponse(\x01\x12\x32\n\x03Get\x12\x15.tandem.v1.GetRequest\x1a\x12.tandem.v1.KVChunk0\x01\x12\x39\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x17.tandem.v1.ServiceStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSPEC']._serialized_start=62
   _globals['_TENSORSPEC']._serialized_end=104
   _globals['_KVCHUNK']._serialized_start=107
-  _globals['_KVCHUNK']._serialized_end=256
-  _globals['_LOOKUPREQUEST']._serialized_start=258
-  _globals['_LOOKUPREQUEST']._serialized_end=308
-  _globals['_LOOKUPRESPONSE']._serialized_start=310
-  _globals['_LOOKUPRESPONSE']._serialized_end=347
-  _globals['_PUTRESPONSE']._serialized_start=349
-  _globals['_PUTRESPONSE']._serialized_end=431
-  _globals['_GETREQUEST']._serialized_start=433
-  _globals['_GETREQUEST']._serialized_end=501
-  _globals['_PINREQUEST']._serialized_start=503
-  _globals['_PINREQUEST']._serialized_end=573
-  _globals['_PINRESPONSE']._serialized_start=575
-  _globals['_PINRESPONSE']._serialized_end=609
-  _globals['_KVSTORE']._serialized_start=612
-  _globals['_KVSTORE']._serialized_end=958
+  _globals['_KVCHUNK']._serialized_end=292
+  _globals['_LOOKUPREQUEST']._serialized_start=294
+  _globals['_LOOKUPREQUEST']._serialized_end=344
+  _globals['_LOOKUPRESPONSE']._serialized_start=346
+  _globals['_LOOKUPRESPONSE']._serialized_end=383
+  _globals['_PUTRESPONSE']._serialized_start=385
+  _globals['_PUTRESPONSE']._serialized_end=484
+  _globals['_GETREQUEST']._serialized_start=486
+  _globals['_GETREQUEST']._serialized_end=571
+  _globals['_KVSTORE']._serialized_start=574
+  _globals['_KVSTORE']._serialized_end=810
 # @@protoc_insertion_point(module_scope)

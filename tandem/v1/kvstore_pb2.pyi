@@ -16,7 +16,7 @@ class TensorSpec(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("hash", "namespace", "tensors", "total_bytes", "offset", "data", "digest")
+    __slots__ = ("hash", "namespace", "tensors", "total_bytes", "offset", "data", "digest", "pin", "lease_seconds")
     HASH_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,8 @@ class KVChunk(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     hash: bytes
     namespace: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
@@ -31,7 +33,9 @@ class KVChunk(_message.Message):
     offset: int
     data: bytes
     digest: bytes
-    def __init__(self, hash: _Optional[bytes] = ..., namespace: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., digest: _Optional[bytes] = ...) -> None: ...
+    pin: _containers.RepeatedScalarFieldContainer[bytes]
+    lease_seconds: float
+    def __init__(self, hash: _Optional[bytes] = ..., namespace: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., digest: _Optional[bytes] = ..., pin: _Optional[_Iterable[bytes]] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("namespace", "hashes")
@@ -48,39 +52,27 @@ class LookupResponse(_message.Message):
     def __init__(self, num_present: _Optional[int] = ...) -> None: ...
 
 class PutResponse(_message.Message):
-    __slots__ = ("stored", "existing", "rejected", "evicted")
+    __slots__ = ("stored", "existing", "rejected", "evicted", "missing")
     STORED_FIELD_NUMBER: _ClassVar[int]
     EXISTING_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     EVICTED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
     stored: int
     existing: int
     rejected: int
     evicted: int
-    def __init__(self, stored: _Optional[int] = ..., existing: _Optional[int] = ..., rejected: _Optional[int] = ..., evicted: _Optional[int] = ...) -> None: ...
+    missing: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, stored: _Optional[int] = ..., existing: _Optional[int] = ..., rejected: _Optional[int] = ..., evicted: _Optional[int] = ..., missing: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "hashes", "chunk_bytes")
+    __slots__ = ("namespace", "hashes", "chunk_bytes", "release")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
     chunk_bytes: int
-    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
-
-class PinRequest(_message.Message):
-    __slots__ = ("namespace", "hashes", "lease_seconds")
-    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
-    HASHES_FIELD_NUMBER: _ClassVar[int]
-    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    namespace: str
-    hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    lease_seconds: float
-    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
-
-class PinResponse(_message.Message):
-    __slots__ = ("num_changed",)
-    NUM_CHANGED_FIELD_NUMBER: _ClassVar[int]
-    num_changed: int
-    def __init__(self, num_changed: _Optional[int] = ...) -> None: ...
+    release: bool
+    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., chunk_bytes: _Optional[int] = ..., release: _Optional[bool] = ...) -> None: ...

@@ -27,7 +27,11 @@ if _version_not_supported:
 
 
 class KVStoreStub:
-    """Missing associated documentation comment in .proto file."""
+    """The disaggregated hand-off holds its blocks with a lease: the prefill worker's Put pins the
+    prompt's blocks (KVChunk.pin), the decode worker's Get releases them (GetRequest.release). A
+    pinned block is never evicted; pins count, each release takes one, and a pin nobody releases
+    ends by itself when its lease runs out (a decode worker that died mid-hand-off holds nothing).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -50,16 +54,6 @@ class KVStoreStub:
                 request_serializer=tandem_dot_v1_dot_kvstore__pb2.GetRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_kvstore__pb2.KVChunk.FromString,
                 _registered_method=True)
-        self.Pin = channel.unary_unary(
-                '/tandem.v1.KVStore/Pin',
-                request_serializer=tandem_dot_v1_dot_kvstore__pb2.PinRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_kvstore__pb2.PinResponse.FromString,
-                _registered_method=True)
-        self.Unpin = channel.unary_unary(
-                '/tandem.v1.KVStore/Unpin',
-                request_serializer=tandem_dot_v1_dot_kvstore__pb2.PinRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_kvstore__pb2.PinResponse.FromString,
-                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/tandem.v1.KVStore/Stats',
                 request_serializer=tandem_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
@@ -68,17 +62,23 @@ class KVStoreStub:
 
 
 class KVStoreServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The disaggregated hand-off holds its blocks with a lease: the prefill worker's Put pins the
+    prompt's blocks (KVChunk.pin), the decode worker's Get releases them (GetRequest.release). A
+    pinned block is never evicted; pins count, each release takes one, and a pin nobody releases
+    ends by itself when its lease runs out (a decode worker that died mid-hand-off holds nothing).
+    """
 
     def Lookup(self, request, context):
-        """The longest run of leading hashes the store holds.
+        """The longest run of leading hashes the store holds (for operators and routing; no worker
+        needs it on a request's path: Get returns what is present).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Put(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stores the blocks of the stream, then pins the keys its messages list in `pin`.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -86,20 +86,6 @@ class KVStoreServicer:
     def Get(self, request, context):
         """The requested blocks that are present, in request order; a missing one is skipped.
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Pin(self, request, context):
-        """A pinned block is never evicted; pins count, Unpin releases one. A pin is a lease: it is
-        released by itself when its lease_seconds run out (pin again to renew).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Unpin(self, request, context):
-        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -128,16 +114,6 @@ def add_KVStoreServicer_to_server(servicer, server):
                     request_deserializer=tandem_dot_v1_dot_kvstore__pb2.GetRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_kvstore__pb2.KVChunk.SerializeToString,
             ),
-            'Pin': grpc.unary_unary_rpc_method_handler(
-                    servicer.Pin,
-                    request_deserializer=tandem_dot_v1_dot_kvstore__pb2.PinRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_kvstore__pb2.PinResponse.SerializeToString,
-            ),
-            'Unpin': grpc.unary_unary_rpc_method_handler(
-                    servicer.Unpin,
-                    request_deserializer=tandem_dot_v1_dot_kvstore__pb2.PinRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_kvstore__pb2.PinResponse.SerializeToString,
-            ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
                     request_deserializer=tandem_dot_v1_dot_common__pb2.StatsRequest.FromString,
@@ -152,7 +128,11 @@ def add_KVStoreServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KVStore:
-    """Missing associated documentation comment in .proto file."""
+    """The disaggregated hand-off holds its blocks with a lease: the prefill worker's Put pins the
+    prompt's blocks (KVChunk.pin), the decode worker's Get releases them (GetRequest.release). A
+    pinned block is never evicted; pins count, each release takes one, and a pin nobody releases
+    ends by itself when its lease runs out (a decode worker that died mid-hand-off holds nothing).
+    """
 
     @staticmethod
     def Lookup(request,
@@ -225,60 +205,6 @@ class KVStore:
             '/tandem.v1.KVStore/Get',
             tandem_dot_v1_dot_kvstore__pb2.GetRequest.SerializeToString,
             tandem_dot_v1_dot_kvstore__pb2.KVChunk.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Pin(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/tandem.v1.KVStore/Pin',
-            tandem_dot_v1_dot_kvstore__pb2.PinRequest.SerializeToString,
-            tandem_dot_v1_dot_kvstore__pb2.PinResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Unpin(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/tandem.v1.KVStore/Unpin',
-            tandem_dot_v1_dot_kvstore__pb2.PinRequest.SerializeToString,
-            tandem_dot_v1_dot_kvstore__pb2.PinResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/prefill.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"e\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\"\xa1\x01\n\x0fPrefillResponse\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.tandem.v1.SampleDelta\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x03\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\x1b\n\x13kv_transfer_seconds\x18\x05 \x01(\x01\"=\n\x13\x43\x61\x63hedPrefixRequest\x12\x12\n\nprompt_ids\x18\x01 \x03(\x03\x12\x12\n\ncache_salt\x18\x02 \x01(\t\"1\n\x14\x43\x61\x63hedPrefixResponse\x12\x19\n\x11num_cached_tokens\x18\x01 \x01(\x03\"\x13\n\x11WorkerInfoRequest\"j\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\x03\x12\x14\n\x0ckv_namespace\x18\x05 \x01(\t2\x94\x02\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12O\n\x0c\x43\x61\x63hedPrefix\x12\x1e.tandem.v1.CachedPrefixRequest\x1a\x1f.tandem.v1.CachedPrefixResponse\x12;\n\x04Info\x12\x1c.tandem.v1.WorkerInfoRequest\x1a\x15.tandem.v1.WorkerInfo\x12\x39\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x17.tandem.v1.ServiceStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/prefill.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"e\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\"\x9f\x01\n\x0fPrefillResponse\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.tandem.v1.SampleDelta\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x03\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\x1b\n\x13kv_transfer_seconds\x18\x05 \x01(\x01J\x04\x08\x02\x10\x03R\x0c\x62lock_hashes\"=\n\x13\x43\x61\x63hedPrefixRequest\x12\x12\n\nprompt_ids\x18\x01 \x03(\x03\x12\x12\n\ncache_salt\x18\x02 \x01(\t\"1\n\x14\x43\x61\x63hedPrefixResponse\x12\x19\n\x11num_cached_tokens\x18\x01 \x01(\x03\"\x13\n\x11WorkerInfoRequest\"j\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\x03\x12\x14\n\x0ckv_namespace\x18\x05 \x01(\t2\x94\x02\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12O\n\x0c\x43\x61\x63hedPrefix\x12\x1e.tandem.v1.CachedPrefixRequest\x1a\x1f.tandem.v1.CachedPrefixResponse\x12;\n\x04Info\x12\x1c.tandem.v1.WorkerInfoRequest\x1a\x15.tandem.v1.WorkerInfo\x12\x39\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x17.tandem.v1.ServiceStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=62
   _globals['_PREFILLREQUEST']._serialized_end=163
   _globals['_PREFILLRESPONSE']._serialized_start=166
-  _globals['_PREFILLRESPONSE']._serialized_end=327
-  _globals['_CACHEDPREFIXREQUEST']._serialized_start=329
-  _globals['_CACHEDPREFIXREQUEST']._serialized_end=390
-  _globals['_CACHEDPREFIXRESPONSE']._serialized_start=392
-  _globals['_CACHEDPREFIXRESPONSE']._serialized_end=441
-  _globals['_WORKERINFOREQUEST']._serialized_start=443
-  _globals['_WORKERINFOREQUEST']._serialized_end=462
-  _globals['_WORKERINFO']._serialized_start=464
-  _globals['_WORKERINFO']._serialized_end=570
-  _globals['_PREFILL']._serialized_start=573
-  _globals['_PREFILL']._serialized_end=849
+  _globals['_PREFILLRESPONSE']._serialized_end=325
+  _globals['_CACHEDPREFIXREQUEST']._serialized_start=327
+  _globals['_CACHEDPREFIXREQUEST']._serialized_end=388
+  _globals['_CACHEDPREFIXRESPONSE']._serialized_start=390
+  _globals['_CACHEDPREFIXRESPONSE']._serialized_end=439
+  _globals['_WORKERINFOREQUEST']._serialized_start=441
+  _globals['_WORKERINFOREQUEST']._serialized_end=460
+  _globals['_WORKERINFO']._serialized_start=462
+  _globals['_WORKERINFO']._serialized_end=568
+  _globals['_PREFILL']._serialized_start=571
+  _globals['_PREFILL']._serialized_end=847
 # @@protoc_insertion_point(module_scope)

@@ -18,18 +18,16 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("samples", "block_hashes", "num_cached_tokens", "prefill_seconds", "kv_transfer_seconds")
+    __slots__ = ("samples", "num_cached_tokens", "prefill_seconds", "kv_transfer_seconds")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     samples: _containers.RepeatedCompositeFieldContainer[_common_pb2.SampleDelta]
-    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     num_cached_tokens: int
     prefill_seconds: float
     kv_transfer_seconds: float
-    def __init__(self, samples: _Optional[_Iterable[_Union[_common_pb2.SampleDelta, _Mapping]]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., num_cached_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., kv_transfer_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, samples: _Optional[_Iterable[_Union[_common_pb2.SampleDelta, _Mapping]]] = ..., num_cached_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., kv_transfer_seconds: _Optional[float] = ...) -> None: ...
 
 class CachedPrefixRequest(_message.Message):
     __slots__ = ("prompt_ids", "cache_salt")

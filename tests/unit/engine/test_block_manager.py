@@ -489,8 +489,15 @@ def test_random_walk_keeps_invariants(seed):
 
 def test_cache_salts_never_share_blocks():
     """Two salts never hit each other's cached prefix; the same salt does; the salt roots the
-    chain, so the worker's prompt_hashes (the KV-store keys) equal the engine's."""
-    from tandem.services.worker import prompt_hashes
+    chain, so the hashes the engine commits (the KV-store keys) are the salted chain."""
+    from tandem.engine.block_manager import block_hash, chain_root
+
+    def prompt_hashes(prompt, size, num_blocks=None, cache_salt=None):
+        hashes, parent = [], chain_root(cache_salt)
+        for i in range(len(prompt) // size if num_blocks is None else num_blocks):
+            parent = block_hash(parent, prompt[i * size:(i + 1) * size])
+            hashes.append(parent)
+        return hashes
 
     prompt, bm, live = tokens(3 * BS + 1), BlockManager(16, BS), []
     for salt, hit in (("tenant-a", 0), ("tenant-b", 0), (None, 0), ("tenant-a", 3 * BS)):

@@ -18,7 +18,9 @@ from tandem.errors import InvalidRequestError
 from tandem.kv_store import (EXISTING, REJECTED, STORED, BlockSeal, KVBlockStore, entry_bytes, specs_nbytes, tensor_from_bytes,
                              tensor_to_bytes, tensors_from_bytes, tensors_to_bytes)
 from tandem.services.common import ServerOptions, ServiceHost, client_channel
-from tandem.services.kvstore import SERVICE_NAME, ChunkAssembler, KVStoreClient, registration, to_chunks
+from tandem.engine.kv_connector import KVStoreClient
+from tandem.kv_store import ChunkAssembler, to_chunks
+from tandem.services.kvstore import SERVICE_NAME, registration
 from tandem.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 NS = "model-a"
@@ -407,14 +409,21 @@ def test_pin_lease_over_the_wire():
         clock.now += 6
         after_5 = (await client.stats())["pinned_blocks"]
         clock.now += 30
-        return pinned, after_5, await client.stats()
+        expired = await client.stats()
+        # the hand-off: a Put that pins what it sends, a Get that releases what it returns
+        put = await client.put_blocks(NS, [(h[0], [torch.ones(4)])], pin=h + [b"\x09" * 16], lease_s=60)
+        held = (await client.stats())["pinned_blocks"]
+        await client.get_blocks(NS, h, release=True)
+        return pinned, after_5, expired, put, held, await client.stats()
 
     try:
-        pinned, after_5, stats = run(host, body)
+        pinned, after_5, stats, put, held, released = run(host, body)
     finally:
         host.stop()
     assert pinned == [1, 1] and after_5 == 1
     assert (stats["pinned_blocks"], stats["expired_pins"]) == (0, 2)
+    assert held == 2 and len(put.missing) == 1  # the absent key is reported (as its sealed key)
+    assert released["pinned_blocks"] == 0 and released["expired_pins"] == 2
 
 
 def test_the_client_seals_keys_and_drops_blocks_that_fail_their_digest():

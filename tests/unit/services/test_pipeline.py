@@ -307,26 +307,29 @@ def test_tls_on_the_gateway(tiny_hf_dir, tmp_path):
 
 def test_speculative_decoding_through_the_pipeline(tiny_hf_dir, tiny_llm):
     """A server default that drafts in the draft service, and a per-request override, both give
-    the library's greedy tokens and report their guesses in usage."""
+    the library's greedy tokens and report their guesses in usage. Remote guesses are asked ahead
+    and used when they arrive in time (tandem.engine.spec_decode): the tiny model steps in a few
+    milliseconds, so the requests here are long enough for answers to catch up."""
     prompt = ([17, 42, 99, 5, 8] * 8)[:37]
-    want = tiny_llm.generate([prompt], tandem.SamplingParams(**GREEDY))[0].token_ids
-    # The tiny model drafting for itself: guesses every step (n-gram would rarely match random text).
+    greedy = {**GREEDY, "max_tokens": 48}
+    want = tiny_llm.generate([prompt], tandem.SamplingParams(**greedy))[0].token_ids
+    # The tiny model drafting for itself: right every time (n-gram would rarely match random text).
     remote = {"method": "remote", "k": 4, "options": {"method": "draft_model", "options": {"quantization": None}}}
     with InProcessPipeline(config(tiny_hf_dir, speculative=remote)) as p, Client(p.address, timeout=60) as c:
-        got = c.complete(prompt, **GREEDY)
+        got = c.complete(prompt, **greedy)
         assert got.token_ids == want and got.usage.spec_proposed_tokens > 0
         assert stats(p, "decode-0")["spec_proposed_tokens"] > 0
         with grpc.insecure_channel(p.address_of("draft-0")) as channel:
             draft = draft_pb2_grpc.DraftStub(channel).Stats(common_pb2.StatsRequest(), timeout=5).values
         assert draft["requests"] > 0  # the guesses came from the draft service
-        off = c.complete(prompt, speculative=None, **GREEDY)
+        off = c.complete(prompt, speculative=None, **greedy)
         assert off.token_ids == want and off.usage.spec_proposed_tokens == 0
         with pytest.raises(InvalidArgumentError, match="options come from the server"):  # the operator's alone
             c.complete(prompt, speculative={"method": "draft_model", "k": 3, "options": {"model": "/etc/passwd"}},
                        max_tokens=2)
         with pytest.raises(InvalidArgumentError, match="not enabled"):  # installed, but the operator did not enable it
             c.complete(prompt, speculative={"method": "draft_model", "k": 3}, max_tokens=2)
-        fewer = c.complete(prompt, speculative={"method": "remote", "k": 2}, **GREEDY)  # the server's options
+        fewer = c.complete(prompt, speculative={"method": "remote", "k": 2}, **greedy)  # the server's options
         assert fewer.token_ids == want and fewer.usage.spec_accepted_tokens == fewer.usage.spec_proposed_tokens > 0
         with pytest.raises(InvalidArgumentError, match="speculative k"):
             c.complete(prompt, speculative={"method": "ngram", "k": 99}, max_tokens=2)
