@@ -95,7 +95,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                  max_inflight: int = 256, max_message_bytes: int = 16 << 20, retrieval: str | None = None,
                  kvstore: str | None = None, draft: str | None = None, salt_per_key: bool = False,
                  credentials=None, migration: MigrationConfig | None = None, resolve: Resolve | None = None,
-                 disaggregate: str = "auto", disaggregate_min_uncached_tokens: int = 256):
+                 disaggregate: str = "auto", disaggregate_min_uncached_tokens: int = 64):
         """tokenizer, decode, prefill, retrieval, kvstore, draft: targets (host:port) of the
         services. Without prefill targets the pipeline is aggregated: decode workers run whole
         requests. kvstore and draft are only asked for their Stats (/metrics). salt_per_key (API
