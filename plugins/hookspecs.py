@@ -178,7 +178,9 @@ def tandem_draft_proposers(api_version: int) -> list[type]:
         `propose(token_ids, num_tokens)` returns up to num_tokens guessed next tokens for the
         sequence whose prompt and output so far are token_ids. One instance per engine and
         (method, options) serves every request and sequence, one call at a time: key any state
-        by the context shown, as `draft_model` does.
+        by the context shown, as `draft_model` does. A proposer with `asynchronous = True`
+        overrides `propose_async(token_ids, num_tokens)` (a future of the guesses): the engine
+        asks ahead and never waits for it (docs/plugins.md).
 
     Not firstresult. Example::
 
