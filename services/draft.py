@@ -8,7 +8,6 @@ from tandem.errors import InvalidRequestError
 from tandem.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 from .common import Registration, rpc
-from .convert import token_ids
 from .metrics import with_rpc_counts
 
 MAX_PROPOSALS = 64
@@ -42,7 +41,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         if len(request.token_ids) > MAX_CONTEXT_TOKENS:
             raise InvalidRequestError(f"at most {MAX_CONTEXT_TOKENS} context tokens, got {len(request.token_ids)}")
         proposer = self._proposer(request.method, request.options_json)
-        tokens = proposer.propose(token_ids(request.token_ids), request.k)
+        tokens = proposer.propose(list(request.token_ids), request.k)
         self.counters["requests"] += 1
         self.counters["proposed_tokens"] += len(tokens)
         return draft_pb2.ProposeResponse(token_ids=tokens)

@@ -29,7 +29,7 @@ import uuid
 
 from tandem.errors import InvalidRequestError, QueueFullError
 from tandem.limits import (MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_RAG_K,
-                           MAX_ROLE_CHARS, check_count, check_text)
+                           MAX_ROLE_CHARS, check_count, check_text, check_token_ids)
 from tandem.rag.prompt import canonical, rag_prompt
 from tandem.sampling_params import SamplingParams
 from tandem.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, draft_pb2_grpc, gateway_pb2, gateway_pb2_grpc,
@@ -38,7 +38,6 @@ from tandem.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, draft_pb2_grpc, 
 
 from .common import Registration, Unavailable, bearer_key, client_channel, rpc, status_of
 from .config import MigrationConfig
-from .convert import prompt_ids, token_ids
 from .disaggregation import Disaggregation, Route, check_policy
 from .metrics import GatewayMetrics
 from .migration import Migrator, Progress
@@ -154,7 +153,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if which is None:
             raise InvalidRequestError("the request has no prompt: set text or token_ids")
         rag = request.rag if request.HasField("rag") else None
-        ids = prompt_ids(request.token_ids.ids) if which == "token_ids" else None
+        ids = check_token_ids("prompt", request.token_ids.ids) if which == "token_ids" else None
         check_policy(request.disaggregate)
         admission = self.admit(params.n, "grpc", "generate")
         try:
@@ -254,7 +253,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             messages[-1].content = rag_prompt(messages[-1].content, sources)
         answer = await self.tokenizer.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(messages=messages),
                                                         timeout=deadline.remaining())
-        return token_ids(answer.token_ids), sources
+        return list(answer.token_ids), sources
 
     async def model_card(self, deadline: Deadline | None = None) -> gateway_pb2.ModelCard:
         """The served model, asked of a worker once (every HTTP request checks its `model` against it)."""
@@ -286,7 +285,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _tokenize(self, text: str, timeout: float | None) -> list[int]:
         answer = await self.tokenizer.Tokenize(common_pb2.TokenizeRequest(text=text), timeout=timeout)
-        return token_ids(answer.token_ids)
+        return list(answer.token_ids)
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: Deadline,
                        sources=(), api: str = "grpc", endpoint: str = "generate", admission: Admission | None = None,

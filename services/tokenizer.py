@@ -6,7 +6,6 @@ from tandem.tokenizer import Tokenizer
 from tandem.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 from .common import Registration, rpc
-from .convert import token_ids
 from .metrics import with_rpc_counts
 
 MAX_TEXT_BYTES = 4 << 20  # a prompt is limited in tokens by the engine; this bounds the work before that
@@ -25,7 +24,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
 
     @rpc
     async def Detokenize(self, request, context):
-        ids = token_ids(request.token_ids)
+        ids = list(request.token_ids)
         self.tokenizer.check_ids(ids)
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         return common_pb2.DetokenizeResponse(text=self.tokenizer.decode(ids, skip))
