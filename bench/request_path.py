@@ -58,7 +58,8 @@ class Tracer:
         if not self.on or event != "call":
             return
         path = frame.f_code.co_filename
-        if not path.startswith(self.root) or "/tandem/v1/" in path or "/bench/" in path:
+        if (not path.startswith(self.root) or "/tandem/v1/" in path or "/bench/" in path
+                or "/site-packages/" in path):  # a virtual environment inside the checkout is not tandem
             return
         name = frame.f_code.co_name
         self.calls.add((path[len(self.root):], name, threading.get_ident()))
@@ -106,7 +107,13 @@ def main() -> None:
     tracer = Tracer(root)
     threading.setprofile(tracer)
     sys.setprofile(tracer)
-    config = PipelineConfig(model=args.model, mode=args.mode, grpc_port=0, http_port=None, kv_cache_memory=64 << 20)
+    import dataclasses
+
+    # The hand-off is what a disaggregated pipeline's request path is about: a checkout that decides
+    # per request (issue 16) is told to take it, since the short prompt would run whole in `auto`.
+    choose = {"disaggregate": "always"} if "disaggregate" in {f.name for f in dataclasses.fields(PipelineConfig)} else {}
+    config = PipelineConfig(model=args.model, mode=args.mode, grpc_port=0, http_port=None, kv_cache_memory=64 << 20,
+                            **choose)
     with InProcessPipeline(config) as pipe, Client(pipe.address) as client:
         owners = thread_owners(pipe)
         ask = lambda text: client.complete(text, max_tokens=8, temperature=0)  # noqa: E731

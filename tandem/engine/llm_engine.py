@@ -120,13 +120,15 @@ class LLMEngine:
                 self.tokenizer.check_ids(tokens)
         request = Request(request_id, list(prompt_ids), params, RequestMetrics(time.monotonic(), len(prompt_ids)),
                           self.sampler.prepare(params), prefill_only=prefill_only, resumed=generated is not None)
-        request.spec = self.spec.state_for(request)
+        if params.speculative != "default" or self.spec.policy.default is not None:  # else it cannot speculate
+            request.spec = self.spec.state_for(request)
         if generated is None:
             request.seqs.append(Sequence(request_id, list(prompt_ids), len(prompt_ids), params))
         else:
             self._resume(request, generated)
         self.requests[request_id] = request
-        self.spec.started(request)
+        if request.spec is not None:
+            self.spec.started(request)
         if not self._load(request):
             self._queue(request)
 
@@ -155,7 +157,8 @@ class LLMEngine:
         request = self.requests.pop(request_id, None) or self._saving.pop(request_id, None)
         if request is None:
             return
-        self.spec.finished(request)
+        if request.spec is not None:
+            self.spec.finished(request)
         for seq in request.seqs:
             self.scheduler.remove(seq)
         for builder in request.builders:
@@ -296,7 +299,8 @@ class LLMEngine:
         for request in dict.fromkeys(requests):
             if request.finished and request.request_id in self.requests:
                 del self.requests[request.request_id]
-                self.spec.finished(request)
+                if request.spec is not None:
+                    self.spec.finished(request)
                 if request.prefill_only and self._save(request):
                     continue  # its output comes once the store holds its blocks
                 done.append(self._finish(request, now))

@@ -89,12 +89,11 @@ class SpecDecoder:
         return None if config is None else SpeculationState(config, self._proposer(config))
 
     def started(self, request: Request) -> None:
-        self.num_active += request.spec is not None
+        """A request with speculation on (request.spec) joined the engine."""
+        self.num_active += 1
 
     def finished(self, request: Request) -> None:
-        """The request left the engine: forget its questions."""
-        if request.spec is None:
-            return
+        """A request with speculation on left the engine: forget its questions."""
         self.num_active -= 1
         for seq in request.seqs:
             self._questions.pop(seq.seq_id, None)
