@@ -20,7 +20,7 @@ Every prompt is a fresh window of the Shakespeare that ships with tandem (tandem
 holds ~15 rounds; the default 3 take the same windows as runs before 2026-11-30, which cut them
 from the first 400,000 characters of the full 1 MB text.
 
-    .venv/bin/python bench/pipeline.py [--launcher inprocess|ray] [--mode disaggregated|aggregated]
+    .venv/bin/python bench/pipeline.py [--launcher inprocess|ray] [--mode disaggregated|aggregated] [--disaggregate always|auto|never]
         [--rounds 3] [--threads 2] [--json bench/pipeline.json]
 
 --launcher inprocess (the default) runs every service on loopback threads of this process and so
@@ -131,7 +131,8 @@ async def tokens_per_s(request, target, prompts: list[list[int]], max_tokens: in
 
 def start_pipeline(args):
     config = PipelineConfig(mode=args.mode, grpc_port=free_port(), http_port=None, num_threads=args.threads,
-                            kv_cache_memory=KV_CACHE_MEMORY, object_store_memory=RAY_OBJECT_STORE_BYTES)
+                            kv_cache_memory=KV_CACHE_MEMORY, object_store_memory=RAY_OBJECT_STORE_BYTES,
+                            disaggregate=args.disaggregate)
     if args.launcher == "ray":
         from tandem.orchestration.ray_launcher import RayPipeline
 
@@ -264,6 +265,9 @@ def main() -> None:
     ap.add_argument("--launcher", choices=("inprocess", "ray"), default="inprocess")
     ap.add_argument("--mode", choices=("disaggregated", "aggregated"), default="disaggregated")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--disaggregate", choices=("always", "auto", "never"), default="always",
+                    help="per-request disaggregation (the config's); always: every request takes the "
+                         "hand-off, the shape of the figures before the router decided")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
     ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (batch 1 and concurrent)")
     ap.add_argument("--prompt-tokens", type=int, default=100, help="batch-1 prompt length")
