@@ -119,8 +119,8 @@ class Disaggregation:
     """The policy of one gateway: its default, auto's threshold, and the running estimates."""
 
     def __init__(self, router: Router, default: str = "auto", min_uncached_tokens: int = DEFAULT_MIN_UNCACHED_TOKENS):
-        self.router, self.default, self.min_uncached_tokens = router, check_policy(default) or "auto", \
-            min_uncached_tokens
+        self.router, self.min_uncached_tokens = router, min_uncached_tokens
+        self.default = check_policy(default) or "auto"
         self.estimates = Estimates()
 
     async def route(self, prompt: list[int], policy: str, cache_salt: str, deadline: float | None) -> Route:
