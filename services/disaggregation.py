@@ -50,16 +50,17 @@ POLICIES = ("auto", "always", "never")
 REASONS = ("always", "never", "no_prefill_workers", "prefill_unavailable", "short_prompt", "prefill_busy",
            "long_prompt")
 # Measured with `bench/disaggregate.py --calibrate` (bench/RESULTS.md, "Per-request
-# disaggregation"): default model (SmolLM2-135M, fp32 KV: 46 KB per token), one torch thread per
-# worker on the 2-core reference CPU, idle in-process pipeline, prompts of 16 to 512 fresh tokens.
-# - prefill: 3.2-3.5 ms per prompt token (0.83 s for 256 tokens, 1.78 s for 512);
-# - the KV hand-off (the prefill worker's publish + the decode worker's fetch, through the store):
-#   7.5 ms + 0.31 ms per prompt token (12.5 ms for 16 tokens, 166 ms for 512);
+# disaggregation"; bench/disaggregate_calibration.json): default model (SmolLM2-135M, fp32 KV:
+# 46 KB per token), one torch thread per worker on the 2-core reference CPU, idle in-process
+# pipeline, prompts of 16 to 512 fresh tokens, medians of 3.
+# - prefill: 3.3 ms per prompt token (0.84 s for 256 tokens, 1.68 s for 512);
+# - the KV hand-off (the prefill worker's save + the decode worker's load, through the store):
+#   about 7 ms + 0.25 ms per prompt token (11 ms for 16 tokens, 136 ms for 512);
 # - a prompt run whole on a decode worker stalls the streams decoding there about as long as its
-#   prefill: 0.08 s for 16 tokens, 0.15 s for 32, 0.21 s for 64, 0.39 s for 128, 0.81 s for 256.
-DEFAULT_PREFILL_S_PER_TOKEN = 3.4e-3
-DEFAULT_HANDOFF_S_PER_TOKEN = 0.31e-3
-HANDOFF_FIXED_S = 0.0075  # the hand-off's cost beyond the bytes: the store's round trips
+#   prefill: 0.07 s for 16 tokens, 0.11 s for 32, 0.18 s for 64, 0.37 s for 128, 0.68 s for 256.
+DEFAULT_PREFILL_S_PER_TOKEN = 3.3e-3
+DEFAULT_HANDOFF_S_PER_TOKEN = 0.25e-3
+HANDOFF_FIXED_S = 0.007  # the hand-off's cost beyond the bytes: the store's round trips
 # Below this many uncached tokens a prompt runs on a decode worker: there it stalls the running
 # streams ~0.2 s at most (about two decode steps), while the hand-off would make it wait behind
 # whatever the prefill worker is computing and cost two more rpcs and the store's round trips.

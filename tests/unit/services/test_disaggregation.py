@@ -14,7 +14,7 @@ import tandem
 from tandem.errors import InvalidRequestError
 from tandem.orchestration.local import InProcessPipeline
 from tandem.sdk import Client, InvalidArgumentError
-from tandem.services.disaggregation import HANDOFF_FIXED_S, Disaggregation, check_policy
+from tandem.services.disaggregation import HANDOFF_FIXED_S, REASONS, Disaggregation, check_policy
 from tests.unit.services.test_http import metric
 from tests.unit.services.test_migration import joined, pace, running, stream_with_fault
 from tests.unit.services.test_pipeline import GREEDY, config, stats
@@ -48,8 +48,10 @@ class FakeRouter:
 
 
 def decide(router, num_tokens: int, policy: str = "", default: str = "auto"):
-    return asyncio.run(Disaggregation(router, default, min_uncached_tokens=100).route([1] * num_tokens, policy, "",
-                                                                                     None))
+    route = asyncio.run(Disaggregation(router, default, min_uncached_tokens=100).route([1] * num_tokens, policy, "",
+                                                                                      None))
+    assert route.reason in REASONS  # a label value /metrics documents
+    return route
 
 
 def test_the_rule_in_order():
