@@ -11,12 +11,13 @@ import httpx
 import pytest
 
 import tandem
-from tandem.errors import InvalidRequestError
+from tandem.errors import ConfigError, InvalidRequestError
 from tandem.orchestration.local import InProcessPipeline
 from tandem.sdk import Client, InvalidArgumentError
 from tandem.services.disaggregation import HANDOFF_FIXED_S, REASONS, Disaggregation, check_policy
 from tests.unit.services.test_http import metric
 from tests.unit.services.test_migration import joined, pace, running, stream_with_fault
+from tandem.services.config import PipelineConfig
 from tests.unit.services.test_pipeline import GREEDY, config, stats
 
 THRESHOLD = 48  # auto's min_uncached_tokens here: SHORT is below it, LONG above
@@ -102,6 +103,16 @@ def test_bad_policies_are_invalid(value):
     with pytest.raises(InvalidRequestError, match="disaggregate must be one of auto, always, never"):
         check_policy(value)
     assert check_policy("") == "" and check_policy("never") == "never"
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"disaggregate": "sometimes"}, "disaggregate must be one of"),
+    ({"disaggregate_min_uncached_tokens": -1}, "disaggregate_min_uncached_tokens must be an integer >= 0"),
+    ({"disaggregate_min_uncached_tokens": 1.5}, "disaggregate_min_uncached_tokens must be an integer >= 0")])
+def test_the_config_refuses_bad_settings(settings, match):
+    with pytest.raises(ConfigError, match=match):
+        PipelineConfig(**settings)
+    assert (PipelineConfig().disaggregate, PipelineConfig().disaggregate_min_uncached_tokens) == ("auto", 64)
 
 
 # -- the pipeline --------------------------------------------------------------------------------
