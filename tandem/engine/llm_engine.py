@@ -191,8 +191,8 @@ class LLMEngine:
                 raise RuntimeError(f"the engine cannot schedule any of {len(self.requests)} requests: "
                                    f"{self.block_manager.num_free_blocks} of {self.block_manager.num_blocks} "
                                    "KV blocks free")
-            if self._loading or self._saving:  # only transfers left: wait for one (library mode)
-                self.connector.wait(0.05)
+            if (self._loading or self._saving) and self.connector.notify is None:
+                self.connector.wait(0.05)  # only transfers left, and no driver to wake: wait for one here
             return [], done
         rows, counts, verifying = self._sample_rows(plan)
         logits = self.runner.execute(plan.scheduled, plan.copies, rows,
