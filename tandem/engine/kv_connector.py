@@ -26,12 +26,17 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from tandem.errors import ConfigError
 from tandem.kv_store import (DEFAULT_CHUNK_BYTES, BlockSeal, ChunkAssembler, KVBlockStore, tensors_from_bytes,
                              tensors_to_bytes, to_chunks)
+
+if TYPE_CHECKING:
+    from tandem.engine.llm_engine import LLMEngine
+    from tandem.engine.sequence import Request
 
 log = logging.getLogger(__name__)
 Blocks = list[tuple[bytes, list[torch.Tensor]]]  # (content hash, the block's tensors: ModelRunner.export_blocks)
@@ -147,6 +152,89 @@ class KVConnector:
     def _published(self, blocks: Blocks) -> None:
         self.counters.add(kv_blocks_published=len(blocks),
                           kv_bytes_published=sum(t.nbytes for _, ts in blocks for t in ts))
+
+
+class KVTransfer:
+    """The engine's side of its connector (on the engine thread): which requests wait for their
+    prompt blocks (loading) and which finished prefill_only requests wait for their save (saving)."""
+
+    def __init__(self, engine: LLMEngine, connector: KVConnector):
+        self.engine, self.connector = engine, connector
+        self.loading: dict[str, Request] = {}
+        self.saving: dict[str, Request] = {}
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.loading or self.saving)
+
+    def load(self, request: Request) -> bool:
+        """Ask for the leading prompt blocks the engine's prefix cache lacks (the last prompt token
+        is always computed; a resumed request ends the hand-off's lease). True: the request waits
+        aside until they are in."""
+        bm, size = self.engine.block_manager, self.engine.config.block_size
+        if not bm.enable_prefix_caching:
+            return False
+        usable = min(len(request.prompt_ids), min(s.num_tokens for s in request.seqs) - 1) // size
+        chain = bm.chain(request.seqs[0], usable)
+        request.num_local_blocks = bm.num_cached_prefix(chain)
+        if request.num_local_blocks == usable or not self.connector.load(
+                request.request_id, chain[request.num_local_blocks:], release=request.resumed):
+            return False
+        self.loading[request.request_id] = request
+        return True
+
+    def save(self, request: Request) -> bool:
+        """Send the prompt's full blocks the store may lack (those not loaded from it) and pin the
+        whole chain for the hand-off. True: the request reports its output once that is done."""
+        bm, size = self.engine.block_manager, self.engine.config.block_size
+        if not bm.enable_prefix_caching:
+            return False
+        chain = bm.chain(request.seqs[0], len(request.prompt_ids) // size)
+        known = request.num_local_blocks + request.num_loaded_blocks  # [local, known) came from the store
+        if not self.connector.save(request.request_id, self.engine.export_cached(chain[known:]), chain):
+            return False
+        request.saving = True
+        self.saving[request.request_id] = request
+        return True
+
+    def forget(self, request_id: str) -> Request | None:
+        """An aborted request: its transfers' answers will be ignored. Returns it if it was saving."""
+        self.loading.pop(request_id, None)
+        return self.saving.pop(request_id, None)
+
+    def receive(self) -> tuple[list[Request], list[Request]]:
+        """The finished transfers: (requests whose blocks are now in the prefix cache, to queue;
+        requests whose prompt is saved, to finish). Blocks the store had lost since they were saved
+        are sent again from the cache, once per request."""
+        loaded, saved = [], []
+        for event in self.connector.poll():
+            if isinstance(event, Loaded):
+                request = self.loading.pop(event.request_id, None)
+                if request is None:  # aborted meanwhile
+                    continue
+                request.metrics.kv_transfer_s += event.seconds
+                try:
+                    self.engine.import_blocks([h for h, _ in event.blocks], [b for _, b in event.blocks])
+                    request.num_loaded_blocks = len(event.blocks)
+                except ValueError as exc:  # blocks of another layout: computed instead
+                    log.warning("KV blocks from the store do not fit this pool: %s", exc)
+                loaded.append(request)
+                continue
+            request = self.saving.get(event.request_id)
+            if request is None:
+                continue
+            request.metrics.kv_transfer_s += event.seconds
+            if event.missing and not request.resaved:
+                request.resaved = True
+                if self.connector.save(request.request_id, self.engine.export_cached(event.missing), event.missing):
+                    continue
+            del self.saving[event.request_id]
+            request.saving = False
+            saved.append(request)
+        return loaded, saved
+
+    def stats(self) -> dict:
+        return {"kv_loading_requests": len(self.loading), **self.connector.stats()}
 
 
 class LocalStoreConnector(KVConnector):

@@ -9,19 +9,18 @@ this same engine. Around that loop, each concern has its own module: output proc
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 
 import torch
 
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig, num_kv_blocks
-from tandem.engine.kv_connector import Blocks, KVConnector, Loaded
+from tandem.engine.kv_connector import Blocks, KVConnector, KVTransfer
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.sequence import Request, Sequence
 from tandem.engine.spec_decode import SpecDecoder
-from tandem.errors import ConfigError, InvalidRequestError, PluginError, QueueFullError
+from tandem.errors import ConfigError, InvalidRequestError, QueueFullError
 from tandem.model.attention import DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBackend, AttentionVariant
 from tandem.model.kv_pool import DEFAULT_KV_FORMAT, KVCacheFormat
 from tandem.outputs import OutputProcessor, RequestMetrics, RequestOutput, StreamDelta, TokenLogprob
@@ -29,8 +28,6 @@ from tandem.sampling import SamplerPipeline, SamplingBatch
 from tandem.sampling_params import SamplingParams
 from tandem.speculative import SpeculativeConfig
 from tandem.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -71,16 +68,19 @@ class LLMEngine:
             raise ConfigError(f"a KV pool of {blocks} x {block_size} tokens cannot hold a one-token "
                               "prompt and its answer; raise num_kv_blocks or kv_cache_memory")
         self.requests: dict[str, Request] = {}  # admitted and not finished (loading ones included)
-        self._loading: dict[str, Request] = {}  # waiting for prompt blocks from the connector
-        self._saving: dict[str, Request] = {}  # prefill_only, finished, their blocks going to the store
         self.num_finished_requests = 0
         self.outputs = OutputProcessor(tokenizer, self.max_model_len)
         self.spec = SpecDecoder(speculative, speculative_methods, proposer_factory, c.vocab_size, self.max_model_len)
-        self.connector = connector
+        self.kv: KVTransfer | None = None  # the connector's engine side
+        self.attach_connector(connector)
 
     def attach_connector(self, connector: KVConnector | None) -> None:
         """Share KV blocks with an external store from now on (None: stop). Call it before adding requests."""
-        self.connector = connector
+        self.kv = None if connector is None else KVTransfer(self, connector)
+
+    @property
+    def connector(self) -> KVConnector | None:
+        return None if self.kv is None else self.kv.connector
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
@@ -97,7 +97,7 @@ class LLMEngine:
         not prompt: penalties, max_tokens, stop rules and the seeded draws carry on as if this
         engine had sampled them; their text was streamed already. A sample they finish stays
         finished. With a connector, the prompt blocks the store holds are fetched first."""
-        if request_id in self.requests or request_id in self._saving:
+        if request_id in self.requests or (self.kv is not None and request_id in self.kv.saving):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty")
@@ -108,7 +108,7 @@ class LLMEngine:
                      if pool == self.max_model_len else f"the context window is {self.max_model_len}")
             raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens; {limit} "
                                       "and at least one token must be left to generate")
-        if len(self.scheduler.waiting) + len(self._loading) >= self.config.max_waiting:
+        if len(self.scheduler.waiting) + (len(self.kv.loading) if self.kv else 0) >= self.config.max_waiting:
             raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting requests)")
         if generated is not None:
             if prefill_only:
@@ -129,7 +129,7 @@ class LLMEngine:
         self.requests[request_id] = request
         if request.spec is not None:
             self.spec.started(request)
-        if not self._load(request):
+        if self.kv is None or not self.kv.load(request):
             self._queue(request)
 
     def _resume(self, request: Request, generated: list[list[int]]) -> None:
@@ -153,8 +153,8 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks now. Unknown or finished ids are a no-op."""
-        self._loading.pop(request_id, None)
-        request = self.requests.pop(request_id, None) or self._saving.pop(request_id, None)
+        saving = self.kv.forget(request_id) if self.kv is not None else None
+        request = self.requests.pop(request_id, None) or saving
         if request is None:
             return
         if request.spec is not None:
@@ -166,21 +166,21 @@ class LLMEngine:
                 builder.finish_reason = "abort"
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests or self._saving)
+        return bool(self.requests) or bool(self.kv and self.kv.saving)
 
     def unfinished_ids(self) -> list[str]:
-        return [*self.requests, *self._saving]
+        return [*self.requests, *(self.kv.saving if self.kv else ())]
 
     def ready(self) -> bool:
         """Whether step() has anything to do now: sequences to run, or transfers that finished.
         (Requests waiting only on the connector make it False: a driver may sleep until notified.)"""
-        return self.scheduler.has_work() or (self.connector is not None and self.connector.has_events)
+        return self.scheduler.has_work() or (self.kv is not None and self.kv.connector.has_events)
 
     # -- stepping -------------------------------------------------------------------------------
     def step(self) -> tuple[list[StreamDelta], list[RequestOutput]]:
         """One iteration: schedule, run, process. Returns the deltas of every sample that advanced
         and the outputs of the requests that finished."""
-        done = self._receive_kv() if self.connector is not None else []
+        done = self._receive_kv() if self.kv is not None else []
         if self.spec.num_active:
             failed = self.spec.propose(self.scheduler.running, self.requests, self.block_manager,
                                        len(self.scheduler.waiting))
@@ -191,8 +191,8 @@ class LLMEngine:
                 raise RuntimeError(f"the engine cannot schedule any of {len(self.requests)} requests: "
                                    f"{self.block_manager.num_free_blocks} of {self.block_manager.num_blocks} "
                                    "KV blocks free")
-            if (self._loading or self._saving) and self.connector.notify is None:
-                self.connector.wait(0.05)  # only transfers left, and no driver to wake: wait for one here
+            if self.kv is not None and self.kv.pending and self.kv.connector.notify is None:
+                self.kv.connector.wait(0.05)  # only transfers left, and no driver to wake: wait for one here
             return [], done
         rows, counts, verifying = self._sample_rows(plan)
         logits = self.runner.execute(plan.scheduled, plan.copies, rows,
@@ -301,7 +301,7 @@ class LLMEngine:
                 del self.requests[request.request_id]
                 if request.spec is not None:
                     self.spec.finished(request)
-                if request.prefill_only and self._save(request):
+                if request.prefill_only and self.kv is not None and self.kv.save(request):
                     continue  # its output comes once the store holds its blocks
                 done.append(self._finish(request, now))
         return done
@@ -312,63 +312,13 @@ class LLMEngine:
         return self.outputs.output(request)
 
     # -- KV blocks from and to an external store (the connector) ----------------------------------
-    def _load(self, request: Request) -> bool:
-        """Ask the connector for the leading prompt blocks this engine's prefix cache lacks; True:
-        the request waits aside for them (step() queues it once they are in)."""
-        if self.connector is None or not self.block_manager.enable_prefix_caching:
-            return False
-        size, first = self.config.block_size, request.seqs[0]
-        usable = min(len(request.prompt_ids), min(s.num_tokens for s in request.seqs) - 1) // size
-        chain = self.block_manager.chain(first, usable)
-        request.num_local_blocks = self.block_manager.num_cached_prefix(chain)
-        if request.num_local_blocks == usable or not self.connector.load(
-                request.request_id, chain[request.num_local_blocks:], release=request.resumed):
-            return False
-        self._loading[request.request_id] = request
-        return True
-
-    def _save(self, request: Request) -> bool:
-        """Send the prompt's full blocks the store may lack (those computed here) and pin the whole
-        chain for the hand-off; True: the request reports its output once that is done."""
-        if self.connector is None or not self.block_manager.enable_prefix_caching:
-            return False
-        chain = self.block_manager.chain(request.seqs[0], len(request.prompt_ids) // self.config.block_size)
-        known = request.num_local_blocks + request.num_loaded_blocks  # [local, known) came from the store
-        if not self.connector.save(request.request_id, self.export_cached(chain[known:]), chain):
-            return False
-        request.saving = True
-        self._saving[request.request_id] = request
-        return True
-
     def _receive_kv(self) -> list[RequestOutput]:
-        """Finished transfers: loaded blocks into the prefix cache (their requests join the queue),
-        saved prompts' requests report their outputs."""
-        done = []
-        for event in self.connector.poll():
-            if isinstance(event, Loaded):
-                request = self._loading.pop(event.request_id, None)
-                if request is None:  # aborted meanwhile
-                    continue
-                request.metrics.kv_transfer_s += event.seconds
-                try:
-                    self.import_blocks([h for h, _ in event.blocks], [b for _, b in event.blocks])
-                    request.num_loaded_blocks = len(event.blocks)
-                except ValueError as exc:  # a block of another layout: computed instead
-                    log.warning("KV blocks from the store do not fit this pool: %s", exc)
-                self._queue(request)
-                continue
-            request = self._saving.get(event.request_id)
-            if request is None:
-                continue
-            request.metrics.kv_transfer_s += event.seconds
-            if event.missing and not request.resaved:  # evicted from the store since: once more, ours
-                request.resaved = True
-                if self.connector.save(request.request_id, self.export_cached(event.missing), event.missing):
-                    continue
-            del self._saving[event.request_id]
-            request.saving = False
-            done.append(self._finish(request, time.monotonic()))
-        return done
+        """Finished transfers: requests whose blocks are in join the queue; saved prompts' requests
+        report their outputs."""
+        loaded, saved = self.kv.receive()
+        for request in loaded:
+            self._queue(request)
+        return [self._finish(request, time.monotonic()) for request in saved]
 
     def num_cached_tokens(self, prompt_ids: list[int], cache_salt: str | None = None) -> int:
         """How many leading tokens of a prompt this engine's prefix cache holds (whole blocks)."""
@@ -410,5 +360,5 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             **self.spec.stats(),
             "finished_requests": self.num_finished_requests,
-            **({"kv_loading_requests": len(self._loading), **self.connector.stats()} if self.connector else {}),
+            **(self.kv.stats() if self.kv is not None else {}),
         }
