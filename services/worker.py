@@ -45,8 +45,10 @@ class Worker:
 
     def __init__(self, llm: LLM, config: PipelineConfig, role: str, kv_store: str | None,
                  resolve: Resolve | None = None, exit_on_fatal: bool = False):
-        """kv_store: the KV-cache store's address (None: no store, aggregated mode); resolve:
-        where a service that moved listens now (services.routing), for the store.
+        """kv_store: the KV-cache store's address, used by the prefill and decode roles (an
+        aggregated worker, role "both", keeps to its own prefix cache: nothing saves to the store
+        in that mode, so asking it would only cost a call); resolve: where a service that moved
+        listens now (services.routing), for the store.
         exit_on_fatal: end the process when the engine loop dies, so its supervisor (Ray,
         Kubernetes) starts a fresh one; else the worker only reports NOT_SERVING (in-process tests)."""
         self.llm, self.config, self.role = llm, config, role
@@ -54,7 +56,7 @@ class Worker:
         self.exit_on_fatal = exit_on_fatal
         self.block_size = llm.engine.config.block_size
         self.namespace = config.kv_namespace(llm.model_path, self.block_size, llm.device.type)
-        if kv_store:
+        if kv_store and role != "both":
             credentials = config.internal_credentials()  # the token also keys the blocks' seal
             llm.engine.attach_connector(StoreConnector(
                 kv_store, self.namespace, lambda target: client_channel(target, config.max_message_bytes,

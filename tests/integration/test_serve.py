@@ -73,7 +73,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server()
+    s = Server("--disaggregate", "always")  # the hand-off for every request (auto runs short prompts whole)
     s.wait_ready()
     yield s
     assert s.stop() == 0, "\n".join(s.lines[-30:])

@@ -61,8 +61,9 @@ def servers():
 
 @pytest.fixture
 def two_decoders(servers) -> Server:
-    """Disaggregated: one prefill worker, two decode workers."""
-    return servers.get("--replicas", "decode=2")
+    """Disaggregated: one prefill worker, two decode workers; every request takes the hand-off
+    (in `auto` these short prompts would run whole on a decode worker)."""
+    return servers.get("--replicas", "decode=2", "--disaggregate", "always")
 
 
 @pytest.fixture(scope="module")
