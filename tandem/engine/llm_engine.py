@@ -205,10 +205,11 @@ class LLMEngine:
         last token is computed now, one per computed position for a sequence verifying guesses
         (its last real token and each guess), and whether any verifies. Guesses not scheduled are
         dropped."""
-        scheduled = {seq for seq, _ in plan.scheduled}
-        for seq in self.scheduler.running:
-            if seq.spec_token_ids and seq not in scheduled:
-                seq.spec_token_ids = []
+        if self.spec.num_active:
+            scheduled = {seq for seq, _ in plan.scheduled}
+            for seq in self.scheduler.running:
+                if seq.spec_token_ids and seq not in scheduled:
+                    seq.spec_token_ids = []
         rows, counts = [], []
         for i, (seq, num) in enumerate(plan.scheduled):
             if seq.spec_token_ids or num == seq.num_uncomputed_tokens:
