@@ -14,7 +14,7 @@ Every pipeline has two workers of `--threads` torch threads each, so all four us
 Reported per pipeline: TTFT p50/p99 over all requests and over short and long prompts apart, ITL
 p50/p99, output tokens/s, requests/s, and the share of requests each route took (usage).
 
---calibrate measures the constants behind services.disaggregation's defaults instead, on an idle
+--calibrate measures the constants behind services.routing's defaults instead, on an idle
 disaggregated pipeline: per prompt length, the TTFT of `always` and of `never` (medians of
 --reps), the prefill worker's seconds and the KV hand-off's, and the stall a prompt run whole on
 the decode worker puts in a stream already decoding there (its longest gap between tokens).

@@ -33,7 +33,7 @@ from tandem import settings
 from tandem.settings import check, json_schema, setting
 
 MODES = ("disaggregated", "aggregated")
-DISAGGREGATE = ("auto", "always", "never")  # the `disaggregate` policies (services.disaggregation)
+DISAGGREGATE = ("auto", "always", "never")  # the `disaggregate` policies (services.routing)
 ROLES = ("prefill", "decode")
 SERVICES = ("tokenizer", "prefill", "decode", "worker", "kvstore", "draft", "retrieval", "gateway")
 # The EngineConfig fields a pipeline sets under `engine:` (kv_cache_memory is a setting of its own;
@@ -146,7 +146,7 @@ class PipelineConfig:
     # the shape of the pipeline
     mode: str = setting("disaggregated", "separate prefill and decode workers, or one worker doing both",
                         choices=MODES, group="pipeline")
-    # Where a prompt runs in a disaggregated pipeline (services.disaggregation): "auto" (the router
+    # Where a prompt runs in a disaggregated pipeline (services.routing): "auto" (the router
     # decides per request: on a decode worker when the prompt is short or the prefill workers are
     # busier than the hand-off costs, else on a prefill worker), "always" (a prefill worker, then a
     # decode worker), "never" (one decode worker runs it whole). A request may choose its own. No
@@ -155,7 +155,7 @@ class PipelineConfig:
                                 "request), always (a prefill worker, then a decode worker), never (one decode "
                                 "worker runs it whole); a request may choose its own", choices=DISAGGREGATE,
                                 group="pipeline")
-    # services.disaggregation has the measurement behind the default.
+    # services.routing has the measurement behind the default.
     disaggregate_min_uncached_tokens: int = setting(64, "disaggregate auto: a prompt with fewer uncached tokens "
                                                     "than this runs whole on a decode worker", min=0,
                                                     group="pipeline")

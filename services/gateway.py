@@ -4,7 +4,7 @@
     KV published to the store) -> decode worker (streams the rest) -> the client
     aggregated mode: route -> one worker runs the whole request
 
-In a disaggregated pipeline, the route is chosen per request (services.disaggregation: the
+In a disaggregated pipeline, the route is chosen per request (services.routing: the
 `disaggregate` policy, auto / always / never): a request may also run whole on a decode worker.
 The decision and its reason travel back in the last response's Usage and count in /metrics.
 
@@ -38,10 +38,9 @@ from tandem.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, draft_pb2_grpc, 
 
 from .common import Registration, Unavailable, bearer_key, client_channel, rpc, status_of
 from .config import MigrationConfig
-from .disaggregation import Disaggregation, Route, check_policy
 from .metrics import GatewayMetrics
 from .migration import Migrator, Progress
-from .routing import Endpoint, Peer, Resolve, Router
+from .routing import Disaggregation, Endpoint, Peer, Resolve, Route, Router, check_policy
 
 _request_ids = itertools.count()
 DEFAULT_RAG_K = 4
@@ -101,7 +100,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         keys are configured): each key's requests get a prefix cache of their own. migration: how
         streams move between workers; resolve: where a service that moved listens now
         (services.routing). disaggregate, disaggregate_min_uncached_tokens: the requests' default
-        route policy and auto's threshold (services.disaggregation)."""
+        route policy and auto's threshold (services.routing)."""
         if not decode:
             raise ValueError("the gateway needs at least one decode (or aggregated) worker")
         # credentials: the pipeline's (services.credentials), presented on every internal call

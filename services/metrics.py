@@ -4,7 +4,7 @@ Two sources, one namespace (`tandem_`), documented in docs/metrics.md:
 - the gateway's own view of every request (gRPC and HTTP alike): TTFT, inter-token latency and
   end-to-end latency histograms, prompt/generated/cached token counters, requests by endpoint and
   outcome, requests in flight, requests migrated between workers, requests by the route they took
-  (aggregated or disaggregated) and why (services.disaggregation);
+  (aggregated or disaggregated) and why (services.routing);
 - every other service's `Stats` rpc, asked at scrape time (vLLM's engine gauges, per worker):
   running and waiting requests, KV blocks used and free, prefix-cache hits, speculative decoding,
   and each service's rpc count and errors. A service that does not answer within
@@ -126,7 +126,7 @@ class GatewayMetrics:
         self.migrations = Counter("request_migrations", "Requests moved to another worker mid-way, by why "
                                   "(services.migration).", ["reason"], **kw)
         self.routed = Counter("requests_routed", "Requests by where their prompt ran (path: aggregated or "
-                              "disaggregated) and why (services.disaggregation).", ["path", "reason"], **kw)
+                              "disaggregated) and why (services.routing).", ["path", "reason"], **kw)
         self.services = ServiceStatsCollector()
         self.registry.register(self.services)
 

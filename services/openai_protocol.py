@@ -120,7 +120,7 @@ class _Sampling(BaseModel):
     # tandem's extras
     speculative: SpeculativeRequest | Literal["default"] | None = "default"
     rag: RagRequest | None = None
-    # where the prompt runs (services.disaggregation); None: the server's `disaggregate` setting
+    # where the prompt runs (services.routing); None: the server's `disaggregate` setting
     disaggregate: Literal["auto", "always", "never"] | None = None
 
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -241,7 +241,7 @@ def token_text(raw: bytes) -> str:
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, routes: list[dict] | None = None) -> dict:
     """OpenAI's usage object; tandem adds `routes`: per prompt, in order, where it ran
-    ({"disaggregated": bool, "reason": str}, services.disaggregation)."""
+    ({"disaggregated": bool, "reason": str}, services.routing)."""
     out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
            "total_tokens": prompt_tokens + completion_tokens,
            "prompt_tokens_details": {"cached_tokens": cached_tokens}}

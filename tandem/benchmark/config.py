@@ -14,7 +14,7 @@ from pathlib import Path
 
 BACKENDS = ("tandem", "openai", "openai-chat")
 DATASETS = ("random", "shared", "sharegpt", "mixed")
-DISAGGREGATE = ("auto", "always", "never")  # a tandem pipeline's route policies (services.disaggregation)
+DISAGGREGATE = ("auto", "always", "never")  # a tandem pipeline's route policies (services.routing)
 SLO_METRICS = ("ttft", "tpot", "e2el")  # vLLM's --goodput keys; milliseconds
 _SLO_ALIASES = {"e2e": "e2el"}
 DEFAULT_OUTPUT_LEN = 64

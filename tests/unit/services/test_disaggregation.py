@@ -1,4 +1,4 @@
-"""Per-request disaggregation (services.disaggregation): the policy's rule on plain Python, then the
+"""Per-request disaggregation (services.routing): the policy's rule on plain Python, then the
 pipeline on the tiny model: auto, always and never each take their path (seen in the workers'
 Stats and in the usage), with the same greedy tokens as the library; a request's choice beats the
 config's; bad values are refused over gRPC and HTTP; /metrics counts the routes; an aggregated
@@ -14,7 +14,7 @@ import tandem
 from tandem.errors import ConfigError, InvalidRequestError
 from tandem.orchestration.local import InProcessPipeline
 from tandem.sdk import Client, InvalidArgumentError
-from tandem.services.disaggregation import HANDOFF_FIXED_S, REASONS, Disaggregation, check_policy
+from tandem.services.routing import HANDOFF_FIXED_S, REASONS, Disaggregation, check_policy
 from tests.unit.services.test_http import metric
 from tests.unit.services.test_migration import joined, pace, running, stream_with_fault
 from tandem.services.config import PipelineConfig
