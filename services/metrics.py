@@ -59,6 +59,16 @@ SERVICE_METRICS = {
     "expired_pins": ("kv_store_expired_pins", "KV-cache store pins released because their lease ran out.", "counter"),
     "kv_blocks_rejected": ("kv_blocks_rejected", "KV blocks from the store that failed their digest check "
                            "(forged or corrupted): dropped and computed again.", "counter"),
+    # a prefill or decode worker's KV connector (tandem/engine/kv_connector.py)
+    "kv_loading_requests": ("kv_connector_loading_requests",
+                            "Requests waiting for their prompt blocks from the KV-cache store.", "gauge"),
+    "kv_blocks_fetched": ("kv_connector_blocks_loaded", "KV blocks loaded from the store.", "counter"),
+    "kv_blocks_published": ("kv_connector_blocks_saved", "KV blocks saved in the store.", "counter"),
+    "kv_transfer_seconds": ("kv_connector_transfer_seconds", "Seconds spent in KV-cache store exchanges.",
+                            "counter"),
+    "kv_store_errors": ("kv_connector_store_errors",
+                        "KV-cache store exchanges that failed or timed out (their blocks were computed).",
+                        "counter"),
 }
 
 

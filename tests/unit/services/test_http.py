@@ -249,6 +249,9 @@ def test_metrics_move_after_requests(pipe, oai, model):
     assert delta("tandem_service_requests_total", service="tokenizer") >= 3
     assert metric(after, "tandem_num_requests_running", service="decode") == 0
     assert "# HELP tandem_spec_decode_num_accepted_tokens_total" in after
+    assert metric(after, "tandem_kv_connector_loading_requests", service="decode") == 0  # nothing left waiting
+    assert metric(after, "tandem_kv_connector_store_errors_total", service="prefill") == 0
+    assert "# HELP tandem_kv_connector_blocks_loaded_total" in after
 
 
 def test_a_client_that_goes_away_frees_its_blocks(pipe, model):
