@@ -85,7 +85,7 @@ class AsyncEngine:
 
     async def run(self, fn: Callable, *args):
         """Run fn(*args) on the engine thread between steps (the only safe place to touch engine
-        state, e.g. LLMEngine.import_blocks) and return its result."""
+        state, e.g. LLMEngine.num_cached_tokens) and return its result."""
         return await self._call(fn, *args)
 
     def stats(self) -> dict:
