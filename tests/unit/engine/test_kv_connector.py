@@ -122,7 +122,12 @@ def test_a_prefill_reports_once_its_blocks_are_saved(tiny_hf_dir, store):
     assert store.stats()["pinned_blocks"] == 3  # pinned for the decode side
 
 
-def test_async_engine_wakes_for_a_finished_load(tiny_hf_dir, store, reference):
+def test_async_engine_wakes_for_a_finished_load(tiny_hf_dir, store, reference, monkeypatch):
+    """The connector's notify wakes the idle engine thread: with its idle poll made a minute long,
+    only that wake-up can finish the request within the test's 20 s."""
+    import tandem.engine.async_engine as async_engine
+
+    monkeypatch.setattr(async_engine, "_IDLE_WAIT_S", 60.0)
     seeded(tiny_hf_dir, store)
     engine = make_llm(tiny_hf_dir, block_size=BLOCK).engine
     connector = HeldConnector(LocalStoreConnector(store, "ns"))
@@ -138,7 +143,7 @@ def test_async_engine_wakes_for_a_finished_load(tiny_hf_dir, store, reference):
         return items[-1]
 
     try:
-        out = asyncio.run(asyncio.wait_for(main(), 30))
+        out = asyncio.run(asyncio.wait_for(main(), 20))
     finally:
         runner.shutdown()
     assert out.token_ids == reference
