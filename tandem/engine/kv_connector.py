@@ -89,7 +89,6 @@ class KVConnector:
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self.counters = _Counters()
-        self.num_pending = 0
 
     def load(self, request_id: str, hashes: list[bytes], release: bool = False) -> bool:
         """Fetch the leading run of `hashes` the store holds; release: also end the hand-off lease
@@ -110,7 +109,6 @@ class KVConnector:
         """The transfers finished since the last poll."""
         with self._lock:
             events, self._events = self._events, []
-            self.num_pending -= len(events)
             return events
 
     def wait(self, timeout: float) -> None:
@@ -126,10 +124,6 @@ class KVConnector:
         pass
 
     # -- for implementations ------------------------------------------------------------------
-    def _started(self) -> None:
-        with self._lock:
-            self.num_pending += 1
-
     def _finish(self, event: Loaded | Saved) -> None:
         """Hand a finished transfer to the engine (from any thread)."""
         with self._ready:
@@ -258,7 +252,6 @@ class LocalStoreConnector(KVConnector):
                 self.counters.add(kv_blocks_rejected=1)
                 break
             found[h] = tensors_from_bytes(block.specs, block.data)
-        self._started()
         self._finish(Loaded(request_id, self._fetched(found, hashes), time.perf_counter() - start))
         return True
 
@@ -270,7 +263,6 @@ class LocalStoreConnector(KVConnector):
         self._published(blocks)
         by_key = {self.seal.key(h): h for h in pin}
         missing = self.store.pin_present(self.namespace, list(by_key), self.lease_s)
-        self._started()
         self._finish(Saved(request_id, [by_key[k] for k in missing], time.perf_counter() - start))
         return True
 
@@ -393,7 +385,6 @@ class StoreConnector(KVConnector):
         if time.monotonic() < self._rests_until or not self._thread.is_alive():
             work.close()
             return False
-        self._started()
         asyncio.run_coroutine_threadsafe(work, self._loop)
         return True
 

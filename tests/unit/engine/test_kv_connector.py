@@ -28,13 +28,11 @@ class HeldConnector(KVConnector):
 
     def load(self, request_id, hashes, release=False):
         self.inner.load(request_id, hashes, release)
-        self._started()
         self.held += self.inner.poll()
         return True
 
     def save(self, request_id, blocks, pin):
         self.inner.save(request_id, blocks, pin)
-        self._started()
         self.held += self.inner.poll()
         return True
 
