@@ -11,6 +11,7 @@ the ones it does not hold; a Get with `release` takes one pin off each block it 
 """
 from __future__ import annotations
 
+from tandem.errors import InvalidRequestError
 from tandem.kv_store import (DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, REJECTED, STORED, ChunkAssembler,
                              KVBlockStore, to_chunks)
 from tandem.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
@@ -19,6 +20,9 @@ from .common import Registration, rpc
 from .metrics import with_rpc_counts
 
 SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
+# Keys one Put may ask to pin: a 1M-token prompt's chain at 16-token blocks. They are held until
+# the stream ends, so a stream may not grow them without bound.
+MAX_PIN_KEYS = 1 << 16
 
 
 def _chunk_bytes(requested: int) -> int:
@@ -43,6 +47,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         async for chunk in request_iterator:
             if chunk.pin:
                 pins.append((chunk.namespace, list(chunk.pin), chunk.lease_seconds))
+                if sum(len(keys) for _, keys, _ in pins) > MAX_PIN_KEYS:
+                    raise InvalidRequestError(f"a Put may pin at most {MAX_PIN_KEYS} keys")
             block = assembler.feed(chunk)
             if block is None:
                 continue

@@ -277,7 +277,9 @@ class KVBlockStore:
 
     def pin_present(self, namespace: str, hashes: list[bytes], lease_s: float | None = None) -> list[bytes]:
         """As pin; returns the hashes that were not present (nothing pinned for them)."""
-        lease_s = self.pin_lease_s if not lease_s or lease_s <= 0 else min(lease_s, MAX_PIN_LEASE_S)
+        if lease_s is None or not math.isfinite(lease_s) or lease_s <= 0:  # NaN would pin for ever
+            lease_s = self.pin_lease_s
+        lease_s = min(lease_s, MAX_PIN_LEASE_S)
         missing = []
         with self._lock:
             self._expire()

@@ -472,3 +472,37 @@ def test_a_forged_digest_is_dropped():
     finally:
         host.stop()
     assert got == {} and rejected == 1
+
+
+@pytest.mark.parametrize("lease", [float("nan"), float("inf"), -1.0, 0.0])
+def test_a_lease_that_is_not_a_positive_number_gets_the_default(lease):
+    """A NaN lease once pinned a block for ever (no expiry time ever came due)."""
+    from tandem.kv_store import tensors_to_bytes
+
+    clock = Clock()
+    store = KVBlockStore(1 << 20, pin_lease_s=5, clock=clock)
+    h = chain(1)
+    store.put(NS, h[0], *tensors_to_bytes([torch.ones(4)]))
+    assert store.pin(NS, h, lease_s=lease) == 1
+    clock.now += 6
+    assert store.stats()["pinned_blocks"] == 0
+
+
+def test_a_put_that_pins_too_many_keys_is_refused(host):
+    from tandem.services.kvstore import MAX_PIN_KEYS
+
+    async def body(channel):
+        stub = kvstore_pb2_grpc.KVStoreStub(channel)
+        keys = [i.to_bytes(16, "big") for i in range(MAX_PIN_KEYS + 1)]
+        half = len(keys) // 2
+        messages = [kvstore_pb2.KVChunk(namespace=NS, pin=keys[:half]), kvstore_pb2.KVChunk(namespace=NS, pin=keys[half:])]
+
+        async def stream():
+            for m in messages:
+                yield m
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Put(stream())
+        return refused.value
+
+    error = run(host, body)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most" in error.details()
