@@ -115,8 +115,9 @@ class PipelineConfig:
                           what="auto, cpu, cuda or cuda:N",
                           group="model")  # resolved on each worker
     max_model_len: int | None = setting(None, "context length limit (null: the model's)", min=2, group="model")
-    quantization: str | None = setting(None, "a quantizer plugin re-quantizing the weights: int8, int4, nf4, fp8, ... "
-                                       "(null: none)", group="model")
+    quantization: str | None = setting(None, "none (dequantize the weights), or a quantizer plugin re-quantizing them: "
+                                       "int8, int4, nf4, fp8, ... (null: keep a GGUF file's Q4_0/Q4_1/Q8_0 blocks "
+                                       "where the CPU kernel runs, dequantize the rest)", group="model")
     quantization_options: dict = setting({}, "an option of the quantizer, e.g. group_size=64",
                                          flag="--quantization-option", group="model")
     attention: str | None = setting(None, "an attention variant plugin: causal, sliding_window, sinks, alibi, "

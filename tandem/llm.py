@@ -7,6 +7,7 @@ variant and backend, KV-cache format and logits processors by name and hands the
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -25,8 +26,27 @@ from tandem.speculative import SpeculativeConfig
 # score() runs in chunks of this many tokens: it bounds the attention-score buffer to
 # chunk x context x heads floats (512 x 8192 x 9 x 4 B = 150 MB for the default model).
 PREFILL_CHUNK = 512
+log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+
+
+def _blocks_usable(device: torch.device) -> bool:
+    """Whether GGUF blocks can stay packed here (the CPU kernel builds and runs); says why not."""
+    if device.type != "cpu":
+        return False
+    from tandem.kernels import ggml_cpu
+
+    reason = ggml_cpu.unavailable_reason()
+    if reason is not None:
+        log.warning("GGUF weights are dequantized (slower, larger): the GGML CPU kernel is unavailable: %s", reason)
+    return reason is None
+
+
+def _has_blocks(model: torch.nn.Module) -> bool:
+    from tandem.kernels.ggml_cpu import GGMLLinear
+
+    return any(isinstance(m, GGMLLinear) for m in model.modules())
 
 
 class LLM:
@@ -43,8 +63,11 @@ class LLM:
                  attention_options: dict | None = None, attention_backend: str = "sdpa",
                  kv_cache_dtype: str = "auto", speculative: dict | None = None, device: str = "cpu", plugins=None,
                  speculative_methods: list[str] | None = None, **engine_options):
-        """quantization: a quantizer plugin ("int8", "int4", "nf4", "fp8", ...), applied to the
-        loaded (dequantized) weights; its options e.g. {"group_size": 64}. attention: a variant
+        """quantization: None (the default) keeps a GGUF file's Q4_0/Q4_1/Q8_0 projections in their
+        blocks, multiplied as llama.cpp does (int8 activations per block of 32; tandem.kernels.ggml_cpu)
+        where the CPU can run that kernel, and dequantizes everything else (and everything on a GPU);
+        "none" dequantizes every weight to `dtype`; a quantizer plugin ("int8", "int4", "nf4",
+        "fp8", ...) re-quantizes the dequantized weights, its options e.g. {"group_size": 64}. attention: a variant
         plugin ("sliding_window", "sinks", "alibi", "local_global", ...) with its options; None
         takes the model's own (its config's sliding window, else causal). attention_backend:
         "sdpa" or "naive" (the reference) or a plugin's. kv_cache_dtype: "auto" (the model's dtype)
@@ -73,8 +96,10 @@ class LLM:
         self.device = resolve_device(device)
         self.plugins = plugins if plugins is not None and not isinstance(plugins, (list, tuple)) \
             else get_plugin_manager(plugins)
-        quantizer = None if quantization is None else self.plugins.create("quantizer", quantization,
-                                                                          quantization_options)
+        quantizer = None if quantization in (None, "none") else self.plugins.create(
+            "quantizer", quantization, quantization_options)
+        if quantization == "none" and quantization_options:
+            raise ConfigError("quantization_options needs a quantizer (quantization 'none' takes none)")
         backend = self.plugins.create("attention_backend", attention_backend)
         try:
             spec = SpeculativeConfig.parse(speculative)
@@ -93,7 +118,7 @@ class LLM:
             variant = self.plugins.create("attention_variant", attention, attention_options)
         elif attention_options:
             raise ConfigError("attention_options needs attention (the variant they are for)")
-        loaded = load_model(model, dtype, progress)
+        loaded = load_model(model, dtype, progress, keep_blocks=quantization is None and _blocks_usable(self.device))
         self.model, self.config, self.tokenizer, self.model_path = (
             loaded.model, loaded.config, loaded.tokenizer, loaded.path)
         if attention is None:
@@ -108,7 +133,9 @@ class LLM:
                                   f"{self.plugins.owner('quantizer', quantization)!r} failed: "
                                   f"{type(exc).__name__}: {exc}") from exc
         self.model.to(self.device)  # after quantizing: the quantizers work on host weights
-        self.quantization, self.variant, self.backend = quantization, variant, backend
+        self.variant, self.backend = variant, backend
+        # what the weights are: the plugin's name, "gguf" (blocks kept), or "none"
+        self.quantization = quantization or ("gguf" if _has_blocks(self.model) else "none")
         self.dtype = next(self.model.parameters()).dtype
         limit = self.config.max_position
         if max_model_len is not None and not (isinstance(max_model_len, int) and 2 <= max_model_len <= limit):

@@ -2,8 +2,10 @@
 tensors -> dequantized torch tensors under HF parameter names, and the tokenizer's fields.
 
 Any GGML tensor type the `gguf` package can dequantize loads (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-Q4_K, Q6_K, ...). llama.cpp's converter permutes Q/K rows for interleaved RoPE; we undo it here so
-the model runs one RoPE layout whatever the file format.
+Q4_K, Q6_K, ...). Projections in Q4_0, Q4_1 or Q8_0 can instead stay in their blocks
+(`block_weights`, `GGMLWeight`): the CPU kernel of tandem.kernels.ggml_cpu multiplies them as they
+are. llama.cpp's converter permutes Q/K rows for interleaved RoPE; we undo it here (on rows of
+values or of blocks alike) so the model runs one RoPE layout whatever the file format.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# Projections the model fuses into one matmul (tandem.model.llama): their weights stay in blocks
+# together or not at all (one kernel call needs one block type).
+_FUSED_GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"), ("attn_output",), ("ffn_down",))
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 ROPE_FREQS = "rope_freqs.weight"
 
@@ -130,11 +135,53 @@ class GGUFFile:
         array = gguf.quants.dequantize(t.data, t.tensor_type)
         return torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=not array.flags.writeable))
 
-    def iter_state_dict(self, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor) for every model weight, Q/K rows un-permuted to the neox layout."""
+    def block_weights(self, config: ModelConfig) -> set[str]:
+        """GGUF names of the projection weights that can stay in their GGML blocks (Q4_0, Q4_1,
+        Q8_0, in-features a multiple of 64), by fused group: a layer's q/k/v (and gate/up) stay
+        together when they share a kernel kind, or are all dequantized. The LM head's weight
+        (output.weight, or token_embd.weight when tied: the embedding itself is dequantized for
+        its lookups) is included on the same terms."""
+        from tandem.kernels.ggml_cpu import KINDS
+
+        def kind(gguf_name: str) -> str | None:
+            t = self.tensors.get(gguf_name)
+            if t is None or len(t.shape) != 2 or int(t.shape[0]) % 64:
+                return None
+            return KINDS.get(t.tensor_type.name)
+
+        keep = set()
+        for layer in range(config.num_layers):
+            for group in _FUSED_GROUPS:
+                names = [f"blk.{layer}.{part}.weight" for part in group]
+                kinds = {kind(n) for n in names}
+                if len(kinds) == 1 and None not in kinds:
+                    keep.update(names)
+        head = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
+        if kind(head) is not None:
+            keep.add(head)
+        return keep
+
+    def block_weight(self, gguf_name: str, config: ModelConfig):
+        """The tensor as a GGMLWeight (kept in its blocks), Q/K rows un-permuted."""
+        from tandem.kernels.ggml_cpu import GGMLWeight
+
+        t = self.tensors[gguf_name]
+        weight = GGMLWeight.from_blocks(t.tensor_type.name, t.data, (int(t.shape[1]), int(t.shape[0])))
+        heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(gguf_name.split(".")[-2])
+        if heads is not None:
+            weight = weight.rows(unpermute_qk(torch.arange(weight.shape[0]), heads))
+        return weight
+
+    def iter_state_dict(self, config: ModelConfig, dtype: torch.dtype,
+                        keep_blocks: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) for every model weight, Q/K rows un-permuted to the neox layout.
+        Tensors named in keep_blocks (see block_weights) come as GGMLWeights instead."""
         for gguf_name in self.tensors:
             name = hf_name(gguf_name)
             if name is None:
+                continue
+            if gguf_name in keep_blocks and gguf_name != "token_embd.weight":
+                yield name, self.block_weight(gguf_name, config)
                 continue
             tensor = self.load_tensor(gguf_name)
             if ".q_proj." in name:

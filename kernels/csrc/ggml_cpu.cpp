@@ -1,0 +1,185 @@
+// CPU matmuls over llama.cpp's own quantized blocks (GGUF Q4_0, Q4_1, Q8_0), with llama.cpp's
+// arithmetic: each row of activations is rounded to int8 per block of 32 (its Q8_0/Q8_1 rule:
+// scale = amax / 127), the weights stay in their file's 4- or 8-bit blocks with their fp16 scales,
+// and every block's dot product is an integer one (AVX512-VNNI vpdpbusd), summed across blocks in
+// fp32. Built at first use by tandem/kernels/ggml_cpu.py (torch.utils.cpp_extension, the system
+// C++ compiler) and called through pybind (a torch.library custom op would add ~10 us per call).
+//
+// Weight layout (tandem.kernels.ggml_cpu.GGMLWeight splits the file's blocks into these):
+//   Q4 (Q4_0 and Q4_1): qs (N, K/2) uint8 -- byte j of block g holds element j in its low nibble
+//     and element j + 16 in its high one (the GGUF byte order); d, m (N, K/32) fp16: element
+//     = d * q + m (Q4_0 is m = -8 d, exactly).
+//   Q8: qs (N, K) uint8 = q + 128 (vpdpbusd multiplies unsigned by signed bytes); d (N, K/32) fp16.
+// K must be a multiple of 64 (blocks are taken in pairs: one 512-bit register).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+// Activation blocks in the order the weight loads expect. Per pair p of blocks (64 bytes):
+//   q4 order: [g0 0..15, g1 0..15, g0 16..31, g1 16..31] (the nibble unpacking's order)
+//   q8 order: [g0 0..31, g1 0..31] (natural)
+// dpat (M, K/64, 16) fp32: the activation scale of each int32 lane's block (lanes of 4 bytes);
+// sx (M, K/32) fp32: scale * sum(q) per block, for the weight offset (Q4's m, Q8's 128).
+struct Activations {
+  torch::Tensor q, dpat, sx;
+};
+
+inline void quantize_row(const float* x, int64_t K, bool q4order, int8_t* q, float* dpat, float* sx) {
+  const int64_t G = K / kBlock;
+  const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 a = _mm512_loadu_ps(x + g * kBlock), b = _mm512_loadu_ps(x + g * kBlock + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a, sign_off), _mm512_and_ps(b, sign_off)));
+    const float d = amax / 127.f;
+    const __m512 id = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id));  // round to nearest even
+    const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
+    sx[g] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    const __m128i lo = _mm512_cvtsepi32_epi8(qa), hi = _mm512_cvtsepi32_epi8(qb);  // elements 0..15, 16..31
+    const int64_t p = g / 2, s = g % 2;
+    float* pat = dpat + p * 16;
+    if (q4order) {
+      _mm_storeu_si128((__m128i*)(q + p * 64 + s * 16), lo);
+      _mm_storeu_si128((__m128i*)(q + p * 64 + 32 + s * 16), hi);
+      for (int l = 0; l < 4; ++l) pat[s * 4 + l] = pat[8 + s * 4 + l] = d;
+    } else {
+      _mm_storeu_si128((__m128i*)(q + g * kBlock), lo);
+      _mm_storeu_si128((__m128i*)(q + g * kBlock + 16), hi);
+      for (int l = 0; l < 8; ++l) pat[s * 8 + l] = d;
+    }
+  }
+}
+
+Activations quantize_activations(const torch::Tensor& x, bool q4order) {
+  const int64_t M = x.size(0), K = x.size(1);
+  Activations a{torch::empty({M, K}, torch::kInt8), torch::empty({M, K / 64, 16}, torch::kFloat),
+                torch::empty({M, K / kBlock}, torch::kFloat)};
+  const float* X = x.data_ptr<float>();
+  int8_t* Q = a.q.data_ptr<int8_t>();
+  float* P = a.dpat.data_ptr<float>();
+  float* S = a.sx.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      quantize_row(X + m * K, K, q4order, Q + m * K, P + m * (K / 64) * 16, S + m * (K / kBlock));
+  });
+  return a;
+}
+
+// Two fp16 values -> 16 fp32 lanes laid out by idx.
+inline __m512 pair_pattern(const at::Half* two, const __m512i& idx) {
+  int32_t bits;
+  std::memcpy(&bits, two, 4);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(bits))));
+}
+
+// y[i, n] for MB consecutive activation rows i and one weight row n: the weight's blocks are
+// loaded and unpacked once for all MB rows.
+template <int MB, bool Q4>
+inline void dot_rows(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t K,
+                     const int8_t* xq, const float* dpat, const float* sx, float* y, int64_t ldy) {
+  const __m512i idx = Q4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1)
+                         : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const int64_t P = K / 64, G = K / kBlock;
+  __m512 acc[MB];
+  __m128 off[MB];
+  for (int i = 0; i < MB; ++i) { acc[i] = _mm512_setzero_ps(); off[i] = _mm_setzero_ps(); }
+  for (int64_t p = 0; p < P; ++p) {
+    __m512i wq;
+    if constexpr (Q4) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(w + p * 32));
+      wq = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, nibble)),
+                              _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), 1);
+    } else {
+      wq = _mm512_loadu_si512((const void*)(w + p * 64));
+    }
+    const __m512 dw = pair_pattern(d + 2 * p, idx);
+    int32_t bits;
+    std::memcpy(&bits, (Q4 ? m : d) + 2 * p, 4);
+    const __m128 mw = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));  // lanes 0, 1: the pair's m (Q8: d)
+    for (int i = 0; i < MB; ++i) {
+      const __m512i a = _mm512_loadu_si512((const void*)(xq + i * K + p * 64));
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, a);
+      const __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(dpat + (i * P + p) * 16));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i]);
+      off[i] = _mm_fmadd_ps(mw, _mm_castpd_ps(_mm_load_sd((const double*)(sx + i * G + 2 * p))), off[i]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    alignas(16) float t[4];
+    _mm_store_ps(t, off[i]);
+    const float o = t[0] + t[1];
+    // Q4: + sum over blocks of m * dx * sum(qx); Q8 holds q + 128: - 128 * d * dx * sum(qx)
+    y[i * ldy] = _mm512_reduce_add_ps(acc[i]) + (Q4 ? o : -128.f * o);
+  }
+}
+
+template <bool Q4>
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor& m) {
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), G = K / kBlock, P = K / 64;
+  const Activations a = quantize_activations(x, Q4);
+  auto y = torch::empty({M, N}, torch::kFloat);
+  const uint8_t* W = qs.data_ptr<uint8_t>();
+  const at::Half* D = d.data_ptr<at::Half>();
+  const at::Half* Mn = Q4 ? m.data_ptr<at::Half>() : D;
+  const int8_t* XQ = a.q.data_ptr<int8_t>();
+  const float* DP = a.dpat.data_ptr<float>();
+  const float* SX = a.sx.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int64_t row_bytes = Q4 ? K / 2 : K;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* w = W + n * row_bytes;
+      const at::Half* dn = D + n * G;
+      const at::Half* mn = Mn + n * G;
+      int64_t i = 0;
+      for (; i + 4 <= M; i += 4)
+        dot_rows<4, Q4>(w, dn, mn, K, XQ + i * K, DP + i * P * 16, SX + i * G, Y + i * N + n, N);
+      const int64_t rest = M - i;
+      const int8_t* xq = XQ + i * K;
+      const float* dp = DP + i * P * 16;
+      const float* sx = SX + i * G;
+      float* yy = Y + i * N + n;
+      if (rest == 3) dot_rows<3, Q4>(w, dn, mn, K, xq, dp, sx, yy, N);
+      else if (rest == 2) dot_rows<2, Q4>(w, dn, mn, K, xq, dp, sx, yy, N);
+      else if (rest == 1) dot_rows<1, Q4>(w, dn, mn, K, xq, dp, sx, yy, N);
+    }
+  });
+  return y;
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d, bool q4) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous (M, K) float32 CPU tensor");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % 64 == 0, "K must be a multiple of 64, got ", K);
+  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) == (q4 ? K / 2 : K),
+              "qs must be a contiguous (N, ", q4 ? "K/2" : "K", ") uint8 tensor for K = ", K);
+  TORCH_CHECK(d.dim() == 2 && d.scalar_type() == at::kHalf && d.is_contiguous() && d.size(0) == qs.size(0) &&
+              d.size(1) == K / kBlock, "d must be a contiguous (N, K/32) float16 tensor");
+}
+
+}  // namespace
+
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m) {
+  check(x, qs, d, true);
+  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kHalf && m.is_contiguous(), "m must be shaped like d");
+  return linear<true>(x, qs, d, m);
+}
+
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d) {
+  check(x, qs, d, false);
+  return linear<false>(x, qs, d, d);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("q4_linear", &q4_linear, "x (M, K) f32 @ Q4 blocks (qs (N, K/2) u8, d, m (N, K/32) f16)^T -> (M, N) f32");
+  module.def("q8_linear", &q8_linear, "x (M, K) f32 @ Q8 blocks (qs (N, K) u8 = q + 128, d (N, K/32) f16)^T -> (M, N) f32");
+}
