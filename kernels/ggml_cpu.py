@@ -1,110 +1,29 @@
 """llama.cpp's quantized blocks, kept as they are in the GGUF file and multiplied on the CPU with
-llama.cpp's arithmetic (int8 activations per block of 32, integer dot products with AVX512-VNNI).
+llama.cpp's arithmetic (int8 activations per block of 32, integer dot products with AVX512-VNNI;
+kernels/csrc/ggml_cpu.cpp, part of the CPU extension of tandem.kernels.cpu).
 
 - `GGMLWeight`: one weight (N, K) of type Q4_0, Q4_1 or Q8_0, split from the file's blocks into
   the kernel's arrays without rounding anything (Q4_0's offset -8 d is exact in fp16).
 - `GGMLLinear`: the module that replaces a projection; `forward` runs the kernel at every batch
   size (its weight rows are unpacked once per 4 activation rows).
-- `extension()`: the compiled kernel (kernels/csrc/ggml_cpu.cpp), built at first use with the
-  system C++ compiler (about 40 s on 2 cores) into a cache directory keyed by the source, torch's
-  version and the flags, then loaded from there in every later process (milliseconds).
-- `available()`: whether this machine can run it (Linux x86-64 with AVX512-F/BW/VL, AVX512-VNNI,
-  F16C, and the build succeeded). Where it cannot, the loader dequantizes instead (and says so).
+- `reference_linear`: the kernel's arithmetic in plain torch, for tests.
 
-Set TANDEM_GGML_KERNEL=0 to turn the kernel off (weights are then dequantized at load time), and
-TANDEM_CACHE_DIR to move the build cache (default ~/.cache/tandem).
+Where the extension is unavailable (tandem.kernels.cpu.unavailable_reason), the loader dequantizes.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from tandem.kernels.cpu import extension
 
 BLOCK = 32  # weights per block, in every type here
-# type -> (bytes per block, has a min): Q4_0 = fp16 d + 16 bytes; Q4_1 = fp16 d, fp16 m + 16; Q8_0 = fp16 d + 32
+# bytes per block: Q4_0 = fp16 d + 16 bytes of nibbles; Q4_1 = fp16 d, fp16 m + 16; Q8_0 = fp16 d + 32
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 KINDS = {"Q4_0": "Q4", "Q4_1": "Q4", "Q8_0": "Q8"}  # file type -> the kernel that multiplies it
-_SOURCE = Path(__file__).with_name("csrc") / "ggml_cpu.cpp"
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma"]
-_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma"}
-
-_lock = threading.Lock()
-_extension = None
-_failure: str | None = None
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TANDEM_CACHE_DIR") or Path.home() / ".cache" / "tandem")
-
-
-def cpu_supported() -> str | None:
-    """None if this CPU can run the kernel, else why not."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"needs Linux on x86-64, this is {platform.system()} on {platform.machine()}"
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError as exc:
-        return f"cannot read /proc/cpuinfo ({exc})"
-    missing = sorted(_CPU_FLAGS - set(flags))
-    return f"this CPU lacks {', '.join(missing)}" if missing else None
-
-
-def unavailable_reason() -> str | None:
-    """None if the kernel is usable here (building it on first call), else why not."""
-    if os.environ.get("TANDEM_GGML_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
-        return "TANDEM_GGML_KERNEL=0"
-    reason = cpu_supported()
-    if reason is None:
-        try:
-            extension()
-        except RuntimeError as exc:
-            reason = str(exc)
-    return reason
-
-
-def available() -> bool:
-    return unavailable_reason() is None
-
-
-def extension():
-    """The compiled kernel module (built once per source/torch/flags, then loaded from the cache).
-    Raises RuntimeError (with the compiler's reason) if it cannot be built."""
-    global _extension, _failure
-    if _extension is not None:
-        return _extension
-    with _lock:
-        if _extension is None:
-            if _failure is not None:
-                raise RuntimeError(_failure)
-            key = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode() + " ".join(_FLAGS).encode())
-            build = cache_dir() / "kernels" / f"ggml_cpu-{key.hexdigest()[:16]}"
-            build.mkdir(parents=True, exist_ok=True)
-            fresh = not any(build.glob("*.so"))
-            if fresh:
-                log.warning("building the GGML CPU kernel into %s (once; about 40 s)", build)
-            start = time.monotonic()
-            try:
-                from torch.utils.cpp_extension import load
-                _extension = load(name="tandem_ggml_cpu", sources=[str(_SOURCE)], build_directory=str(build),
-                                  extra_cflags=_FLAGS, verbose=False)
-            except Exception as exc:  # the compiler's errors come as several types
-                _failure = f"the GGML CPU kernel did not build in {build}: {type(exc).__name__}: {exc}"
-                raise RuntimeError(_failure) from exc
-            if fresh:
-                log.warning("built the GGML CPU kernel in %.0f s", time.monotonic() - start)
-    return _extension
 
 
 @dataclass

@@ -35,11 +35,11 @@ def _blocks_usable(device: torch.device) -> bool:
     """Whether GGUF blocks can stay packed here (the CPU kernel builds and runs); says why not."""
     if device.type != "cpu":
         return False
-    from tandem.kernels import ggml_cpu
+    from tandem.kernels import cpu
 
-    reason = ggml_cpu.unavailable_reason()
+    reason = cpu.unavailable_reason()
     if reason is not None:
-        log.warning("GGUF weights are dequantized (slower, larger): the GGML CPU kernel is unavailable: %s", reason)
+        log.warning("GGUF weights are dequantized (slower, larger): the CPU kernels are unavailable: %s", reason)
     return reason is None
 
 

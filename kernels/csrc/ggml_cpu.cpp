@@ -2,8 +2,7 @@
 // arithmetic: each row of activations is rounded to int8 per block of 32 (its Q8_0/Q8_1 rule:
 // scale = amax / 127), the weights stay in their file's 4- or 8-bit blocks with their fp16 scales,
 // and every block's dot product is an integer one (AVX512-VNNI vpdpbusd), summed across blocks in
-// fp32. Built at first use by tandem/kernels/ggml_cpu.py (torch.utils.cpp_extension, the system
-// C++ compiler) and called through pybind (a torch.library custom op would add ~10 us per call).
+// fp32. Part of the CPU extension tandem/kernels/cpu.py builds at first use (bindings.cpp).
 //
 // Weight layout (tandem.kernels.ggml_cpu.GGMLWeight splits the file's blocks into these):
 //   Q4 (Q4_0 and Q4_1): qs (N, K/2) uint8 -- byte j of block g holds element j in its low nibble
@@ -179,7 +178,8 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d) {
   return linear<false>(x, qs, d, d);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("q4_linear", &q4_linear, "x (M, K) f32 @ Q4 blocks (qs (N, K/2) u8, d, m (N, K/32) f16)^T -> (M, N) f32");
-  module.def("q8_linear", &q8_linear, "x (M, K) f32 @ Q8 blocks (qs (N, K) u8 = q + 128, d (N, K/32) f16)^T -> (M, N) f32");
+// One GGML weight as the decode layer passes it: {qs, d} (Q8) or {qs, d, m} (Q4).
+torch::Tensor ggml_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w) {
+  TORCH_CHECK(w.size() == 2 || w.size() == 3, "a GGML weight is {qs, d} (Q8) or {qs, d, m} (Q4)");
+  return w.size() == 3 ? q4_linear(x, w[0], w[1], w[2]) : q8_linear(x, w[0], w[1]);
 }

@@ -69,6 +69,14 @@ class PagedAttention:
             raise PluginError(f"attention backend {self.backend.name!r} with variant {self.variant.name!r} "
                               f"failed: {type(exc).__name__}: {exc}") from exc
 
+    def in_place_decode(self, dtype: torch.dtype, device: torch.device) -> DecodeBatch | None:
+        """The step's decode batch when the step is decodes only and the backend reads them from
+        the pools in place (the model may then run its fused decode layer), else None."""
+        d = self.meta.decodes
+        if self.meta.prefills or d is None or not self.backend.reads_pool_in_place(dtype, device, self.k_pools[0], d.mask):
+            return None
+        return d
+
     def _attend(self, k_pool, v_pool, q, k, v) -> torch.Tensor:
         meta = self.meta
         if meta.decodes is None and len(meta.prefills) == 1 and meta.prefills[0].num_cached == 0:
@@ -90,7 +98,7 @@ class PagedAttention:
         return out
 
     def _decode(self, d: DecodeBatch, k_pool, v_pool, q: torch.Tensor) -> torch.Tensor:
-        if d.contiguous is not None:
+        if d.contiguous is not None and not self.backend.reads_pool_in_place(q.dtype, q.device, k_pool, d.mask):
             first, length = d.contiguous
             keys = k_pool.gather_range(first, length).unsqueeze(0).to(q.dtype)  # (1, S, Hkv, D)
             values = v_pool.gather_range(first, length).unsqueeze(0).to(q.dtype)

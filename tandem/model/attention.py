@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.errors import ConfigError
+from tandem.kernels.cpu import ops as cpu_ops
 
 
 class AttentionContext(Protocol):
@@ -233,11 +234,26 @@ class AttentionBackend:
     def paged_decode(self, q: torch.Tensor, k_pool, v_pool, block_tables: torch.Tensor,
                      mask: AttentionMask) -> torch.Tensor:
         """Decode straight from a paged pool (KVPool): block_tables (B, max_blocks). The default
-        gathers whole blocks (contiguous block_size-token rows copy far faster than single tokens)
-        and calls `decode`; a GPU kernel reads the pool in place instead."""
+        reads an fp32 pool in place with the CPU kernel (plain causal attention; see
+        `reads_pool_in_place`), else gathers whole blocks (contiguous block_size-token rows copy
+        far faster than single tokens) and calls `decode`; a GPU kernel reads the pool in place."""
+        if self.reads_pool_in_place(q.dtype, q.device, k_pool, mask):
+            return cpu_ops().paged_decode(q, k_pool.data, v_pool.data, block_tables, mask.keys.num_keys)
         keys = k_pool.gather(block_tables).flatten(1, 2).to(q.dtype)  # (B, S, Hkv, D)
         values = v_pool.gather(block_tables).flatten(1, 2).to(q.dtype)
         return self.decode(q, keys, values, mask)
+
+
+    def reads_pool_in_place(self, dtype: torch.dtype, device: torch.device, k_pool, mask: AttentionMask) -> bool:
+        """True when paged_decode reads this batch's keys straight from the pool (no gather: the
+        engine then skips its single-sequence view path too). The default: tandem's CPU kernel
+        (tandem.kernels.cpu) for plain causal attention over an fp32 pool in host memory."""
+        from tandem.model.kv_pool import DenseKVPool
+
+        return (type(self).paged_decode is AttentionBackend.paged_decode and dtype == torch.float32
+                and device.type == "cpu" and mask.bias is None and mask.keys is not None
+                and mask.keys.variant.is_plain_causal and isinstance(k_pool, DenseKVPool)
+                and k_pool.data.dtype == torch.float32 and cpu_ops() is not None)
 
 
 class CausalAttention(AttentionVariant):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.config import ModelConfig
+from tandem.kernels.cpu import ops as cpu_ops
 from tandem.model.attention import AttentionContext
 from tandem.model.rope import RotaryEmbedding, apply_rotary
 
@@ -23,7 +24,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 whatever the activation dtype (as HF and llama.cpp do).
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if x.device.type == "cpu" and (kernels := cpu_ops()) is not None:  # one pass, one call
+                return kernels.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps).view(x.shape)
             return F.rms_norm(x, (x.shape[-1],), weight=self.weight, eps=self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return (normed * self.weight.float()).to(x.dtype)
@@ -155,10 +158,60 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn: AttentionContext | None = None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        fused = self._fused_decode(x, attn)
+        if fused is not None:
+            return fused(positions)
         rotary = self.rope.tables(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, rotary, attn)
         return self.model.norm(x)
+
+    def _fused_decode(self, x: torch.Tensor, attn):
+        """A function running this step's layers with the CPU extension's fused decode layer (one
+        C++ call a layer; tandem.kernels.cpu), or None where the step does not qualify: decodes only,
+        fp32 on the CPU, plain causal attention read from fp32 pools in place, RoPE, and every
+        projection kept in GGML blocks without a bias. The eager layers are its reference."""
+        in_place = getattr(attn, "in_place_decode", None)
+        if in_place is None or not attn.variant.rotary or x.dtype != torch.float32:
+            return None
+        batch = in_place(x.dtype, x.device)
+        layers = self._ggml_layer_args()
+        if batch is None or layers is None:
+            return None
+        kernels, c = cpu_ops(), self.config
+        meta, lengths = attn.meta, batch.mask.keys.num_keys
+
+        def run(positions: torch.Tensor) -> torch.Tensor:
+            h = x[0]
+            cos, sin = self.rope.cos[positions[0]], self.rope.sin[positions[0]]
+            for i, args in enumerate(layers):
+                h = kernels.decode_layer(h, *args, cos, sin, attn.k_pools[i].data, attn.v_pools[i].data, meta.slots,
+                                         batch.block_tables, lengths, c.num_heads, c.num_kv_heads)
+            return self.model.norm(h).unsqueeze(0)
+        return run
+
+    def _ggml_layer_args(self) -> list[tuple] | None:
+        """Per layer, (norm1, norm2, eps, qkv, o, gate_up, down) for the fused decode layer, or None."""
+        if not hasattr(self, "_ggml_args"):
+            from tandem.kernels.ggml_cpu import GGMLLinear
+
+            def blocks(module) -> list[torch.Tensor] | None:
+                if not isinstance(module, GGMLLinear) or module.bias is not None:
+                    return None
+                return [module.qs, module.d] + ([module.m] if module.kind == "Q4" else [])
+
+            args = []
+            for layer in self.model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                weights = [blocks(attn.qkv_proj), blocks(attn.o_proj), blocks(mlp.gate_up_proj), blocks(mlp.down_proj)]
+                norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+                if None in weights or any(w.dtype != torch.float32 or w.device.type != "cpu" for w in norms) \
+                        or cpu_ops() is None:
+                    args = None
+                    break
+                args.append((*norms, layer.input_layernorm.eps, *weights))
+            self._ggml_args = args
+        return self._ggml_args
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head, logits in fp32: (..., d) -> (..., vocab). The head may be a quantized module."""

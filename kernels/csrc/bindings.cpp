@@ -1,0 +1,23 @@
+// The CPU extension's Python bindings (pybind: a torch.library custom op would add ~10 us per call,
+// a large share of a decode step of a small model). Built by tandem/kernels/cpu.py.
+#include <torch/extension.h>
+
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m);
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor tables,
+                           torch::Tensor lengths);
+torch::Tensor decode_layer(torch::Tensor x, torch::Tensor norm1, torch::Tensor norm2, double eps,
+                           std::vector<torch::Tensor> qkv_w, std::vector<torch::Tensor> o_w,
+                           std::vector<torch::Tensor> gate_up_w, std::vector<torch::Tensor> down_w,
+                           torch::Tensor cos, torch::Tensor sin, torch::Tensor k_pool, torch::Tensor v_pool,
+                           torch::Tensor slots, torch::Tensor tables, torch::Tensor lengths, int64_t H, int64_t Hkv);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("q4_linear", &q4_linear, "x (M, K) f32 @ Q4 blocks (qs (N, K/2) u8, d, m (N, K/32) f16)^T -> (M, N) f32");
+  module.def("q8_linear", &q8_linear, "x (M, K) f32 @ Q8 blocks (qs (N, K) u8 = q + 128, d (N, K/32) f16)^T -> (M, N) f32");
+  module.def("rms_norm", &rms_norm, "x (M, K) f32, w (K,) f32, eps -> (M, K) f32");
+  module.def("paged_decode", &paged_decode,
+             "q (B, H, D), k/v pools (blocks, block_size, Hkv, D), tables (B, max_blocks), lengths (B,) -> (B, H, D)");
+  module.def("decode_layer", &decode_layer, "a Llama decoder layer over decode tokens with GGML projections");
+}
