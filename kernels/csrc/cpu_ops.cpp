@@ -161,27 +161,11 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor 
 
 namespace {
 
-// SiLU(g) * u over the two halves of gu (N, 2I) -> (N, I).
+// SiLU(g) * u over the two halves of gu (N, 2I) -> (N, I), by the same ATen ops as the eager
+// layer (F.silu(gate) * up), so the fused layer's result is the eager one's bit for bit.
 torch::Tensor silu_and_mul(const torch::Tensor& gu) {
-  const int64_t N = gu.size(0), I = gu.size(1) / 2;
-  auto out = torch::empty({N, I}, gu.options());
-  const float* G = gu.data_ptr<float>();
-  float* O = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const float* g = G + n * 2 * I;
-      const float* u = g + I;
-      float* o = O + n * I;
-      int64_t i = 0;
-      for (; i + 16 <= I; i += 16) {
-        const __m512 gv = _mm512_loadu_ps(g + i);
-        const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-        _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_loadu_ps(u + i)));
-      }
-      for (; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-    }
-  });
-  return out;
+  const int64_t I = gu.size(1) / 2;
+  return at::silu(gu.narrow(1, 0, I)).mul_(gu.narrow(1, I, I));
 }
 
 }  // namespace

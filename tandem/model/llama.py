@@ -133,6 +133,8 @@ class LlamaForCausalLM(nn.Module):
     or the engine's paged one) stores their keys/values and computes attention per sequence.
     """
 
+    fused_decode = True  # False: decode steps run the eager layers too (the fused layer's reference)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -172,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
         fp32 on the CPU, plain causal attention read from fp32 pools in place, RoPE, and every
         projection kept in GGML blocks without a bias. The eager layers are its reference."""
         in_place = getattr(attn, "in_place_decode", None)
-        if in_place is None or not attn.variant.rotary or x.dtype != torch.float32:
+        if not self.fused_decode or in_place is None or not attn.variant.rotary or x.dtype != torch.float32:
             return None
         batch = in_place(x.dtype, x.device)
         layers = self._ggml_layer_args()

@@ -68,9 +68,11 @@ def test_teacher_forced_fidelity_against_llamacpp(default_llm):
     assert agreement >= 0.95, agreement
 
 
-def test_exact_against_transformers_gguf_loader(default_llm):
-    """transformers dequantizes the same GGUF itself and runs its own Llama: tandem must match it
-    to float32 rounding (the same weights and the same math, written independently)."""
+def test_exact_against_transformers_gguf_loader(default_llm_dequantized):
+    """transformers dequantizes the same GGUF itself and runs its own Llama: tandem with
+    quantization="none" must match it to float32 rounding (the same weights and the same math,
+    written independently)."""
+    default_llm = default_llm_dequantized
     pytest.importorskip("accelerate")  # transformers needs it to read GGUF
     from transformers import LlamaForCausalLM
 
@@ -81,6 +83,30 @@ def test_exact_against_transformers_gguf_loader(default_llm):
         expected = ref(ids).logits
         got = default_llm.model.compute_logits(default_llm.model(ids, torch.arange(256).unsqueeze(0)))
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
+
+
+def test_default_keeps_the_files_blocks(default_llm):
+    """The default keeps the GGUF's Q4_1 projections and Q8_0 head in their blocks (the CPU
+    kernels run on this machine's CPUs; a CPU without AVX512-VNNI dequantizes instead)."""
+    from tandem.kernels import cpu
+
+    if cpu.unavailable_reason() is not None:
+        pytest.skip(f"the CPU kernels are unavailable: {cpu.unavailable_reason()}")
+    assert default_llm.quantization == "gguf"
+    assert "blocks=Q4" in repr(default_llm.model.model.layers[0].mlp) and "blocks=Q8" in repr(default_llm.model.lm_head)
+
+
+@pytest.mark.parametrize("prompt", ["The capital of France is", "Once upon a time", "def fibonacci(n):"])
+def test_fused_decode_gives_the_eager_tokens(default_llm, prompt):
+    """The fused C++ decode layer and the eager torch layers give the same 48 greedy tokens."""
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    fused = default_llm.generate(prompt, params)[0].token_ids
+    default_llm.model.fused_decode = False
+    try:
+        eager = default_llm.generate(prompt, params)[0].token_ids
+    finally:
+        default_llm.model.fused_decode = True
+    assert fused == eager
 
 
 def test_chat_ends_at_end_of_turn(default_llm):

@@ -1,0 +1,166 @@
+"""tandem's CPU extension (tandem.kernels.cpu, ggml_cpu): the GGML block matmuls against the same
+arithmetic in plain torch, the blocks against the gguf package's own dequantization, RMSNorm and
+paged decode attention against torch, the fused decode layer against the eager layers (same
+tokens), bad input refused, and the build cache reused. Skipped, with the reason, on a CPU the
+kernels do not support (they need AVX512-VNNI; the model then runs torch's eager ops)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tandem
+from tandem.kernels import cpu
+from tests.tiny_models import write_tiny_gguf
+
+REASON = cpu.unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"tandem's CPU kernels are unavailable: {REASON}")
+
+
+def _blocks(qtype: str, n: int, k: int, seed: int = 0):
+    """(GGMLWeight, the gguf package's dequantization) of a random (n, k) weight stored as qtype."""
+    import gguf
+
+    from tandem.kernels.ggml_cpu import GGMLWeight
+
+    weight = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+    raw = gguf.quants.quantize(weight, gguf.GGMLQuantizationType[qtype])
+    exact = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    return GGMLWeight.from_blocks(qtype, raw, (n, k)), torch.from_numpy(np.array(exact, dtype=np.float32))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_blocks_dequantize_exactly_as_gguf_does(qtype):
+    weight, exact = _blocks(qtype, 48, 128)
+    assert torch.equal(weight.dequantize(), exact)  # nothing rounded twice (Q4_0's -8 d is exact in fp16)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 17, 64])
+@pytest.mark.parametrize("k", [64, 192, 1536])
+def test_block_matmul_matches_its_arithmetic_in_torch(qtype, m, k):
+    from tandem.kernels.ggml_cpu import GGMLLinear, reference_linear
+
+    weight, exact = _blocks(qtype, 40, k, seed=k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    got, ref = GGMLLinear(weight)(x), reference_linear(x, weight)
+    assert got.shape == (m, 40)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    # and the int8 activations are llama.cpp's rounding, not a different product: near x @ W^T
+    full = x @ exact.T
+    assert float((got - full).norm() / full.norm()) < 0.02
+
+
+def test_block_matmul_refuses_bad_input():
+    weight, _ = _blocks("Q4_1", 8, 64)
+    kernels = cpu.extension()
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        kernels.q4_linear(torch.randn(1, 32), weight.qs[:, :16].contiguous(), weight.d[:, :1].contiguous(),
+                          weight.m[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.q4_linear(torch.randn(1, 64).double(), weight.qs, weight.d, weight.m)
+    with pytest.raises(RuntimeError, match="qs"):
+        kernels.q4_linear(torch.randn(1, 128), weight.qs, weight.d, weight.m)
+
+
+@pytest.mark.parametrize("m, k", [(1, 576), (7, 64), (3, 100)])
+def test_rms_norm_matches_torch(m, k):
+    x, w = torch.randn(m, k), torch.randn(k)
+    torch.testing.assert_close(cpu.extension().rms_norm(x, w, 1e-5), F.rms_norm(x, (k,), w, 1e-5))
+
+
+def _paged_reference(q, k_pool, v_pool, tables, lengths):
+    out = []
+    heads, kv_heads = q.shape[1], k_pool.shape[2]
+    for b in range(q.shape[0]):
+        n = int(lengths[b])
+        keys = k_pool[tables[b]].flatten(0, 1)[:n].transpose(0, 1)  # (Hkv, S, D)
+        values = v_pool[tables[b]].flatten(0, 1)[:n].transpose(0, 1)
+        out.append(F.scaled_dot_product_attention(q[b].unsqueeze(1), keys, values, enable_gqa=heads != kv_heads)
+                   .squeeze(1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("batch, lengths", [(1, [1]), (1, [16]), (1, [17]), (3, [5, 40, 33]), (16, None)])
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_paged_decode_matches_sdpa(batch, lengths, head_dim):
+    gen = torch.Generator().manual_seed(batch)
+    k_pool, v_pool = torch.randn(64, 16, 3, head_dim, generator=gen), torch.randn(64, 16, 3, head_dim, generator=gen)
+    lengths = torch.tensor(lengths or torch.randint(1, 120, (batch,), generator=gen).tolist())
+    tables = torch.stack([torch.randperm(64, generator=gen)[:8] for _ in range(batch)])  # shuffled block ids
+    q = torch.randn(batch, 9, head_dim, generator=gen)
+    got = cpu.extension().paged_decode(q, k_pool, v_pool, tables, lengths)
+    torch.testing.assert_close(got, _paged_reference(q, k_pool, v_pool, tables, lengths), rtol=1e-5, atol=1e-5)
+
+
+def test_paged_decode_refuses_out_of_range_blocks_and_lengths():
+    pools = torch.zeros(4, 16, 1, 16), torch.zeros(4, 16, 1, 16)
+    q = torch.zeros(1, 1, 16)
+    kernels = cpu.extension()
+    with pytest.raises(RuntimeError, match="block id"):
+        kernels.paged_decode(q, *pools, torch.tensor([[7]]), torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="does not fit"):
+        kernels.paged_decode(q, *pools, torch.tensor([[0]]), torch.tensor([17]))
+    with pytest.raises(RuntimeError, match="length"):
+        kernels.paged_decode(q, *pools, torch.tensor([[0]]), torch.tensor([0]))
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_llm(tiny_hf_dir, tmp_path_factory):
+    path = write_tiny_gguf(tiny_hf_dir, tmp_path_factory.mktemp("q4") / "tiny-q4_1.gguf", "Q4_1")
+    return tandem.LLM(str(path), progress=False, num_kv_blocks=64, block_size=4)
+
+
+def test_gguf_blocks_are_kept_and_the_fused_layer_is_taken(tiny_q4_llm):
+    from tandem.kernels.ggml_cpu import GGMLLinear
+
+    assert tiny_q4_llm.quantization == "gguf"
+    assert sum(isinstance(m, GGMLLinear) for m in tiny_q4_llm.model.modules()) == 4 * 2 + 1  # 4 a layer + head
+    assert tiny_q4_llm.model._ggml_layer_args() is not None
+
+
+@pytest.mark.parametrize("num_prompts", [1, 2, 3, 5, 8, 17])
+def test_fused_decode_layer_gives_the_eager_layers_tokens(tiny_q4_llm, num_prompts):
+    """Every batch size: the fused C++ decode layer and the eager torch layers (same kernels for
+    the matmuls) produce the same greedy tokens, prompts of different lengths across block edges."""
+    prompts = [[5 + i, 9, 13 + i, 21, 34][: 1 + i % 5] * (1 + i % 3) for i in range(num_prompts)]
+    params = tandem.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    model = tiny_q4_llm.model
+    fused = [o.outputs[0].token_ids for o in tiny_q4_llm.generate(prompts, params)]
+    model.fused_decode = False
+    try:
+        eager = [o.outputs[0].token_ids for o in tiny_q4_llm.generate(prompts, params)]
+    finally:
+        model.fused_decode = True
+    assert fused == eager
+
+
+def test_fused_decode_layer_logits_match_the_eager_layers(tiny_q4_llm):
+    """The top-5 log-probabilities at each decode step are the same floats: the fused layer runs
+    the eager layer's arithmetic, op for op (the same kernels, SiLU through the same ATen op)."""
+    scores = {}
+    try:
+        for fused in (True, False):
+            tiny_q4_llm.model.fused_decode = fused
+            scores[fused] = tiny_q4_llm.generate([[7, 8, 9, 10, 11]], tandem.SamplingParams(
+                temperature=0, max_tokens=10, ignore_eos=True, logprobs=5))[0].outputs[0].logprobs
+    finally:
+        tiny_q4_llm.model.fused_decode = True
+    assert len(scores[True]) == len(scores[False]) == 10
+    for a, b in zip(scores[True], scores[False]):
+        assert a.token_id == b.token_id and [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert a.top == b.top
+
+
+def test_the_build_is_cached_for_the_next_process():
+    """A second process finds the compiled extension in the cache: it loads without compiling."""
+    code = ("import logging, time; logging.basicConfig(level=logging.INFO); t = time.monotonic(); "
+            "from tandem.kernels import cpu; cpu.extension(); print(round(time.monotonic() - t, 1))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "building" not in result.stderr
+    assert float(result.stdout.strip()) < 20
