@@ -1,23 +1,30 @@
 """Engine benchmark: the same workload through tandem and its peers, side by side in one run.
 
-Peers (optional; each is skipped with a note when its package is missing):
-- llama.cpp via llama-cpp-python on the same GGUF, same thread count. Its Python API serves one
-  sequence at a time, so "N concurrent" requests run one after another there.
-- HF transformers on the same GGUF (it dequantizes to fp32 like tandem), static batches with
-  left padding through `generate`.
+tandem runs its defaults (the GGUF's Q4_1/Q8_0 blocks kept, tandem's CPU kernels; `--quantization
+none` for the dequantized fp32 model). Peers (optional; each is skipped with a note when missing):
+- llama.cpp via llama-cpp-python on the same GGUF, same thread count, built from source with
+  -march=native by bench/peers/build_llama_cpp.sh into --llama-dir (its libraries are loaded from
+  there). Its Python API serves one sequence at a time, so "N concurrent" requests run one after
+  another there; llama.cpp's own continuous-batching server is in bench/serving_peers.py.
+- HF transformers on the same GGUF (it dequantizes to fp32), static batches with left padding
+  through `generate`.
+
+Batch-1 decode and the 512-token TTFT are measured --repeat times per engine, the engines
+alternating round by round, and the median is reported (every round is in the JSON).
 
 Prompts are token-id windows of the Shakespeare that ships with tandem (tandem/data, 250 KB),
 identical for every engine; generation is greedy with EOS ignored, so every engine produces exactly
 the same count. (Runs before 2026-11-30 drew the windows from the first 400,000 characters of the
 full 1 MB text: other passages of the same lengths.)
 
-    .venv/bin/python bench/engine.py [--threads 2] [--dtype float32] [--concurrency 1 4 16 64]
-        [--peers llamacpp transformers] [--json bench/engine.json]
+    .venv/bin/python bench/engine.py [--threads 2] [--quantization none] [--concurrency 1 4 16 64]
+        [--peers llamacpp transformers] [--repeat 3] [--llama-dir build/llama.cpp] [--json bench/engine.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
@@ -141,11 +148,17 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--peers", nargs="*", default=["llamacpp", "transformers"])
+    parser.add_argument("--quantization", default=None, help="tandem's (default: its default, GGUF blocks kept)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the batch-1 and TTFT measurements")
+    parser.add_argument("--llama-dir", type=Path, default=Path(__file__).resolve().parents[1] / "build" / "llama.cpp")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    if (args.llama_dir / "build" / "bin").is_dir():  # llama-cpp-python installed with LLAMA_BUILD=OFF
+        os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(args.llama_dir / "build" / "bin"))
     torch.set_num_threads(args.threads)
-    llm = tandem.LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=False)
+    llm = tandem.LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=False,
+                     quantization=args.quantization)
     results: dict = {"config": vars(args) | {"json": str(args.json)}, "tandem": {}, "peers": {}}
     engines = {"tandem": lambda prompts, n: tandem_run(llm, prompts, n)}
     if "llamacpp" in args.peers:
@@ -161,12 +174,18 @@ def main() -> None:
         except ImportError as exc:
             results["peers"]["transformers"] = f"not available ({exc})"
 
+    results["tandem_quantization"] = llm.quantization
     long_prompt = make_prompts(llm, 1, 512, seed=3)
+    batch1_prompt = make_prompts(llm, 1, args.prompt_tokens, seed=4)
+    rounds: dict[str, dict[str, list]] = {name: {"ttft_512_s": [], "batch1_decode_tokens_per_s": []} for name in engines}
     for name, run in engines.items():
         run(make_prompts(llm, 1, 16, seed=9), 4)  # warm-up
-        row = {"ttft_512_s": run(long_prompt, 1)["ttft_s"],
-               "batch1_decode_tokens_per_s": 1 / run(make_prompts(llm, 1, args.prompt_tokens, seed=4),
-                                                     args.output_tokens)["itl_s"]}
+    for _ in range(args.repeat):  # engines alternate, so a slow patch of the machine hits them alike
+        for name, run in engines.items():
+            rounds[name]["ttft_512_s"].append(run(long_prompt, 1)["ttft_s"])
+            rounds[name]["batch1_decode_tokens_per_s"].append(1 / run(batch1_prompt, args.output_tokens)["itl_s"])
+    for name, run in engines.items():
+        row = {key: statistics.median(values) for key, values in rounds[name].items()} | {"rounds": rounds[name]}
         for n in args.concurrency:
             row[f"aggregate_tokens_per_s@{n}"] = run(make_prompts(llm, n, args.prompt_tokens, seed=n),
                                                      args.output_tokens)["tokens_per_s"]
