@@ -43,6 +43,9 @@ class SlidingWindow(AttentionVariant):
     def retention(self):
         return KVRetention(0, self.window)
 
+    def key_window(self):  # a subclass with its own mask is not a plain window any more
+        return self.window if type(self).allowed is SlidingWindow.allowed and type(self).bias is SlidingWindow.bias else None
+
 
 class AttentionSinks(AttentionVariant):
     name = "sinks"

@@ -11,7 +11,10 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor norm1, torch::Tensor n
                            std::vector<torch::Tensor> qkv_w, std::vector<torch::Tensor> o_w,
                            std::vector<torch::Tensor> gate_up_w, std::vector<torch::Tensor> down_w,
                            torch::Tensor cos, torch::Tensor sin, torch::Tensor k_pool, torch::Tensor v_pool,
-                           torch::Tensor slots, torch::Tensor tables, torch::Tensor lengths, int64_t H, int64_t Hkv);
+                           torch::Tensor slots, torch::Tensor tables, torch::Tensor row_table, torch::Tensor first,
+                           torch::Tensor end, int64_t H, int64_t Hkv);
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor tables,
+                              torch::Tensor row_table, torch::Tensor first, torch::Tensor end);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("q4_linear", &q4_linear, "x (M, K) f32 @ Q4 blocks (qs (N, K/2) u8, d, m (N, K/32) f16)^T -> (M, N) f32");
@@ -19,5 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("rms_norm", &rms_norm, "x (M, K) f32, w (K,) f32, eps -> (M, K) f32");
   module.def("paged_decode", &paged_decode,
              "q (B, H, D), k/v pools (blocks, block_size, Hkv, D), tables (B, max_blocks), lengths (B,) -> (B, H, D)");
-  module.def("decode_layer", &decode_layer, "a Llama decoder layer over decode tokens with GGML projections");
+  module.def("paged_attention", &paged_attention,
+             "q (N, H, D), k/v pools, tables (R, max_blocks), row_table, first, end (N,): row n over keys [first, end)");
+  module.def("decode_layer", &decode_layer, "a Llama decoder layer over a flat batch with GGML projections");
 }

@@ -6,8 +6,10 @@
 //              int64, lengths (B,) int64) -> (B, H, D): each sequence's one query attends over the
 //   first lengths[b] keys of its blocks (plain causal attention: the query is the last of them),
 //   query heads grouped over KV heads (GQA). Exact softmax in two passes over the keys, fp32.
-// decode_layer(...): a whole Llama decoder layer for a batch of decode tokens (one per sequence)
-//   whose projections are GGML blocks: RMSNorm, qkv, RoPE (neox), K/V stored to their slots,
+// paged_attention(q (N, H, D), pools, tables (R, max_blocks), row_table, first, end (N,) int64):
+//   row n attends over the keys at positions [first, end) of its table (see below).
+// decode_layer(...): a whole Llama decoder layer for a flat batch of tokens whose projections are
+//   GGML blocks: RMSNorm, qkv, RoPE (neox), K/V stored to their slots,
 //   paged_decode, o + residual, RMSNorm, gate_up, SiLU(gate) * up, down + residual. One call a
 //   layer instead of ~40 torch calls (tandem/model/llama.py's eager forward is the reference).
 #include <torch/extension.h>
@@ -105,58 +107,78 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return y;
 }
 
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor tables,
-                           torch::Tensor lengths) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "q must be (B, H, D) float32");
+// Every row n of a flat batch (prefill chunks and decode tokens alike) attends over the keys at
+// positions [first[n], end[n]) of the block table row_table[n]: the same loop, in the same order,
+// whatever the batch around it, so a token's attention is bit for bit the same whether it is
+// computed in a prefill chunk, a decode step or a speculative verification (batch invariance).
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor tables,
+                              torch::Tensor row_table, torch::Tensor first, torch::Tensor end) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "q must be (N, H, D) float32");
   TORCH_CHECK(k_pool.dim() == 4 && k_pool.scalar_type() == at::kFloat && k_pool.is_contiguous() &&
               v_pool.sizes() == k_pool.sizes() && v_pool.scalar_type() == at::kFloat && v_pool.is_contiguous(),
               "k_pool and v_pool must be contiguous (blocks, block_size, Hkv, D) float32 tensors");
-  TORCH_CHECK(tables.dim() == 2 && tables.scalar_type() == at::kLong && lengths.dim() == 1 &&
-              lengths.scalar_type() == at::kLong && tables.size(0) == q.size(0) && lengths.size(0) == q.size(0),
-              "tables must be (B, max_blocks) int64 and lengths (B,) int64");
+  const int64_t N = q.size(0), H = q.size(1), D = q.size(2);
+  TORCH_CHECK(tables.dim() == 2 && tables.scalar_type() == at::kLong, "tables must be (R, max_blocks) int64");
+  for (const auto* t : {&row_table, &first, &end})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == N && t->scalar_type() == at::kLong, "row_table, first and end must be (N,) int64");
   q = q.contiguous();
   tables = tables.contiguous();
-  lengths = lengths.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t num_blocks = k_pool.size(0), block = k_pool.size(1), Hkv = k_pool.size(2), max_blocks = tables.size(1);
+  const int64_t num_blocks = k_pool.size(0), block = k_pool.size(1), Hkv = k_pool.size(2);
+  const int64_t R = tables.size(0), max_blocks = tables.size(1);
   TORCH_CHECK(k_pool.size(3) == D && H % Hkv == 0, "head dims do not match");
   const int64_t G = H / Hkv;
   const int64_t* T = tables.data_ptr<int64_t>();
-  const int64_t* L = lengths.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(L[b] >= 1 && L[b] <= max_blocks * block, "length ", L[b], " does not fit ", max_blocks, " blocks");
-    for (int64_t j = 0; j < (L[b] + block - 1) / block; ++j)
-      TORCH_CHECK(T[b * max_blocks + j] >= 0 && T[b * max_blocks + j] < num_blocks, "block id out of range");
+  const auto rt = row_table.contiguous(), f = first.contiguous(), e = end.contiguous();
+  const int64_t* RT = rt.data_ptr<int64_t>();
+  const int64_t* F = f.data_ptr<int64_t>();
+  const int64_t* E = e.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(RT[n] >= 0 && RT[n] < R, "row ", n, " names table ", RT[n], " of ", R);
+    TORCH_CHECK(F[n] >= 0 && F[n] < E[n], "row ", n, " has no key: length ", E[n] - F[n]);
+    TORCH_CHECK(E[n] <= max_blocks * block, "length ", E[n], " does not fit ", max_blocks, " blocks");
+    for (int64_t j = F[n] / block; j < (E[n] + block - 1) / block; ++j)
+      TORCH_CHECK(T[RT[n] * max_blocks + j] >= 0 && T[RT[n] * max_blocks + j] < num_blocks, "block id out of range");
   }
-  auto out = torch::empty({B, H, D}, q.options());
+  auto out = torch::empty({N, H, D}, q.options());
   const float* Q = q.data_ptr<float>();
   const float* KP = k_pool.data_ptr<float>();
   const float* VP = v_pool.data_ptr<float>();
   float* O = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt((float)D);
   const int64_t token_stride = Hkv * D, block_stride = block * Hkv * D;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t w0, int64_t w1) {
+  at::parallel_for(0, N * Hkv, 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> scores;
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t b = w / Hkv, h = w % Hkv, S = L[b];
-      const int64_t* table = T + b * max_blocks;
+      const int64_t n = w / Hkv, h = w % Hkv, start = F[n], S = E[n] - F[n];
+      const int64_t* table = T + RT[n] * max_blocks;
+      const float* qh = Q + (n * H + h * G) * D;  // the G query heads of KV head h, consecutive
       scores.resize(G * S);
       for (int64_t s = 0; s < S; ++s) {
-        const float* k = KP + table[s / block] * block_stride + (s % block) * token_stride + h * D;
-        for (int64_t g = 0; g < G; ++g) scores[g * S + s] = dot(Q + (b * H + h * G + g) * D, k, D) * scale;
+        const int64_t pos = start + s;
+        const float* k = KP + table[pos / block] * block_stride + (pos % block) * token_stride + h * D;
+        for (int64_t g = 0; g < G; ++g) scores[g * S + s] = dot(qh + g * D, k, D) * scale;
       }
       for (int64_t g = 0; g < G; ++g) {
         softmax(scores.data() + g * S, S);
-        float* o = O + (b * H + h * G + g) * D;
+        float* o = O + (n * H + h * G + g) * D;
         for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
       }
       for (int64_t s = 0; s < S; ++s) {
-        const float* v = VP + table[s / block] * block_stride + (s % block) * token_stride + h * D;
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * S + s], v, O + (b * H + h * G + g) * D, D);
+        const int64_t pos = start + s;
+        const float* v = VP + table[pos / block] * block_stride + (pos % block) * token_stride + h * D;
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * S + s], v, O + (n * H + h * G + g) * D, D);
       }
     }
   });
   return out;
+}
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor tables,
+                           torch::Tensor lengths) {
+  TORCH_CHECK(q.dim() == 3 && lengths.dim() == 1 && lengths.size(0) == q.size(0) && tables.size(0) == q.size(0),
+              "q must be (B, H, D), tables (B, max_blocks) and lengths (B,)");
+  auto rows = torch::arange(q.size(0), lengths.options());
+  return paged_attention(q, k_pool, v_pool, tables, rows, torch::zeros_like(lengths), lengths);
 }
 
 namespace {
@@ -174,7 +196,8 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor norm1, torch::Tensor n
                            std::vector<torch::Tensor> qkv_w, std::vector<torch::Tensor> o_w,
                            std::vector<torch::Tensor> gate_up_w, std::vector<torch::Tensor> down_w,
                            torch::Tensor cos, torch::Tensor sin, torch::Tensor k_pool, torch::Tensor v_pool,
-                           torch::Tensor slots, torch::Tensor tables, torch::Tensor lengths, int64_t H, int64_t Hkv) {
+                           torch::Tensor slots, torch::Tensor tables, torch::Tensor row_table, torch::Tensor first,
+                           torch::Tensor end, int64_t H, int64_t Hkv) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x must be contiguous (N, d) float32");
   const int64_t N = x.size(0), D = k_pool.size(3), width = (H + 2 * Hkv) * D;
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(0) == N && cos.size(1) == D && cos.is_contiguous() &&
@@ -207,7 +230,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor norm1, torch::Tensor n
     std::memcpy(KP + slot[n] * Hkv * D, QKV + n * width + H * D, Hkv * D * sizeof(float));
     std::memcpy(VP + slot[n] * Hkv * D, QKV + n * width + (H + Hkv) * D, Hkv * D * sizeof(float));
   }
-  auto attn = paged_decode(qkv.narrow(1, 0, H * D).view({N, H, D}), k_pool, v_pool, tables, lengths);
+  auto attn = paged_attention(qkv.narrow(1, 0, H * D).view({N, H, D}), k_pool, v_pool, tables, row_table, first, end);
   auto h = x + ggml_linear(attn.view({N, H * D}), o_w);
   auto act = silu_and_mul(ggml_linear(rms_norm(h, norm2, eps), gate_up_w));
   return h.add_(ggml_linear(act, down_w));

@@ -17,6 +17,7 @@ import torch
 
 from tandem.engine.block_manager import NULL_BLOCK
 from tandem.errors import PluginError
+from tandem.kernels.cpu import ops as cpu_ops
 from tandem.model.attention import AttentionBackend, AttentionMask, AttentionVariant, fresh_causal_mask, tensors_to
 
 
@@ -41,10 +42,26 @@ class DecodeBatch:
 
 
 @dataclass(frozen=True)
+class FlatRows:
+    """Every row of the flat batch as a key range, for kernels that take the whole step at once
+    (tandem's CPU paged attention): row n sees the keys at positions [first[n], end[n]) of block
+    table row_table[n]. Built when the variant is a key window (AttentionVariant.key_window)."""
+
+    tables: torch.Tensor  # (R, max_blocks) int64, one per scheduled sequence, padded with NULL_BLOCK
+    row_table: torch.Tensor  # (N,) int64
+    first: torch.Tensor  # (N,) int64
+    end: torch.Tensor  # (N,) int64: the row's own position + 1
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        return self.tables, self.row_table, self.first, self.end
+
+
+@dataclass(frozen=True)
 class PagedAttentionMetadata:
     slots: torch.Tensor  # (N,) where the new tokens' K/V go
     prefills: tuple[PrefillChunk, ...]
     decodes: DecodeBatch | None
+    rows: FlatRows | None = None
 
     def to(self, device: torch.device) -> PagedAttentionMetadata:
         """The same metadata with every tensor on `device` (built on the host, used where the model is)."""
@@ -63,19 +80,22 @@ class PagedAttention:
         k_pool, v_pool = self.k_pools[layer], self.v_pools[layer]
         k_pool.write(self.meta.slots, k)
         v_pool.write(self.meta.slots, v)
+        rows = self.flat_rows(q.dtype, q.device)
+        if rows is not None:  # one call for the whole step, prefill and decode rows alike
+            return cpu_ops().paged_attention(q, k_pool.data, v_pool.data, *rows.args())
         try:
             return self._attend(k_pool, v_pool, q, k, v)
         except Exception as exc:
             raise PluginError(f"attention backend {self.backend.name!r} with variant {self.variant.name!r} "
                               f"failed: {type(exc).__name__}: {exc}") from exc
 
-    def in_place_decode(self, dtype: torch.dtype, device: torch.device) -> DecodeBatch | None:
-        """The step's decode batch when the step is decodes only and the backend reads them from
-        the pools in place (the model may then run its fused decode layer), else None."""
-        d = self.meta.decodes
-        if self.meta.prefills or d is None or not self.backend.reads_pool_in_place(dtype, device, self.k_pools[0], d.mask):
+    def flat_rows(self, dtype: torch.dtype, device: torch.device) -> FlatRows | None:
+        """The step as key ranges when the backend computes it in one call over the pools
+        (AttentionBackend.reads_pool_in_place; the model may then run its fused layer), else None."""
+        rows = self.meta.rows
+        if rows is None or not self.backend.reads_pool_in_place(dtype, device, self.k_pools[0], self.variant):
             return None
-        return d
+        return rows
 
     def _attend(self, k_pool, v_pool, q, k, v) -> torch.Tensor:
         meta = self.meta
@@ -98,7 +118,7 @@ class PagedAttention:
         return out
 
     def _decode(self, d: DecodeBatch, k_pool, v_pool, q: torch.Tensor) -> torch.Tensor:
-        if d.contiguous is not None and not self.backend.reads_pool_in_place(q.dtype, q.device, k_pool, d.mask):
+        if d.contiguous is not None:
             first, length = d.contiguous
             keys = k_pool.gather_range(first, length).unsqueeze(0).to(q.dtype)  # (1, S, Hkv, D)
             values = v_pool.gather_range(first, length).unsqueeze(0).to(q.dtype)
@@ -140,7 +160,22 @@ def build_metadata(rows: list[tuple[list[int], int, int]], block_size: int, vari
             prefills.append(PrefillChunk(start, num_new, num_cached, blocks, len(key_pos), mask))
         start += num_new
     return PagedAttentionMetadata(torch.cat(slots), tuple(prefills),
-                                  _decode_batch(decodes, block_size, variant, num_heads))
+                                  _decode_batch(decodes, block_size, variant, num_heads), _flat_rows(rows, variant))
+
+
+def _flat_rows(rows: list[tuple[list[int], int, int]], variant: AttentionVariant) -> FlatRows | None:
+    window = variant.key_window()
+    if window is None:
+        return None
+    width = max(len(table) for table, _, _ in rows)
+    tables = torch.tensor([table + [NULL_BLOCK] * (width - len(table)) for table, _, _ in rows], dtype=torch.long)
+    row_table, ends = [], []
+    for r, (_, num_cached, num_new) in enumerate(rows):
+        row_table += [r] * num_new
+        ends += range(num_cached + 1, num_cached + num_new + 1)
+    end = torch.tensor(ends, dtype=torch.long)
+    first = (end - window).clamp_(min=0) if window else torch.zeros_like(end)
+    return FlatRows(tables, torch.tensor(row_table, dtype=torch.long), first, end)
 
 
 def _decode_batch(decodes: list, block_size: int, variant: AttentionVariant, num_heads: int) -> DecodeBatch | None:

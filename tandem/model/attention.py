@@ -84,6 +84,12 @@ class AttentionVariant:
         cls = type(self)
         return cls.allowed is AttentionVariant.allowed and cls.bias is AttentionVariant.bias
 
+    def key_window(self) -> int | None:
+        """W when this variant lets a query see exactly the last W keys up to and including its
+        own (0: every earlier key, plain causal), with no bias; None for any other mask. Kernels
+        that take the visible keys as a position range (tandem's CPU paged attention) need it."""
+        return 0 if self.is_plain_causal else None
+
     def describe(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{self.name}({options})"
@@ -234,25 +240,26 @@ class AttentionBackend:
     def paged_decode(self, q: torch.Tensor, k_pool, v_pool, block_tables: torch.Tensor,
                      mask: AttentionMask) -> torch.Tensor:
         """Decode straight from a paged pool (KVPool): block_tables (B, max_blocks). The default
-        reads an fp32 pool in place with the CPU kernel (plain causal attention; see
-        `reads_pool_in_place`), else gathers whole blocks (contiguous block_size-token rows copy
-        far faster than single tokens) and calls `decode`; a GPU kernel reads the pool in place."""
-        if self.reads_pool_in_place(q.dtype, q.device, k_pool, mask):
-            return cpu_ops().paged_decode(q, k_pool.data, v_pool.data, block_tables, mask.keys.num_keys)
+        gathers whole blocks (contiguous block_size-token rows copy far faster than single tokens)
+        and calls `decode`; a GPU kernel reads the pool in place instead."""
         keys = k_pool.gather(block_tables).flatten(1, 2).to(q.dtype)  # (B, S, Hkv, D)
         values = v_pool.gather(block_tables).flatten(1, 2).to(q.dtype)
         return self.decode(q, keys, values, mask)
 
 
-    def reads_pool_in_place(self, dtype: torch.dtype, device: torch.device, k_pool, mask: AttentionMask) -> bool:
-        """True when paged_decode reads this batch's keys straight from the pool (no gather: the
-        engine then skips its single-sequence view path too). The default: tandem's CPU kernel
-        (tandem.kernels.cpu) for plain causal attention over an fp32 pool in host memory."""
+    def reads_pool_in_place(self, dtype: torch.dtype, device: torch.device, k_pool, variant: AttentionVariant) -> bool:
+        """True when the default backend hands a whole step to tandem's CPU paged attention
+        (tandem.kernels.cpu): every row, prefill or decode, attends over its keys read in place
+        from the pool, by one loop whatever the batch around it (batch-invariant: a token's result
+        is the same in a prefill chunk, a decode step or a speculative verification). It needs the
+        CPU kernels, fp32 in host memory, a dense pool, and a variant that is a key window
+        (`key_window`: causal, sliding window). A subclass that overrides a method keeps its own."""
         from tandem.model.kv_pool import DenseKVPool
 
-        return (type(self).paged_decode is AttentionBackend.paged_decode and dtype == torch.float32
-                and device.type == "cpu" and mask.bias is None and mask.keys is not None
-                and mask.keys.variant.is_plain_causal and isinstance(k_pool, DenseKVPool)
+        cls = type(self)
+        return (cls.prefill is AttentionBackend.prefill and cls.decode is AttentionBackend.decode
+                and cls.paged_decode is AttentionBackend.paged_decode and dtype == torch.float32
+                and device.type == "cpu" and variant.key_window() is not None and isinstance(k_pool, DenseKVPool)
                 and k_pool.data.dtype == torch.float32 and cpu_ops() is not None)
 
 

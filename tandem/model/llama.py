@@ -169,26 +169,26 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def _fused_decode(self, x: torch.Tensor, attn):
-        """A function running this step's layers with the CPU extension's fused decode layer (one
-        C++ call a layer; tandem.kernels.cpu), or None where the step does not qualify: decodes only,
-        fp32 on the CPU, plain causal attention read from fp32 pools in place, RoPE, and every
-        projection kept in GGML blocks without a bias. The eager layers are its reference."""
-        in_place = getattr(attn, "in_place_decode", None)
-        if not self.fused_decode or in_place is None or not attn.variant.rotary or x.dtype != torch.float32:
+        """A function running this step's layers with the CPU extension's fused layer (one C++ call
+        a layer; tandem.kernels.cpu), or None where the step does not qualify: fp32 on the CPU,
+        attention the backend computes over the pools in one call (PagedAttention.flat_rows), RoPE,
+        and every projection kept in GGML blocks without a bias. Prefill chunks and decode tokens
+        alike. The eager layers are its reference (the same kernels, op for op)."""
+        flat_rows = getattr(attn, "flat_rows", None)
+        if not self.fused_decode or flat_rows is None or not attn.variant.rotary or x.dtype != torch.float32:
             return None
-        batch = in_place(x.dtype, x.device)
+        rows = flat_rows(x.dtype, x.device)
         layers = self._ggml_layer_args()
-        if batch is None or layers is None:
+        if rows is None or layers is None:
             return None
-        kernels, c = cpu_ops(), self.config
-        meta, lengths = attn.meta, batch.mask.keys.num_keys
+        kernels, c, slots = cpu_ops(), self.config, attn.meta.slots
 
         def run(positions: torch.Tensor) -> torch.Tensor:
             h = x[0]
             cos, sin = self.rope.cos[positions[0]], self.rope.sin[positions[0]]
             for i, args in enumerate(layers):
-                h = kernels.decode_layer(h, *args, cos, sin, attn.k_pools[i].data, attn.v_pools[i].data, meta.slots,
-                                         batch.block_tables, lengths, c.num_heads, c.num_kv_heads)
+                h = kernels.decode_layer(h, *args, cos, sin, attn.k_pools[i].data, attn.v_pools[i].data, slots,
+                                         *rows.args(), c.num_heads, c.num_kv_heads)
             return self.model.norm(h).unsqueeze(0)
         return run
 

@@ -97,6 +97,43 @@ def test_paged_decode_matches_sdpa(batch, lengths, head_dim):
     torch.testing.assert_close(got, _paged_reference(q, k_pool, v_pool, tables, lengths), rtol=1e-5, atol=1e-5)
 
 
+def _flat_batch(seed=0, window=0):
+    """A step of 3 sequences: a 13-token prefill chunk after 20 cached, a fresh 9-token prompt,
+    and one decode token at position 40; shuffled block ids, block size 8."""
+    gen = torch.Generator().manual_seed(seed)
+    pools = torch.randn(32, 8, 2, 16, generator=gen), torch.randn(32, 8, 2, 16, generator=gen)
+    tables = torch.stack([torch.randperm(32, generator=gen)[:6] for _ in range(3)])
+    spans = [(0, 20, 13), (1, 0, 9), (2, 40, 1)]  # (table, cached, new)
+    row_table = torch.tensor([t for t, _, n in spans for _ in range(n)])
+    end = torch.tensor([c + j + 1 for _, c, n in spans for j in range(n)])
+    first = (end - window).clamp(min=0) if window else torch.zeros_like(end)
+    q = torch.randn(len(end), 6, 16, generator=gen)
+    return q, pools, tables, row_table, first, end
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_paged_attention_rows_match_sdpa_over_their_key_ranges(window):
+    q, (k_pool, v_pool), tables, row_table, first, end = _flat_batch(window=window)
+    got = cpu.extension().paged_attention(q, k_pool, v_pool, tables, row_table, first, end)
+    for n in range(q.shape[0]):
+        keys = k_pool[tables[row_table[n]]].flatten(0, 1)[first[n]:end[n]].transpose(0, 1)
+        values = v_pool[tables[row_table[n]]].flatten(0, 1)[first[n]:end[n]].transpose(0, 1)
+        want = F.scaled_dot_product_attention(q[n].unsqueeze(1), keys, values, enable_gqa=True).squeeze(1)
+        torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_is_batch_invariant():
+    """A row's result is the same floats alone as in any batch (prefill chunk, decode step and
+    speculative verification then agree bit for bit)."""
+    q, (k_pool, v_pool), tables, row_table, first, end = _flat_batch(seed=3)
+    kernels = cpu.extension()
+    together = kernels.paged_attention(q, k_pool, v_pool, tables, row_table, first, end)
+    for n in (0, 7, 12, 13, 21, 22):
+        alone = kernels.paged_attention(q[n:n + 1], k_pool, v_pool, tables, row_table[n:n + 1], first[n:n + 1],
+                                        end[n:n + 1])
+        assert torch.equal(alone[0], together[n])
+
+
 def test_paged_decode_refuses_out_of_range_blocks_and_lengths():
     pools = torch.zeros(4, 16, 1, 16), torch.zeros(4, 16, 1, 16)
     q = torch.zeros(1, 1, 16)
@@ -105,8 +142,10 @@ def test_paged_decode_refuses_out_of_range_blocks_and_lengths():
         kernels.paged_decode(q, *pools, torch.tensor([[7]]), torch.tensor([3]))
     with pytest.raises(RuntimeError, match="does not fit"):
         kernels.paged_decode(q, *pools, torch.tensor([[0]]), torch.tensor([17]))
-    with pytest.raises(RuntimeError, match="length"):
+    with pytest.raises(RuntimeError, match="no key"):
         kernels.paged_decode(q, *pools, torch.tensor([[0]]), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="names table"):
+        kernels.paged_attention(q, *pools, torch.tensor([[0]]), torch.tensor([1]), torch.tensor([0]), torch.tensor([1]))
 
 
 @pytest.fixture(scope="module")
