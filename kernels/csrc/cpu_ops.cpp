@@ -81,6 +81,28 @@ inline void softmax(float* x, int64_t n) {
   for (; i < n; ++i) x[i] *= _mm512_cvtss_f32(inv);
 }
 
+// scores[g * S + s] = q_g . k_s * scale for the G query heads of one KV head, D = 16 * DV: the
+// same products and sums, in the same order, as dot() (an fma chain over D, then one reduce).
+template <int DV>
+void key_scores(const float* q, int64_t G, const float* pool, const int64_t* table, int64_t start, int64_t S,
+                int64_t block, int64_t block_stride, int64_t token_stride, int64_t head_offset, float scale,
+                float* scores) {
+  __m512 qv[8][DV];
+  for (int64_t g = 0; g < G; ++g)
+    for (int j = 0; j < DV; ++j) qv[g][j] = _mm512_loadu_ps(q + g * DV * 16 + j * 16);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t pos = start + s;
+    const float* k = pool + table[pos / block] * block_stride + (pos % block) * token_stride + head_offset;
+    __m512 kv[DV];
+    for (int j = 0; j < DV; ++j) kv[j] = _mm512_loadu_ps(k + j * 16);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int j = 0; j < DV; ++j) acc = _mm512_fmadd_ps(qv[g][j], kv[j], acc);
+      scores[g * S + s] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+}
+
 }  // namespace
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
@@ -153,10 +175,16 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
       const int64_t* table = T + RT[n] * max_blocks;
       const float* qh = Q + (n * H + h * G) * D;  // the G query heads of KV head h, consecutive
       scores.resize(G * S);
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t pos = start + s;
-        const float* k = KP + table[pos / block] * block_stride + (pos % block) * token_stride + h * D;
-        for (int64_t g = 0; g < G; ++g) scores[g * S + s] = dot(qh + g * D, k, D) * scale;
+      if (D == 64 && G <= 8) {  // the common head size: each key loaded once for the G heads, q in registers
+        key_scores<4>(qh, G, KP, table, start, S, block, block_stride, token_stride, h * D, scale, scores.data());
+      } else if (D == 128 && G <= 4) {
+        key_scores<8>(qh, G, KP, table, start, S, block, block_stride, token_stride, h * D, scale, scores.data());
+      } else {
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t pos = start + s;
+          const float* k = KP + table[pos / block] * block_stride + (pos % block) * token_stride + h * D;
+          for (int64_t g = 0; g < G; ++g) scores[g * S + s] = dot(qh + g * D, k, D) * scale;
+        }
       }
       for (int64_t g = 0; g < G; ++g) {
         softmax(scores.data() + g * S, S);

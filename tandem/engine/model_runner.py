@@ -27,6 +27,9 @@ class ModelRunner:
         with self.device:
             self.k_pools = [kv_format.create_pool(*shape, dtype) for _ in range(config.num_layers)]
             self.v_pools = [kv_format.create_pool(*shape, dtype) for _ in range(config.num_layers)]
+        # Whether every step goes to the backend as key ranges (tandem's CPU paged attention):
+        # then the per-step metadata is only slots and ranges, no masks.
+        self.flat_only = backend.reads_pool_in_place(dtype, self.device, self.k_pools[0], variant)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks in every layer before the forward writes to them."""
@@ -84,7 +87,7 @@ class ModelRunner:
             tokens += seq.tokens_to_compute(num)
             positions += range(start, start + num)
             rows.append((seq.block_table, start, num))
-        meta = build_metadata(rows, self.block_size, self.variant, self.config.num_heads).to(self.device)
+        meta = build_metadata(rows, self.block_size, self.variant, self.config.num_heads, self.flat_only).to(self.device)
         attention = PagedAttention(self.k_pools, self.v_pools, meta, self.variant, self.backend)
         inputs = torch.tensor([tokens, positions], device=self.device)
         hidden = self.model(inputs[:1], inputs[1:], attention)[0]  # (N, d)

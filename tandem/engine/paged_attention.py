@@ -137,8 +137,12 @@ def _live_blocks(table: list[int], num_tokens: int, block_size: int) -> tuple[to
 
 
 def build_metadata(rows: list[tuple[list[int], int, int]], block_size: int, variant: AttentionVariant,
-                   num_heads: int) -> PagedAttentionMetadata:
-    """rows: per scheduled sequence, (block_table, num_computed_tokens, num_new_tokens), in flat order."""
+                   num_heads: int, flat_only: bool = False) -> PagedAttentionMetadata:
+    """rows: per scheduled sequence, (block_table, num_computed_tokens, num_new_tokens), in flat order.
+    flat_only: the backend computes every step from key ranges (reads_pool_in_place): build
+    only the slots and FlatRows, in plain Python (no masks, no per-sequence tensors)."""
+    if flat_only:
+        return _flat_metadata(rows, block_size, variant)
     slots, prefills, decodes = [], [], []
     start = 0
     offsets = torch.arange(block_size)
@@ -161,6 +165,18 @@ def build_metadata(rows: list[tuple[list[int], int, int]], block_size: int, vari
         start += num_new
     return PagedAttentionMetadata(torch.cat(slots), tuple(prefills),
                                   _decode_batch(decodes, block_size, variant, num_heads), _flat_rows(rows, variant))
+
+
+def _flat_metadata(rows: list[tuple[list[int], int, int]], block_size: int,
+                   variant: AttentionVariant) -> PagedAttentionMetadata:
+    slots = []
+    for table, num_cached, num_new in rows:
+        slots += [table[pos // block_size] * block_size + pos % block_size
+                  for pos in range(num_cached, num_cached + num_new)]
+    flat = _flat_rows(rows, variant)
+    if flat is None:
+        raise ValueError(f"attention variant {variant.name!r} is not a key window: it needs the full metadata")
+    return PagedAttentionMetadata(torch.tensor(slots, dtype=torch.long), (), None, flat)
 
 
 def _flat_rows(rows: list[tuple[list[int], int, int]], variant: AttentionVariant) -> FlatRows | None:
