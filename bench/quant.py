@@ -27,15 +27,18 @@ from tandem.data import SHAKESPEARE
 
 # (label, LLM keyword arguments)
 CONFIGS = [
-    ("fp32", {}),
+    ("fp32", {"quantization": "none"}),
+    ("gguf blocks (default)", {}),
     ("int8", {"quantization": "int8"}),
     ("int4 g32", {"quantization": "int4", "quantization_options": {"group_size": 32}}),
     ("int4 g64", {"quantization": "int4", "quantization_options": {"group_size": 64}}),
     ("nf4", {"quantization": "nf4"}),
+    ("nf4, no working copy", {"quantization": "nf4", "quantization_options": {"working_copy": False}}),
     ("fp8", {"quantization": "fp8"}),
-    ("fp32 + int8 KV", {"kv_cache_dtype": "int8"}),
+    ("fp8, no working copy", {"quantization": "fp8", "quantization_options": {"working_copy": False}}),
+    ("fp32 + int8 KV", {"quantization": "none", "kv_cache_dtype": "int8"}),
 ]
-SPEED_LABELS = ("fp32", "int8", "int4 g32")
+SPEED_LABELS = ("fp32", "gguf blocks (default)", "int8", "int4 g32", "nf4", "fp8")
 
 
 def perplexity(llm: tandem.LLM, tokens: list[int]) -> tuple[float, list[int]]:
@@ -118,7 +121,8 @@ def main() -> None:
         llm = tandem.LLM(progress=False, kv_cache_memory=256 << 20, **options)
         tokens = llm.tokenize(SHAKESPEARE.read_text())[:args.tokens]
         ppl, argmax = perplexity(llm, tokens)
-        row = {"perplexity": ppl}
+        weights = list(llm.model.parameters()) + list(llm.model.buffers())  # packed + working copies
+        row = {"perplexity": ppl, "weight_mib": sum(t.numel() * t.element_size() for t in weights) / 2 ** 20}
         if reference is None:
             reference = (ppl, argmax)
         row["ppl_vs_fp32"] = ppl / reference[0] - 1

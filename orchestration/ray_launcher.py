@@ -41,7 +41,7 @@ class ServiceActor:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         cfg = PipelineConfig(**config)
         if service in WORKERS:
-            torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)  # Ray sets OMP_NUM_THREADS=1
+            torch.set_num_threads(cfg.worker_threads())  # Ray sets OMP_NUM_THREADS=1
         self.service = service
         self.host = build(service, cfg, port=port, peers=links, host=host, resolve=NamedActors(directory or {}),
                           any_port_if_taken=True, exit_on_fatal=True).start()
@@ -175,6 +175,7 @@ def serve(config: PipelineConfig, out=print) -> int:
     started = time.monotonic()
     pipeline = RayPipeline(config)
     out(f"tandem: starting {len(pipeline.instances)} services on Ray ({config.mode} mode, model {config.model})")
+    out(f"  shape: {config.mode} ({config.mode_reason()}), {config.worker_threads()} torch threads per worker")
     pipeline.start()
     try:
         for name, address in pipeline.addresses().items():

@@ -32,7 +32,10 @@ from tandem.model.registry import DEFAULT_MODEL
 from tandem import settings
 from tandem.settings import check, json_schema, setting
 
-MODES = ("disaggregated", "aggregated")
+MODES = ("auto", "disaggregated", "aggregated")
+# mode auto: a local pipeline on fewer CPU cores than this runs aggregated (one engine keeps every
+# core: split between a prefill and a decode worker, each would run at half speed; bench/RESULTS.md)
+AUTO_DISAGGREGATED_MIN_CORES = 8
 DISAGGREGATE = ("auto", "always", "never")  # the `disaggregate` policies (services.routing)
 ROLES = ("prefill", "decode")
 SERVICES = ("tokenizer", "prefill", "decode", "worker", "kvstore", "draft", "retrieval", "gateway")
@@ -43,6 +46,14 @@ DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # t
 
 
 # JSON Schemas of the settings whose values are structured (tandem.settings derives the others').
+def _has_gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def _replicas_schema() -> dict:
     return {"type": "object", "properties": {role: {"type": "integer", "minimum": 1} for role in ROLES},
             "additionalProperties": False}
@@ -145,8 +156,9 @@ class PipelineConfig:
     engine: dict = setting({}, "more EngineConfig settings: " + ", ".join(ENGINE_KEYS), schema=_engine_schema,
                            group="engine")
     # the shape of the pipeline
-    mode: str = setting("disaggregated", "separate prefill and decode workers, or one worker doing both",
-                        choices=MODES, group="pipeline")
+    mode: str = setting("auto", "disaggregated (separate prefill and decode workers), aggregated (one worker doing "
+                        f"both), or auto: aggregated for a local pipeline on fewer than {AUTO_DISAGGREGATED_MIN_CORES} "
+                        "CPU cores and no GPU, else disaggregated", choices=MODES, group="pipeline")
     # Where a prompt runs in a disaggregated pipeline (services.routing): "auto" (the router
     # decides per request: on a decode worker when the prompt is short or the prefill workers are
     # busier than the hand-off costs, else on a prefill worker), "always" (a prefill worker, then a
@@ -228,6 +240,9 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         self.migration = MigrationConfig.parse(self.migration)
         check(self)  # types, bounds, choices: what each field declares
+        self._mode_reason = "set in the configuration"
+        if self.mode == "auto":
+            self.mode, self._mode_reason = self._auto_mode()
         self.replicas = {**{"prefill": 1, "decode": 1}, **self.replicas}
         for role, count in self.replicas.items():
             if role not in ROLES:
@@ -281,6 +296,33 @@ class PipelineConfig:
         if unknown:
             raise ConfigError(f"unknown settings {unknown}; known: {sorted(names)}")
         return cls(**values)
+
+    def _auto_mode(self) -> tuple[str, str]:
+        if self.ray_address:
+            return "disaggregated", "auto: a Ray cluster places each worker on its own resources"
+        if self.device.startswith("cuda"):
+            return "disaggregated", f"auto: device {self.device}"
+        cores = os.cpu_count() or 1
+        if cores < AUTO_DISAGGREGATED_MIN_CORES and not _has_gpu():
+            return "aggregated", (f"auto: {cores} CPU cores and no GPU; one worker keeps them all (a prefill and "
+                                  f"a decode worker would split them)")
+        return "disaggregated", f"auto: {cores} CPU cores" + (", a GPU" if _has_gpu() else "")
+
+    def mode_reason(self) -> str:
+        """Why the pipeline has its shape (`mode: auto` resolves on the machine that starts it)."""
+        return getattr(self, "_mode_reason", "set in the configuration")
+
+    def worker_threads(self) -> int:
+        """torch threads per worker: num_threads, else this machine's cores shared by the workers a
+        local pipeline starts on it (so they do not oversubscribe them), or all of a node's cores
+        on a cluster (the chart gives each worker its own pod)."""
+        if self.num_threads:
+            return self.num_threads
+        cores = os.cpu_count() or 1
+        if self.ray_address:
+            return cores
+        workers = self.replicas["decode"] + (self.replicas["prefill"] if self.mode == "disaggregated" else 0)
+        return max(1, cores // workers)
 
     def resolved_api_keys(self) -> list[str]:
         """api_keys, plus one key per line of api_key_file, plus TANDEM_API_KEYS (comma-separated)."""

@@ -16,13 +16,16 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor norm1, torch::Tensor n
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor tables,
                               torch::Tensor row_table, torch::Tensor first, torch::Tensor end);
 
+// Every kernel releases the GIL while it runs (as torch's own ops do): a worker's gRPC threads
+// stream tokens and take requests while its engine thread computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("q4_linear", &q4_linear, "x (M, K) f32 @ Q4 blocks (qs (N, K/2) u8, d, m (N, K/32) f16)^T -> (M, N) f32");
-  module.def("q8_linear", &q8_linear, "x (M, K) f32 @ Q8 blocks (qs (N, K) u8 = q + 128, d (N, K/32) f16)^T -> (M, N) f32");
-  module.def("rms_norm", &rms_norm, "x (M, K) f32, w (K,) f32, eps -> (M, K) f32");
-  module.def("paged_decode", &paged_decode,
+  using release = py::call_guard<py::gil_scoped_release>;
+  module.def("q4_linear", &q4_linear, release(), "x (M, K) f32 @ Q4 blocks (qs (N, K/2) u8, d, m (N, K/32) f16)^T -> (M, N) f32");
+  module.def("q8_linear", &q8_linear, release(), "x (M, K) f32 @ Q8 blocks (qs (N, K) u8 = q + 128, d (N, K/32) f16)^T -> (M, N) f32");
+  module.def("rms_norm", &rms_norm, release(), "x (M, K) f32, w (K,) f32, eps -> (M, K) f32");
+  module.def("paged_decode", &paged_decode, release(),
              "q (B, H, D), k/v pools (blocks, block_size, Hkv, D), tables (B, max_blocks), lengths (B,) -> (B, H, D)");
-  module.def("paged_attention", &paged_attention,
+  module.def("paged_attention", &paged_attention, release(),
              "q (N, H, D), k/v pools, tables (R, max_blocks), row_table, first, end (N,): row n over keys [first, end)");
-  module.def("decode_layer", &decode_layer, "a Llama decoder layer over a flat batch with GGML projections");
+  module.def("decode_layer", &decode_layer, release(), "a Llama decoder layer over a flat batch with GGML projections");
 }

@@ -32,5 +32,5 @@ def test_config_section_covers_every_setting_the_chart_does_not_own():
     settings = set(PipelineConfig.__dataclass_fields__)
     assert set(extra["propertyNames"]["enum"]) == set(extra["properties"]) == settings - set(generator.owned_keys())
     assert "internal_token" in generator.owned_keys()  # never in the ConfigMap
-    assert config["mode"]["enum"] == ["disaggregated", "aggregated"]
+    assert config["mode"]["enum"] == ["auto", "disaggregated", "aggregated"]
     assert config["replicas"]["properties"]["decode"] == {"type": "integer", "minimum": 1}

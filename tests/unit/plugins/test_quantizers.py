@@ -113,3 +113,18 @@ def test_int8_kv_cache_round_trip_and_generation(tiny_hf_dir):
     # the same memory budget holds ~3.8x the tokens (64 + 4 bytes per head instead of 256)
     fmt = Int8KVCache()
     assert fmt.bytes_per_token(30, 3, 64, torch.float32) * 3.7 < 2 * 30 * 3 * 64 * 4
+
+
+@pytest.mark.parametrize("quantizer", [NF4, FP8])
+def test_working_copy_is_the_dequantized_weight_in_bf16_and_can_be_turned_off(quantizer):
+    """By default nf4/fp8 multiply a bf16 copy of their dequantized weight (faster than fp32);
+    working_copy=False keeps only the packed weight and dequantizes every call."""
+    x = torch.randn(3, W.shape[1])
+    fast, small = quantizer().quantize(W), quantizer(working_copy=False).quantize(W)
+    assert fast.work.dtype == torch.bfloat16 and torch.equal(fast.work, small.dequantize().to(torch.bfloat16))
+    assert small.work is None
+    exact = x @ small.dequantize().T
+    torch.testing.assert_close(small(x), exact)
+    assert float((fast(x) - exact).norm() / exact.norm()) < 1e-2  # bf16 rounding of x and W
+    with pytest.raises(ConfigError, match="working_copy"):
+        quantizer(working_copy="yes")

@@ -59,23 +59,42 @@ def test_api_keys_from_every_source(tmp_path, monkeypatch):
 
 
 def test_topology_of_both_modes():
-    disagg = plan(PipelineConfig(replicas={"prefill": 2, "decode": 3}, grpc_port=0))
+    disagg = plan(PipelineConfig(mode="disaggregated", replicas={"prefill": 2, "decode": 3}, grpc_port=0))
     names = [i.name for i in disagg]
     assert names[-1] == "gateway-0" and names.count("gateway-0") == 1
     assert sum(n.startswith("prefill") for n in names) == 2 and sum(n.startswith("decode") for n in names) == 3
     assert len({i.port for i in disagg}) == len(disagg)  # every service its own port
-    links = peers(PipelineConfig(), disagg)
+    links = peers(PipelineConfig(mode="disaggregated"), disagg)
     assert len(links["prefill"]) == 2 and len(links["decode"]) == 3
     agg = plan(PipelineConfig(mode="aggregated", replicas={"decode": 2}))
     assert [i.service for i in agg].count("worker") == 2 and not any(i.service == "prefill" for i in agg)
     assert len(peers(PipelineConfig(mode="aggregated"), agg)["decode"]) == 2
 
 
+def test_mode_auto_fits_the_machine(monkeypatch):
+    """auto: aggregated on a small CPU-only machine (one engine keeps every core), disaggregated
+    on a big one or a Ray cluster; threads per worker never oversubscribe the local cores."""
+    import tandem.services.config as config_module
+
+    monkeypatch.setattr(config_module, "_has_gpu", lambda: False)
+    monkeypatch.setattr(config_module.os, "cpu_count", lambda: 2)
+    small = PipelineConfig()
+    assert small.mode == "aggregated" and "2 CPU cores" in small.mode_reason() and small.worker_threads() == 2
+    assert PipelineConfig(mode="disaggregated").worker_threads() == 1  # 2 cores, 2 workers
+    assert PipelineConfig(mode="disaggregated", num_threads=2).worker_threads() == 2  # the operator's choice
+    assert PipelineConfig(ray_address="ray://head:10001").mode == "disaggregated"
+    monkeypatch.setattr(config_module.os, "cpu_count", lambda: 16)
+    big = PipelineConfig(replicas={"prefill": 1, "decode": 3})
+    assert big.mode == "disaggregated" and big.worker_threads() == 4
+    assert PipelineConfig(mode="aggregated").mode_reason() == "set in the configuration"
+
+
 def test_cluster_wiring_uses_advertised_addresses_and_starts_in_dependency_order():
     from tandem.orchestration.ray_launcher import actor_options
     from tandem.orchestration.topology import stages
 
-    config = PipelineConfig(service_host="0.0.0.0", gateway_resources={"tandem_gateway": 1}, grpc_port=0)
+    config = PipelineConfig(service_host="0.0.0.0", gateway_resources={"tandem_gateway": 1}, grpc_port=0,
+                            mode="disaggregated")
     instances = plan(config)
     first, workers, gateway = stages(instances)
     assert {i.service for i in first} == {"kvstore", "tokenizer", "draft", "retrieval"}

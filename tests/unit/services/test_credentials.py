@@ -42,6 +42,7 @@ REMOTE_DRAFT = {"method": "remote", "k": 3, "options": {"method": "draft_model",
 
 def config(tiny_hf_dir, **overrides) -> PipelineConfig:
     overrides.setdefault("disaggregate", "always")  # every request through the store (the tiny prompts are short)
+    overrides.setdefault("mode", "disaggregated")  # whatever this machine's size (mode auto: aggregated on < 8 cores)
     return PipelineConfig(model=str(tiny_hf_dir), grpc_port=0, http_port=0, kv_cache_memory=16 << 20,
                           kv_store_bytes=64 << 20, internal_token=TOKEN, **overrides)
 

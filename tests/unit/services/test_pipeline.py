@@ -31,7 +31,9 @@ PROMPTS = ["hello world", "To be, or not to be, that is the question:",
 def config(tiny_hf_dir, **overrides) -> PipelineConfig:
     # These tests exercise the hand-off, so every request takes it (the tiny model's prompts are
     # all short: auto would run them whole on a decode worker); test_disaggregation.py tests auto.
+    # mode: disaggregated whatever this machine's size (mode auto picks aggregated on < 8 cores).
     overrides.setdefault("disaggregate", "always")
+    overrides.setdefault("mode", "disaggregated")
     return PipelineConfig(model=str(tiny_hf_dir), grpc_port=0, http_port=0, kv_cache_memory=16 << 20, kv_store_bytes=64 << 20,
                           **overrides)
 
