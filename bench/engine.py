@@ -18,7 +18,8 @@ the same count. (Runs before 2026-11-30 drew the windows from the first 400,000 
 full 1 MB text: other passages of the same lengths.)
 
     .venv/bin/python bench/engine.py [--threads 2] [--quantization none] [--concurrency 1 4 16 64]
-        [--peers llamacpp transformers] [--repeat 3] [--llama-dir build/llama.cpp] [--json bench/engine.json]
+        [--peers llamacpp transformers] [--repeat 3] [--llama-dir build/llama.cpp] [--device cpu|cuda]
+        [--json bench/engine.json]
 """
 from __future__ import annotations
 
@@ -149,16 +150,25 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--peers", nargs="*", default=["llamacpp", "transformers"])
     parser.add_argument("--quantization", default=None, help="tandem's (default: its default, GGUF blocks kept)")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of the batch-1 and TTFT measurements")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of the batch-1 and TTFT measurements")
     parser.add_argument("--llama-dir", type=Path, default=Path(__file__).resolve().parents[1] / "build" / "llama.cpp")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: tandem on the GPU with its Triton kernels "
+                        "(attention_backend triton); reported as unmeasured when no GPU is at hand")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(json.dumps({"device": args.device, "unmeasured": "no GPU is visible to torch on this machine"}))
+        if args.json:
+            args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)},
+                                             "unmeasured": "no GPU is visible to torch on this machine"}, indent=2) + "\n")
+        return
+    gpu = {"device": args.device, "attention_backend": "triton"} if args.device.startswith("cuda") else {}
 
     if (args.llama_dir / "build" / "bin").is_dir():  # llama-cpp-python installed with LLAMA_BUILD=OFF
         os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(args.llama_dir / "build" / "bin"))
     torch.set_num_threads(args.threads)
     llm = tandem.LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=False,
-                     quantization=args.quantization)
+                     quantization=args.quantization, **gpu)
     results: dict = {"config": vars(args) | {"json": str(args.json)}, "tandem": {}, "peers": {}}
     engines = {"tandem": lambda prompts, n: tandem_run(llm, prompts, n)}
     if "llamacpp" in args.peers:
@@ -175,12 +185,13 @@ def main() -> None:
             results["peers"]["transformers"] = f"not available ({exc})"
 
     results["tandem_quantization"] = llm.quantization
-    long_prompt = make_prompts(llm, 1, 512, seed=3)
-    batch1_prompt = make_prompts(llm, 1, args.prompt_tokens, seed=4)
     rounds: dict[str, dict[str, list]] = {name: {"ttft_512_s": [], "batch1_decode_tokens_per_s": []} for name in engines}
     for name, run in engines.items():
         run(make_prompts(llm, 1, 16, seed=9), 4)  # warm-up
-    for _ in range(args.repeat):  # engines alternate, so a slow patch of the machine hits them alike
+    for r in range(args.repeat):  # engines alternate, so a slow patch of the machine hits them alike
+        # a new text each round: a prompt seen before would be a prefix-cache hit for tandem
+        long_prompt, batch1_prompt = make_prompts(llm, 1, 512, seed=100 + r), make_prompts(llm, 1, args.prompt_tokens,
+                                                                                             seed=200 + r)
         for name, run in engines.items():
             rounds[name]["ttft_512_s"].append(run(long_prompt, 1)["ttft_s"])
             rounds[name]["batch1_decode_tokens_per_s"].append(1 / run(batch1_prompt, args.output_tokens)["itl_s"])

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 
@@ -78,50 +79,78 @@ inline __m512 pair_pattern(const at::Half* two, const __m512i& idx) {
   return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(bits))));
 }
 
-// y[i, n] for MB consecutive activation rows i and one weight row n: the weight's blocks are
-// loaded and unpacked once for all MB rows.
-template <int MB, bool Q4>
-inline void dot_rows(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t K,
-                     const int8_t* xq, const float* dpat, const float* sx, float* y, int64_t ldy) {
+// sum over the G blocks of w[g] * sx[g], w fp16 (Q4: the blocks' m; Q8: their d), in a fixed order.
+inline float offset_dot(const at::Half* w, const float* sx, int64_t G) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 16 <= G; g += 16)
+    acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + g))), _mm512_loadu_ps(sx + g), acc);
+  if (g < G) {
+    const __mmask16 k = (__mmask16)((1u << (G - g)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w + g)), _mm512_maskz_loadu_ps(k, sx + g), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// y[i, n] for a register tile of MB activation rows x NB weight rows: each weight pair is
+// unpacked once for the MB rows, each activation pair loaded once for the NB rows. For every
+// (n, i) the arithmetic is the same whatever the tile (the sum over pairs in order, one reduce,
+// then the offset term), so a row's result never depends on the batch around it.
+template <int MB, int NB, bool Q4>
+void dot_tile(const uint8_t* w, int64_t row_bytes, const at::Half* d, const at::Half* m, int64_t K,
+              const int8_t* xq, const float* dpat, const float* sx, float* y, int64_t ldy) {
   const __m512i idx = Q4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1)
                          : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const int64_t P = K / 64, G = K / kBlock;
-  __m512 acc[MB];
-  __m128 off[MB];
-  for (int i = 0; i < MB; ++i) { acc[i] = _mm512_setzero_ps(); off[i] = _mm_setzero_ps(); }
+  __m512 acc[NB][MB];
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_setzero_ps();
   for (int64_t p = 0; p < P; ++p) {
-    __m512i wq;
-    if constexpr (Q4) {
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(w + p * 32));
-      wq = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, nibble)),
-                              _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), 1);
-    } else {
-      wq = _mm512_loadu_si512((const void*)(w + p * 64));
+    __m512i wq[NB];
+    __m512 dw[NB];
+    for (int j = 0; j < NB; ++j) {
+      const uint8_t* wr = w + j * row_bytes;
+      if constexpr (Q4) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(wr + p * 32));
+        wq[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, nibble)),
+                                   _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), 1);
+      } else {
+        wq[j] = _mm512_loadu_si512((const void*)(wr + p * 64));
+      }
+      dw[j] = pair_pattern(d + j * G + 2 * p, idx);
     }
-    const __m512 dw = pair_pattern(d + 2 * p, idx);
-    int32_t bits;
-    std::memcpy(&bits, (Q4 ? m : d) + 2 * p, 4);
-    const __m128 mw = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));  // lanes 0, 1: the pair's m (Q8: d)
     for (int i = 0; i < MB; ++i) {
       const __m512i a = _mm512_loadu_si512((const void*)(xq + i * K + p * 64));
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, a);
-      const __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(dpat + (i * P + p) * 16));
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i]);
-      off[i] = _mm_fmadd_ps(mw, _mm_castpd_ps(_mm_load_sd((const double*)(sx + i * G + 2 * p))), off[i]);
+      const __m512 dx = _mm512_loadu_ps(dpat + (i * P + p) * 16);
+      for (int j = 0; j < NB; ++j) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[j], a);
+        acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[j], dx), acc[j][i]);
+      }
     }
   }
-  for (int i = 0; i < MB; ++i) {
-    alignas(16) float t[4];
-    _mm_store_ps(t, off[i]);
-    const float o = t[0] + t[1];
-    // Q4: + sum over blocks of m * dx * sum(qx); Q8 holds q + 128: - 128 * d * dx * sum(qx)
-    y[i * ldy] = _mm512_reduce_add_ps(acc[i]) + (Q4 ? o : -128.f * o);
-  }
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i) {
+      // Q4: + sum over blocks of m * dx * sum(qx); Q8 holds q + 128: - 128 * d * dx * sum(qx)
+      const float off = offset_dot((Q4 ? m : d) + j * G, sx + i * G, G);
+      y[i * ldy + j] = _mm512_reduce_add_ps(acc[j][i]) + (Q4 ? off : -128.f * off);
+    }
+}
+
+template <bool Q4>
+using TileFn = void (*)(const uint8_t*, int64_t, const at::Half*, const at::Half*, int64_t, const int8_t*,
+                        const float*, const float*, float*, int64_t);
+
+template <bool Q4, int MB>
+constexpr std::array<TileFn<Q4>, 4> tiles_of() {
+  return {&dot_tile<MB, 1, Q4>, &dot_tile<MB, 2, Q4>, &dot_tile<MB, 3, Q4>, &dot_tile<MB, 4, Q4>};
 }
 
 template <bool Q4>
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor& m) {
+  constexpr int64_t kTileN = 2, kTileM = 4;
+  static const std::array<std::array<TileFn<Q4>, 4>, 4> tiles = {tiles_of<Q4, 1>(), tiles_of<Q4, 2>(),
+                                                                  tiles_of<Q4, 3>(), tiles_of<Q4, 4>()};
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), G = K / kBlock, P = K / 64;
   const Activations a = quantize_activations(x, Q4);
   auto y = torch::empty({M, N}, torch::kFloat);
@@ -133,22 +162,15 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& qs, const torc
   const float* SX = a.sx.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   const int64_t row_bytes = Q4 ? K / 2 : K;
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* w = W + n * row_bytes;
-      const at::Half* dn = D + n * G;
-      const at::Half* mn = Mn + n * G;
-      int64_t i = 0;
-      for (; i + 4 <= M; i += 4)
-        dot_rows<4, Q4>(w, dn, mn, K, XQ + i * K, DP + i * P * 16, SX + i * G, Y + i * N + n, N);
-      const int64_t rest = M - i;
-      const int8_t* xq = XQ + i * K;
-      const float* dp = DP + i * P * 16;
-      const float* sx = SX + i * G;
-      float* yy = Y + i * N + n;
-      if (rest == 3) dot_rows<3, Q4>(w, dn, mn, K, xq, dp, sx, yy, N);
-      else if (rest == 2) dot_rows<2, Q4>(w, dn, mn, K, xq, dp, sx, yy, N);
-      else if (rest == 1) dot_rows<1, Q4>(w, dn, mn, K, xq, dp, sx, yy, N);
+  const int64_t groups = (N + kTileN - 1) / kTileN;
+  at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n = g * kTileN, nb = std::min(kTileN, N - n);
+      for (int64_t i = 0; i < M; i += kTileM) {
+        const int64_t mb = std::min(kTileM, M - i);
+        tiles[mb - 1][nb - 1](W + n * row_bytes, row_bytes, D + n * G, Mn + n * G, K, XQ + i * K,
+                              DP + i * P * 16, SX + i * G, Y + i * N + n, N);
+      }
     }
   });
   return y;
