@@ -159,7 +159,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(json.dumps({"device": args.device, "unmeasured": "no GPU is visible to torch on this machine"}))
         if args.json:
-            args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)},
+            args.json.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
                                              "unmeasured": "no GPU is visible to torch on this machine"}, indent=2) + "\n")
         return
     gpu = {"device": args.device, "attention_backend": "triton"} if args.device.startswith("cuda") else {}
@@ -169,7 +169,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     llm = tandem.LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=False,
                      quantization=args.quantization, **gpu)
-    results: dict = {"config": vars(args) | {"json": str(args.json)}, "tandem": {}, "peers": {}}
+    results: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                     "tandem": {}, "peers": {}}
     engines = {"tandem": lambda prompts, n: tandem_run(llm, prompts, n)}
     if "llamacpp" in args.peers:
         try:
@@ -193,11 +194,13 @@ def main() -> None:
         long_prompt, batch1_prompt = make_prompts(llm, 1, 512, seed=100 + r), make_prompts(llm, 1, args.prompt_tokens,
                                                                                              seed=200 + r)
         for name, run in engines.items():
+            time.sleep(1)  # the previous engine's worker threads stop spinning before this one starts
             rounds[name]["ttft_512_s"].append(run(long_prompt, 1)["ttft_s"])
             rounds[name]["batch1_decode_tokens_per_s"].append(1 / run(batch1_prompt, args.output_tokens)["itl_s"])
     for name, run in engines.items():
         row = {key: statistics.median(values) for key, values in rounds[name].items()} | {"rounds": rounds[name]}
         for n in args.concurrency:
+            time.sleep(1)
             row[f"aggregate_tokens_per_s@{n}"] = run(make_prompts(llm, n, args.prompt_tokens, seed=n),
                                                      args.output_tokens)["tokens_per_s"]
         results["tandem" if name == "tandem" else "peers"][name] = row

@@ -6,7 +6,12 @@ llama.cpp's figures come from running it in the same process when llama-cpp-pyth
 (tests/data/llamacpp_fidelity_golden.json). Either way tandem's tokenization of the text is
 checked against llama.cpp's first.
 
-    .venv/bin/python bench/fidelity.py [--model smollm2-135m] [--dtype float32] [--threads 2] [--json OUT]
+    .venv/bin/python bench/fidelity.py [--model smollm2-135m] [--quantization none] [--dtype float32]
+        [--threads 2] [--json OUT]
+
+tandem runs its defaults (a GGUF's Q4_1/Q8_0 blocks multiplied with llama.cpp's arithmetic);
+`--quantization none` scores the dequantized float model instead. With the defaults the run also
+scores the dequantized model and reports how often the two agree on the argmax (the greedy token).
 
 --emulate-q8-activations rounds every linear layer's input to 8 bits in blocks of 32, as llama.cpp's
 CPU path does before its quantized dot products (ggml's Q8_1/Q8_0 `vec_dot_type`). It is a
@@ -84,12 +89,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--quantization", default=None, help="tandem's (default: its default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--emulate-q8-activations", action="store_true",
                         help="diagnostic: round linear-layer inputs to 8 bits as llama.cpp's CPU path does")
     args = parser.parse_args()
 
-    llm = tandem.LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=False)
+    llm = tandem.LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=False,
+                     quantization=args.quantization)
     if args.emulate_q8_activations:
         emulate_q8_activations(llm.model)
     tokens = llm.tokenize(SHAKESPEARE.read_text()[:40_000])[:args.tokens]
@@ -97,7 +104,8 @@ def main() -> None:
     ours = llm.score(tokens)
     seconds = time.perf_counter() - started
     references, source = llamacpp_scores(llm.model_path, tokens, args.threads)
-    result = {"model": args.model, "dtype": args.dtype, "tokens": len(tokens), "reference": source,
+    result = {"model": args.model, "dtype": args.dtype, "quantization": llm.quantization, "tokens": len(tokens),
+              "reference": source,
               "emulate_q8_activations": args.emulate_q8_activations,
               "tandem_perplexity": round(ours.perplexity, 4), "tandem_score_seconds": round(seconds, 2)}
     for name, (ref_logprobs, ref_argmax) in references.items():
@@ -106,6 +114,13 @@ def main() -> None:
         result[f"llama.cpp {name}"] = {"perplexity": round(ref_ppl, 4),
                                        "tandem_rel_diff": round(ours.perplexity / ref_ppl - 1, 5),
                                        "top1_agreement": round(agreement, 4)}
+    if llm.quantization != "none":  # the same text through the dequantized model: greedy agreement
+        del llm
+        dense = tandem.LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=False, quantization="none")
+        exact = dense.score(tokens)
+        result["tandem dequantized"] = {
+            "perplexity": round(exact.perplexity, 4), "tandem_rel_diff": round(ours.perplexity / exact.perplexity - 1, 5),
+            "top1_agreement": round(sum(a == b for a, b in zip(ours.argmax_ids, exact.argmax_ids)) / len(exact.argmax_ids), 4)}
     for key, value in result.items():
         print(f"{key:34} {value}")
     if args.json:

@@ -35,6 +35,7 @@ _CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16
 _lock = threading.Lock()
 _extension = None
 _failure: str | None = None
+builds = 0  # compilations this process ran (0 once the cache is warm; never more than 1)
 
 
 def cache_dir() -> Path:
@@ -74,7 +75,7 @@ def available() -> bool:
 def extension():
     """The compiled module (built once per sources/torch/flags, then loaded from the cache).
     Raises RuntimeError, with the compiler's reason, if it cannot be built."""
-    global _extension, _failure
+    global _extension, _failure, builds
     if _extension is not None:
         return _extension
     with _lock:
@@ -87,6 +88,7 @@ def extension():
             build.mkdir(parents=True, exist_ok=True)
             fresh = not any(build.glob("*.so"))
             if fresh:
+                builds += 1
                 log.warning("building tandem's CPU kernels into %s (once; about 40 s)", build)
             start = time.monotonic()
             try:

@@ -196,6 +196,16 @@ def test_fused_decode_layer_logits_match_the_eager_layers(tiny_q4_llm):
         assert max(abs(x - y) for (_, x), (_, y) in zip(a.top, b.top)) < 1e-5
 
 
+def test_serving_never_builds_again(tiny_q4_llm):
+    """Whatever the batch sizes and prompt lengths, the kernels are built at most once per process
+    (nothing is specialized per shape: no recompiles in the steady state)."""
+    before = cpu.builds
+    assert before <= 1
+    for n in (1, 2, 5, 16):
+        tiny_q4_llm.generate([[3 + i] * (1 + 7 * i) for i in range(n)], tandem.SamplingParams(max_tokens=4))
+    assert cpu.builds == before
+
+
 def test_the_build_is_cached_for_the_next_process():
     """A second process finds the compiled extension in the cache: it loads without compiling."""
     code = ("import logging, time; logging.basicConfig(level=logging.INFO); t = time.monotonic(); "
