@@ -67,6 +67,10 @@ def tandem_attention_variants(api_version: int) -> list[type]:
         may see the key; it must allow each query its own key), `bias(q_pos, k_pos, num_heads)`
         (an additive fp32 bias, or None), and `retention()` when old keys stop being visible
         (the engine then frees their KV blocks). Set `rotary = False` if the variant replaces RoPE.
+        Override `key_window()` to return W when the mask is exactly "the last W keys up to the
+        query" (0: all of them) with no bias: the CPU's paged attention then computes it from key
+        ranges in one call a step; other masks (the default for a subclass: None) take the
+        mask-based path.
 
     Not firstresult. Example::
 
