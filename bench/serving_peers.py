@@ -66,6 +66,17 @@ def row(measurements: list[dict]) -> dict:
             for m in measurements}
 
 
+def serve_and_drive(command: list[str], port: int, args, result: Path, env: dict | None = None) -> dict:
+    """Start a server, wait for its /health on 127.0.0.1:port, drive it, stop it."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", proc)
+        return row(drive(f"http://127.0.0.1:{port}", args, result))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def run_llama_server(args, out: Path) -> dict:
     binary = args.llama_dir / "build" / "bin" / "llama-server"
     if not binary.exists():
@@ -74,29 +85,18 @@ def run_llama_server(args, out: Path) -> dict:
 
     port, slots = free_port(), max(args.concurrency)
     ctx = slots * (args.input_len + args.output_len + 64)
-    proc = subprocess.Popen([str(binary), "-m", str(resolve_model_path(args.model)), "-t", str(args.threads),
-                             "-tb", str(args.threads), "-np", str(slots), "-c", str(ctx), "-cb", "--host", "127.0.0.1",
-                             "--port", str(port), "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/health", proc)
-        return row(drive(f"http://127.0.0.1:{port}", args, out.with_name(out.stem + "_llama_server.json")))
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    command = [str(binary), "-m", str(resolve_model_path(args.model)), "-t", str(args.threads), "-tb",
+               str(args.threads), "-np", str(slots), "-c", str(ctx), "-cb", "--host", "127.0.0.1", "--port", str(port),
+               "--no-webui"]
+    return serve_and_drive(command, port, args, out.with_name(out.stem + "_llama_server.json"))
 
 
 def run_tandem_serve(args, out: Path) -> dict:
     grpc, http = free_port(), free_port()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.Popen(TANDEM + ["serve", "--mode", "aggregated", "--model", args.model, "--grpc-port", str(grpc),
-                                      "--http-port", str(http), "--threads", str(args.threads)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
-    try:
-        wait_ready(f"http://127.0.0.1:{http}/health", proc)
-        return row(drive(f"http://127.0.0.1:{http}", args, out.with_name(out.stem + "_tandem_serve.json")))
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    command = TANDEM + ["serve", "--mode", "aggregated", "--model", args.model, "--grpc-port", str(grpc),
+                        "--http-port", str(http), "--threads", str(args.threads)]
+    return serve_and_drive(command, http, args, out.with_name(out.stem + "_tandem_serve.json"), env=env)
 
 
 def plot(results: dict, engine_json: Path, path: Path) -> None:
