@@ -400,3 +400,16 @@ def test_random_stream_is_addressed_by_position_not_by_history():
     assert torch.equal(torch.rand(4, generator=a.at(5)), torch.rand(4, generator=b.at(5)))
     assert not torch.equal(torch.rand(4, generator=a.at(5)), torch.rand(4, generator=a.at(6)))
     assert not torch.equal(torch.rand(4, generator=RandomStream(43).at(5)), torch.rand(4, generator=b.at(5)))
+
+
+def test_invalid_rows_is_the_full_check_in_one_reduction():
+    """The row-maximum shortcut flags exactly the rows the full check (any NaN, or no finite
+    value) flags, +inf rows included."""
+    from tandem.sampling import SamplerPipeline
+
+    inf, nan = float("inf"), float("nan")
+    rows = torch.tensor([[0.0, 1.0, 2.0], [0.0, nan, 2.0], [-inf, -inf, -inf], [inf, 1.0, 0.0], [inf, inf, inf],
+                         [inf, -inf, -inf], [-inf, 3.0, -inf], [nan, inf, -inf], [inf, nan, 1.0]])
+    full = rows.isnan().any(dim=-1) | ~rows.isfinite().any(dim=-1)
+    flagged = SamplerPipeline.invalid_rows(rows, {})
+    assert sorted(flagged) == full.nonzero().flatten().tolist() == [1, 2, 4, 5, 7, 8]
