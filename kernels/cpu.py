@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
 import time
 from pathlib import Path
@@ -91,6 +92,9 @@ def extension():
                 builds += 1
                 log.warning("building tandem's CPU kernels into %s (once; about 40 s)", build)
             start = time.monotonic()
+            # ninja (a dependency) lives beside this Python; a venv used without activating it
+            # does not have that directory on PATH
+            os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
             try:
                 from torch.utils.cpp_extension import load
                 _extension = load(name="tandem_cpu", sources=[str(p) for p in _SOURCES], build_directory=str(build),
