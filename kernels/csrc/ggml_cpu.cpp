@@ -17,6 +17,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -27,8 +28,12 @@ constexpr int64_t kBlock = 32;
 //   q8 order: [g0 0..31, g1 0..31] (natural)
 // dpat (M, K/64, 16) fp32: the activation scale of each int32 lane's block (lanes of 4 bytes);
 // sx (M, K/32) fp32: scale * sum(q) per block, for the weight offset (Q4's m, Q8's 128).
+// Held in buffers of the calling thread, reused call after call (a decode step makes ~120 of these
+// calls; three tensor allocations each were a measurable share of a batch-1 step).
 struct Activations {
-  torch::Tensor q, dpat, sx;
+  int8_t* q;
+  float* dpat;
+  float* sx;
 };
 
 inline void quantize_row(const float* x, int64_t K, bool q4order, int8_t* q, float* dpat, float* sx) {
@@ -59,12 +64,16 @@ inline void quantize_row(const float* x, int64_t K, bool q4order, int8_t* q, flo
 
 Activations quantize_activations(const torch::Tensor& x, bool q4order) {
   const int64_t M = x.size(0), K = x.size(1);
-  Activations a{torch::empty({M, K}, torch::kInt8), torch::empty({M, K / 64, 16}, torch::kFloat),
-                torch::empty({M, K / kBlock}, torch::kFloat)};
+  thread_local std::vector<int8_t> q_buffer;
+  thread_local std::vector<float> dpat_buffer, sx_buffer;
+  q_buffer.resize(M * K);
+  dpat_buffer.resize(M * (K / 64) * 16);
+  sx_buffer.resize(M * (K / kBlock));
+  Activations a{q_buffer.data(), dpat_buffer.data(), sx_buffer.data()};
   const float* X = x.data_ptr<float>();
-  int8_t* Q = a.q.data_ptr<int8_t>();
-  float* P = a.dpat.data_ptr<float>();
-  float* S = a.sx.data_ptr<float>();
+  int8_t* Q = a.q;
+  float* P = a.dpat;
+  float* S = a.sx;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       quantize_row(X + m * K, K, q4order, Q + m * K, P + m * (K / 64) * 16, S + m * (K / kBlock));
@@ -157,9 +166,9 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& qs, const torc
   const uint8_t* W = qs.data_ptr<uint8_t>();
   const at::Half* D = d.data_ptr<at::Half>();
   const at::Half* Mn = Q4 ? m.data_ptr<at::Half>() : D;
-  const int8_t* XQ = a.q.data_ptr<int8_t>();
-  const float* DP = a.dpat.data_ptr<float>();
-  const float* SX = a.sx.data_ptr<float>();
+  const int8_t* XQ = a.q;
+  const float* DP = a.dpat;
+  const float* SX = a.sx;
   float* Y = y.data_ptr<float>();
   const int64_t row_bytes = Q4 ? K / 2 : K;
   const int64_t groups = (N + kTileN - 1) / kTileN;
