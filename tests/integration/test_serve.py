@@ -30,8 +30,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 class Server:
     def __init__(self, *args: str):
-        if "--mode" not in args:  # these tests exercise the hand-off: disaggregated on any machine (auto
-            args = ("--mode", "disaggregated", *args)  # picks aggregated below 8 cores)
+        if "--mode" not in args and "--config" not in args:  # the hand-off, disaggregated on any machine
+            args = ("--mode", "disaggregated", *args)  # (mode auto picks aggregated below 8 cores)
         self.port, self.http_port = free_port(), free_port()
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
