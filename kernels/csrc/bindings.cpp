@@ -7,7 +7,7 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor tables,
                            torch::Tensor lengths);
-torch::Tensor decode_layer(torch::Tensor x, torch::Tensor norm1, torch::Tensor norm2, double eps,
+torch::Tensor fused_layer(torch::Tensor x, torch::Tensor norm1, torch::Tensor norm2, double eps,
                            std::vector<torch::Tensor> qkv_w, std::vector<torch::Tensor> o_w,
                            std::vector<torch::Tensor> gate_up_w, std::vector<torch::Tensor> down_w,
                            torch::Tensor cos, torch::Tensor sin, torch::Tensor k_pool, torch::Tensor v_pool,
@@ -27,5 +27,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "q (B, H, D), k/v pools (blocks, block_size, Hkv, D), tables (B, max_blocks), lengths (B,) -> (B, H, D)");
   module.def("paged_attention", &paged_attention, release(),
              "q (N, H, D), k/v pools, tables (R, max_blocks), row_table, first, end (N,): row n over keys [first, end)");
-  module.def("decode_layer", &decode_layer, release(), "a Llama decoder layer over a flat batch with GGML projections");
+  module.def("fused_layer", &fused_layer, release(), "a Llama decoder layer over a flat batch with GGML projections");
 }

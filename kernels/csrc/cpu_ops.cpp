@@ -8,7 +8,7 @@
 //   query heads grouped over KV heads (GQA). Exact softmax in two passes over the keys, fp32.
 // paged_attention(q (N, H, D), pools, tables (R, max_blocks), row_table, first, end (N,) int64):
 //   row n attends over the keys at positions [first, end) of its table (see below).
-// decode_layer(...): a whole Llama decoder layer for a flat batch of tokens whose projections are
+// fused_layer(...): a whole Llama decoder layer for a flat batch of tokens whose projections are
 //   GGML blocks: RMSNorm, qkv, RoPE (neox), K/V stored to their slots,
 //   paged_decode, o + residual, RMSNorm, gate_up, SiLU(gate) * up, down + residual. One call a
 //   layer instead of ~40 torch calls (tandem/model/llama.py's eager forward is the reference).
@@ -220,7 +220,7 @@ torch::Tensor silu_and_mul(const torch::Tensor& gu) {
 
 }  // namespace
 
-torch::Tensor decode_layer(torch::Tensor x, torch::Tensor norm1, torch::Tensor norm2, double eps,
+torch::Tensor fused_layer(torch::Tensor x, torch::Tensor norm1, torch::Tensor norm2, double eps,
                            std::vector<torch::Tensor> qkv_w, std::vector<torch::Tensor> o_w,
                            std::vector<torch::Tensor> gate_up_w, std::vector<torch::Tensor> down_w,
                            torch::Tensor cos, torch::Tensor sin, torch::Tensor k_pool, torch::Tensor v_pool,

@@ -164,7 +164,7 @@ def build_metadata(rows: list[tuple[list[int], int, int]], block_size: int, vari
             prefills.append(PrefillChunk(start, num_new, num_cached, blocks, len(key_pos), mask))
         start += num_new
     return PagedAttentionMetadata(torch.cat(slots), tuple(prefills),
-                                  _decode_batch(decodes, block_size, variant, num_heads), _flat_rows(rows, variant))
+                                  _decode_batch(decodes, block_size, variant, num_heads))
 
 
 def _flat_metadata(rows: list[tuple[list[int], int, int]], block_size: int,

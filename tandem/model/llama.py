@@ -133,7 +133,7 @@ class LlamaForCausalLM(nn.Module):
     or the engine's paged one) stores their keys/values and computes attention per sequence.
     """
 
-    fused_decode = True  # False: decode steps run the eager layers too (the fused layer's reference)
+    fused_layers = True  # False: every step runs the eager layers (the fused layer's reference)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -160,7 +160,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn: AttentionContext | None = None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        fused = self._fused_decode(x, attn)
+        fused = self._fused_layers(x, attn)
         if fused is not None:
             return fused(positions)
         rotary = self.rope.tables(positions, x.dtype)
@@ -168,14 +168,14 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, rotary, attn)
         return self.model.norm(x)
 
-    def _fused_decode(self, x: torch.Tensor, attn):
+    def _fused_layers(self, x: torch.Tensor, attn):
         """A function running this step's layers with the CPU extension's fused layer (one C++ call
         a layer; tandem.kernels.cpu), or None where the step does not qualify: fp32 on the CPU,
         attention the backend computes over the pools in one call (PagedAttention.flat_rows), RoPE,
         and every projection kept in GGML blocks without a bias. Prefill chunks and decode tokens
         alike. The eager layers are its reference (the same kernels, op for op)."""
         flat_rows = getattr(attn, "flat_rows", None)
-        if not self.fused_decode or flat_rows is None or not attn.variant.rotary or x.dtype != torch.float32:
+        if not self.fused_layers or flat_rows is None or not attn.variant.rotary or x.dtype != torch.float32:
             return None
         rows = flat_rows(x.dtype, x.device)
         layers = self._ggml_layer_args()
@@ -187,13 +187,13 @@ class LlamaForCausalLM(nn.Module):
             h = x[0]
             cos, sin = self.rope.cos[positions[0]], self.rope.sin[positions[0]]
             for i, args in enumerate(layers):
-                h = kernels.decode_layer(h, *args, cos, sin, attn.k_pools[i].data, attn.v_pools[i].data, slots,
+                h = kernels.fused_layer(h, *args, cos, sin, attn.k_pools[i].data, attn.v_pools[i].data, slots,
                                          *rows.args(), c.num_heads, c.num_kv_heads)
             return self.model.norm(h).unsqueeze(0)
         return run
 
     def _ggml_layer_args(self) -> list[tuple] | None:
-        """Per layer, (norm1, norm2, eps, qkv, o, gate_up, down) for the fused decode layer, or None."""
+        """Per layer, (norm1, norm2, eps, qkv, o, gate_up, down) for the fused layer, or None."""
         if not hasattr(self, "_ggml_args"):
             from tandem.kernels.ggml_cpu import GGMLLinear
 

@@ -97,15 +97,15 @@ def test_default_keeps_the_files_blocks(default_llm):
 
 
 @pytest.mark.parametrize("prompt", ["The capital of France is", "Once upon a time", "def fibonacci(n):"])
-def test_fused_decode_gives_the_eager_tokens(default_llm, prompt):
+def test_fused_layers_gives_the_eager_tokens(default_llm, prompt):
     """The fused C++ decode layer and the eager torch layers give the same 48 greedy tokens."""
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     fused = default_llm.generate(prompt, params)[0].token_ids
-    default_llm.model.fused_decode = False
+    default_llm.model.fused_layers = False
     try:
         eager = default_llm.generate(prompt, params)[0].token_ids
     finally:
-        default_llm.model.fused_decode = True
+        default_llm.model.fused_layers = True
     assert fused == eager
 
 

@@ -1,6 +1,6 @@
 """tandem's CPU extension (tandem.kernels.cpu, ggml_cpu): the GGML block matmuls against the same
 arithmetic in plain torch, the blocks against the gguf package's own dequantization, RMSNorm and
-paged decode attention against torch, the fused decode layer against the eager layers (same
+paged attention against torch, the fused layer against the eager layers (same
 tokens), bad input refused, and the build cache reused. Skipped, with the reason, on a CPU the
 kernels do not support (they need AVX512-VNNI; the model then runs torch's eager ops)."""
 from __future__ import annotations
@@ -163,33 +163,33 @@ def test_gguf_blocks_are_kept_and_the_fused_layer_is_taken(tiny_q4_llm):
 
 
 @pytest.mark.parametrize("num_prompts", [1, 2, 3, 5, 8, 17])
-def test_fused_decode_layer_gives_the_eager_layers_tokens(tiny_q4_llm, num_prompts):
-    """Every batch size: the fused C++ decode layer and the eager torch layers (same kernels for
+def test_fused_layer_gives_the_eager_layers_tokens(tiny_q4_llm, num_prompts):
+    """Every batch size: the fused C++ layer and the eager torch layers (same kernels for
     the matmuls) produce the same greedy tokens, prompts of different lengths across block edges."""
     prompts = [[5 + i, 9, 13 + i, 21, 34][: 1 + i % 5] * (1 + i % 3) for i in range(num_prompts)]
     params = tandem.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     model = tiny_q4_llm.model
     fused = [o.outputs[0].token_ids for o in tiny_q4_llm.generate(prompts, params)]
-    model.fused_decode = False
+    model.fused_layers = False
     try:
         eager = [o.outputs[0].token_ids for o in tiny_q4_llm.generate(prompts, params)]
     finally:
-        model.fused_decode = True
+        model.fused_layers = True
     assert fused == eager
 
 
-def test_fused_decode_layer_logits_match_the_eager_layers(tiny_q4_llm):
+def test_fused_layer_logits_match_the_eager_layers(tiny_q4_llm):
     """The top-5 log-probabilities at each decode step agree to 1e-5: the fused layer runs the
     eager layer's arithmetic op for op (the same kernels, SiLU through the same ATen op); they
     differ by a few float32 ulps (measured 2.4e-7), not yet traced to the op that rounds apart."""
     scores = {}
     try:
         for fused in (True, False):
-            tiny_q4_llm.model.fused_decode = fused
+            tiny_q4_llm.model.fused_layers = fused
             scores[fused] = tiny_q4_llm.generate([[7, 8, 9, 10, 11]], tandem.SamplingParams(
                 temperature=0, max_tokens=10, ignore_eos=True, logprobs=5))[0].outputs[0].logprobs
     finally:
-        tiny_q4_llm.model.fused_decode = True
+        tiny_q4_llm.model.fused_layers = True
     assert len(scores[True]) == len(scores[False]) == 10
     for a, b in zip(scores[True], scores[False]):
         assert a.token_id == b.token_id and [t for t, _ in a.top] == [t for t, _ in b.top]
