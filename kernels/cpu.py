@@ -69,10 +69,6 @@ def unavailable_reason() -> str | None:
     return reason
 
 
-def available() -> bool:
-    return unavailable_reason() is None
-
-
 def extension():
     """The compiled module (built once per sources/torch/flags, then loaded from the cache).
     Raises RuntimeError, with the compiler's reason, if it cannot be built."""

@@ -83,9 +83,6 @@ class GGMLWeight:
         q = torch.cat([packed & 0xF, packed >> 4], dim=-1).float()
         return (q * d + self.m.float().unsqueeze(-1)).view(n, k)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
-
 
 class GGMLLinear(nn.Module):
     """x (..., K) @ W^T for a weight kept in GGML blocks; fp32 math, output in x's dtype."""
@@ -100,9 +97,6 @@ class GGMLLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self._kernel = extension()
         self._call = self._kernel.q4_linear if weight.kind == "Q4" else self._kernel.q8_linear
-
-    def weight(self) -> GGMLWeight:
-        return GGMLWeight(self.kind, self.qs, self.d, self.m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
