@@ -2,10 +2,10 @@
 llama.cpp's arithmetic (int8 activations per block of 32, integer dot products with AVX512-VNNI;
 kernels/csrc/ggml_cpu.cpp, part of the CPU extension of tandem.kernels.cpu).
 
-- `GGMLWeight`: one weight (N, K) of type Q4_0, Q4_1 or Q8_0, split from the file's blocks into
-  the kernel's arrays without rounding anything (Q4_0's offset -8 d is exact in fp16).
+- `GGMLWeight`: one weight (N, K) of type Q4_0, Q4_1 or Q8_0, split from the file's blocks
+  without rounding anything (Q4_0's offset -8 d is exact in fp16), and packed for the kernel.
 - `GGMLLinear`: the module that replaces a projection; `forward` runs the kernel at every batch
-  size (its weight rows are unpacked once per 4 activation rows).
+  size (each weight word serves 4 activation rows; each output row is one int32 lane).
 - `reference_linear`: the kernel's arithmetic in plain torch, for tests.
 
 Where the extension is unavailable (tandem.kernels.cpu.unavailable_reason), the loader dequantizes.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tandem.kernels.cpu import extension
@@ -24,18 +25,24 @@ BLOCK = 32  # weights per block, in every type here
 # bytes per block: Q4_0 = fp16 d + 16 bytes of nibbles; Q4_1 = fp16 d, fp16 m + 16; Q8_0 = fp16 d + 32
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 KINDS = {"Q4_0": "Q4", "Q4_1": "Q4", "Q8_0": "Q8"}  # file type -> the kernel that multiplies it
+LANES = 16  # output rows per packed group: one per int32 lane of a 512-bit register
 
 
 @dataclass
 class GGMLWeight:
-    """One (N, K) weight in a GGML block type, split into the kernel's arrays (see ggml_cpu.cpp):
-    qs (N, K/2) uint8 nibbles for Q4_0/Q4_1 or (N, K) uint8 = q + 128 for Q8_0; d and m (N, K/32)
-    fp16 (m is None for Q8_0)."""
+    """One (N, K) weight in a GGML block type, split into arrays without rounding anything:
+    qs (N, K/2) uint8 nibbles for Q4_0/Q4_1 (byte j of a block: element j low, j + 16 high, the
+    file's order) or (N, K) uint8 = q + 128 for Q8_0; d and m (N, K/32) fp16, element = d q + m
+    (Q4_0's m = -8 d, exact in fp16; m is None for Q8_0). `pack` lays them out for the kernel."""
 
-    kind: str  # "Q4" or "Q8"
+    ggml_type: str  # "Q4_0", "Q4_1" or "Q8_0"
     qs: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor | None
+
+    @property
+    def kind(self) -> str:
+        return KINDS[self.ggml_type]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -51,26 +58,28 @@ class GGMLWeight:
         d = blocks[..., :2].copy().view(np.float16)[..., 0]
         if ggml_type == "Q8_0":
             q = blocks[..., 2:].copy().view(np.int8).astype(np.int16) + 128
-            return cls("Q8", torch.from_numpy(q.astype(np.uint8).reshape(n, k)), torch.from_numpy(d), None)
+            return cls(ggml_type, torch.from_numpy(q.astype(np.uint8).reshape(n, k)), torch.from_numpy(d), None)
         if ggml_type == "Q4_1":
             m, qs = blocks[..., 2:4].copy().view(np.float16)[..., 0], blocks[..., 4:]
         else:  # Q4_0: w = d (q - 8) = d q + (-8 d); -8 d is exact in fp16 (a power-of-two multiple)
             m, qs = (d.astype(np.float32) * -8).astype(np.float16), blocks[..., 2:]
-        return cls("Q4", torch.from_numpy(np.ascontiguousarray(qs).reshape(n, k // 2)), torch.from_numpy(d),
+        return cls(ggml_type, torch.from_numpy(np.ascontiguousarray(qs).reshape(n, k // 2)), torch.from_numpy(d),
                    torch.from_numpy(np.ascontiguousarray(m)))
 
     def rows(self, index: torch.Tensor) -> GGMLWeight:
         """The weight with its rows reordered (e.g. Q/K rows un-permuted for RoPE)."""
-        return GGMLWeight(self.kind, self.qs[index].contiguous(), self.d[index].contiguous(),
+        return GGMLWeight(self.ggml_type, self.qs[index].contiguous(), self.d[index].contiguous(),
                           None if self.m is None else self.m[index].contiguous())
 
     @staticmethod
     def cat(parts: list[GGMLWeight]) -> GGMLWeight:
-        """The rows of parts stacked (fused projections); all parts must share kind and K."""
-        kinds = {p.kind for p in parts}
+        """The rows of parts stacked (fused projections); all parts must share K and the kernel
+        (Q4_0 beside Q4_1 becomes Q4_1: its m = -8 d carried exactly)."""
+        kinds, types = {p.kind for p in parts}, {p.ggml_type for p in parts}
         if len(kinds) != 1 or len({p.shape[1] for p in parts}) != 1:
-            raise ValueError("fused GGML weights need one block type and one K")
-        return GGMLWeight(parts[0].kind, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]),
+            raise ValueError("fused GGML weights need one block kind (Q4 or Q8) and one K")
+        return GGMLWeight(types.pop() if len(types) == 1 else "Q4_1", torch.cat([p.qs for p in parts]),
+                          torch.cat([p.d for p in parts]),
                           None if parts[0].m is None else torch.cat([p.m for p in parts]))
 
     def dequantize(self) -> torch.Tensor:
@@ -83,33 +92,63 @@ class GGMLWeight:
         q = torch.cat([packed & 0xF, packed >> 4], dim=-1).float()
         return (q * d + self.m.float().unsqueeze(-1)).view(n, k)
 
+    def pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qs, d, m) in the kernel's layout (ggml_cpu.cpp): rows in groups of 16, one per int32
+        lane, each block's 4-byte words interleaved across the group; rows padded with zero
+        blocks to a multiple of 16 (their outputs are 0). m is empty unless the type is Q4_1
+        (Q4_0's -8 and Q8_0's -128 offsets are applied in the integer sums, as llama.cpp does)."""
+        n, k = self.shape
+        groups, blocks, words = -(-n // LANES), k // BLOCK, 4 if self.kind == "Q4" else 8
+        pad = groups * LANES - n
+
+        def lanes(t: torch.Tensor) -> torch.Tensor:  # (N, G, ...) -> (N/16, G, ..., 16, ...)
+            t = F.pad(t, (0,) * (2 * (t.dim() - 1)) + (0, pad)) if pad else t
+            t = t.reshape(groups, LANES, *t.shape[1:])
+            return t.movedim(1, -2 if t.dim() == 5 else -1).contiguous()
+
+        qs = lanes(self.qs.view(n, blocks, words, 4))
+        m = lanes(self.m) if self.ggml_type == "Q4_1" else torch.empty(0, dtype=torch.float16)
+        return qs, lanes(self.d), m
+
 
 class GGMLLinear(nn.Module):
-    """x (..., K) @ W^T for a weight kept in GGML blocks; fp32 math, output in x's dtype."""
+    """x (..., K) @ W^T for a weight kept in GGML blocks; fp32 math, output in x's dtype. The
+    weight is packed for the kernel once, here; the kernel runs at every batch size."""
 
     def __init__(self, weight: GGMLWeight, bias: torch.Tensor | None = None):
         super().__init__()
-        self.kind = weight.kind
+        self.ggml_type = weight.ggml_type
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("qs", weight.qs)
-        self.register_buffer("d", weight.d)
-        self.register_buffer("m", weight.m)
+        qs, d, m = weight.pack()
+        self.register_buffer("qs", qs)
+        self.register_buffer("d", d)
+        self.register_buffer("m", m)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
-        self._kernel = extension()
-        self._call = self._kernel.q4_linear if weight.kind == "Q4" else self._kernel.q8_linear
+        self._linear = extension().ggml_linear
+
+    @property
+    def padded(self) -> bool:
+        """True when the kernel's output has padding rows past out_features."""
+        return self.out_features % LANES != 0
+
+    def packed(self) -> list[torch.Tensor]:
+        """[qs, d, m] as the kernel takes them (the fused layer's argument)."""
+        return [self.qs, self.d, self.m]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.dtype != torch.float32 or not flat.is_contiguous():
             flat = flat.float().contiguous()
-        out = self._call(flat, self.qs, self.d, self.m) if self.kind == "Q4" else self._call(flat, self.qs, self.d)
+        out = self._linear(flat, self.qs, self.d, self.m)
+        if self.padded:
+            out = out[:, :self.out_features].contiguous()
         if self.bias is not None:
             out += self.bias
         out = out.view(*x.shape[:-1], self.out_features)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.kind}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.ggml_type}"
 
 
 def reference_linear(x: torch.Tensor, weight: GGMLWeight) -> torch.Tensor:

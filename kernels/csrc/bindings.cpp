@@ -2,8 +2,8 @@
 // a large share of a decode step of a small model). Built by tandem/kernels/cpu.py.
 #include <torch/extension.h>
 
-torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m);
-torch::Tensor q8_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d);
+torch::Tensor ggml_linear(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d,
+                          const torch::Tensor& m);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor tables,
                            torch::Tensor lengths);
@@ -20,8 +20,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
 // stream tokens and take requests while its engine thread computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   using release = py::call_guard<py::gil_scoped_release>;
-  module.def("q4_linear", &q4_linear, release(), "x (M, K) f32 @ Q4 blocks (qs (N, K/2) u8, d, m (N, K/32) f16)^T -> (M, N) f32");
-  module.def("q8_linear", &q8_linear, release(), "x (M, K) f32 @ Q8 blocks (qs (N, K) u8 = q + 128, d (N, K/32) f16)^T -> (M, N) f32");
+  module.def("ggml_linear", &ggml_linear, release(),
+             "x (M, K) f32 @ packed GGML blocks (qs (N/16, K/32, 4|8, 16, 4) u8, d, m (N/16, K/32, 16) f16)^T -> (M, N) f32");
   module.def("rms_norm", &rms_norm, release(), "x (M, K) f32, w (K,) f32, eps -> (M, K) f32");
   module.def("paged_decode", &paged_decode, release(),
              "q (B, H, D), k/v pools (blocks, block_size, Hkv, D), tables (B, max_blocks), lengths (B,) -> (B, H, D)");

@@ -198,9 +198,9 @@ class LlamaForCausalLM(nn.Module):
             from tandem.kernels.ggml_cpu import GGMLLinear
 
             def blocks(module) -> list[torch.Tensor] | None:
-                if not isinstance(module, GGMLLinear) or module.bias is not None:
+                if not isinstance(module, GGMLLinear) or module.bias is not None or module.padded:
                     return None
-                return [module.qs, module.d] + ([module.m] if module.kind == "Q4" else [])
+                return module.packed()
 
             args = []
             for layer in self.model.layers:

@@ -41,14 +41,14 @@ def test_blocks_dequantize_exactly_as_gguf_does(qtype):
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 17, 64])
-@pytest.mark.parametrize("k", [64, 192, 1536])
-def test_block_matmul_matches_its_arithmetic_in_torch(qtype, m, k):
+@pytest.mark.parametrize("k, n", [(64, 40), (96, 48), (192, 136), (1536, 64)])
+def test_block_matmul_matches_its_arithmetic_in_torch(qtype, m, k, n):
     from tandem.kernels.ggml_cpu import GGMLLinear, reference_linear
 
-    weight, exact = _blocks(qtype, 40, k, seed=k)
+    weight, exact = _blocks(qtype, n, k, seed=k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     got, ref = GGMLLinear(weight)(x), reference_linear(x, weight)
-    assert got.shape == (m, 40)
+    assert got.shape == (m, n)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     # and the int8 activations are llama.cpp's rounding, not a different product: near x @ W^T
     full = x @ exact.T
@@ -56,15 +56,33 @@ def test_block_matmul_matches_its_arithmetic_in_torch(qtype, m, k):
 
 
 def test_block_matmul_refuses_bad_input():
-    weight, _ = _blocks("Q4_1", 8, 64)
+    weight, _ = _blocks("Q4_1", 16, 64)
+    qs, d, m = weight.pack()
     kernels = cpu.extension()
-    with pytest.raises(RuntimeError, match="multiple of 64"):
-        kernels.q4_linear(torch.randn(1, 32), weight.qs[:, :16].contiguous(), weight.d[:, :1].contiguous(),
-                          weight.m[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        kernels.ggml_linear(torch.randn(1, 48), qs, d, m)
     with pytest.raises(RuntimeError, match="float32"):
-        kernels.q4_linear(torch.randn(1, 64).double(), weight.qs, weight.d, weight.m)
+        kernels.ggml_linear(torch.randn(1, 64).double(), qs, d, m)
     with pytest.raises(RuntimeError, match="qs"):
-        kernels.q4_linear(torch.randn(1, 128), weight.qs, weight.d, weight.m)
+        kernels.ggml_linear(torch.randn(1, 128), qs, d, m)
+    with pytest.raises(RuntimeError, match="qs"):
+        kernels.ggml_linear(torch.randn(1, 64), weight.qs, d, m)  # the file's layout, not packed
+    with pytest.raises(RuntimeError, match="m must"):
+        kernels.ggml_linear(torch.randn(1, 64), qs, d, m[:, :1].contiguous())
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_block_matmul_rows_do_not_depend_on_the_batch(qtype):
+    """Batch invariance: each row of a batch is bit for bit the row computed alone, across every
+    tile shape (1-4 rows, 1-4 groups of 16 outputs) and thread split."""
+    from tandem.kernels.ggml_cpu import GGMLLinear
+
+    linear = GGMLLinear(_blocks(qtype, 112, 256, seed=3)[0])
+    x = torch.randn(23, 256, generator=torch.Generator().manual_seed(5))
+    batch = linear(x)
+    for i in range(x.shape[0]):
+        assert torch.equal(linear(x[i:i + 1]), batch[i:i + 1])
+    assert torch.equal(linear(x[5:12]), batch[5:12])
 
 
 @pytest.mark.parametrize("m, k", [(1, 576), (7, 64), (3, 100)])
