@@ -14,6 +14,7 @@ eager ops and dequantized weights. TANDEM_CACHE_DIR moves the build cache (defau
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -28,9 +29,9 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bindings.cpp", "ggml_cpu.cpp", "cpu_ops.cpp")]
-# -fopenmp: at::parallel_for is a header template; without it the loops run on one thread.
+_HEADERS = [Path(__file__).with_name("csrc") / "thread_pool.h"]  # the kernels' threads (not OpenMP's)
 # -ffp-contract=off: a * b + c stays two roundings where the eager torch op it mirrors has two.
-_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma"]
+_FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma"]
 _CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma"}
 
 _lock = threading.Lock()
@@ -79,7 +80,7 @@ def extension():
         if _extension is None:
             if _failure is not None:
                 raise RuntimeError(_failure)
-            key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + torch.__version__.encode()
+            key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + torch.__version__.encode()
                                  + " ".join(_FLAGS).encode()).hexdigest()[:16]
             build = cache_dir() / "kernels" / f"tandem_cpu-{key}"
             build.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def extension():
             try:
                 from torch.utils.cpp_extension import load
                 _extension = load(name="tandem_cpu", sources=[str(p) for p in _SOURCES], build_directory=str(build),
-                                  extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+                                  extra_cflags=_FLAGS, verbose=False)
             except Exception as exc:  # the compiler's errors come as several types
                 _failure = f"tandem's CPU kernels did not build in {build}: {type(exc).__name__}: {exc}"
                 raise RuntimeError(_failure) from exc
@@ -115,4 +116,30 @@ def ops():
         if reason is not None:
             log.warning("tandem's CPU kernels are off, torch's eager ops run instead: %s", reason)
         _ops, _ops_checked = (extension() if reason is None else None), True
+        if _ops is not None:
+            set_num_threads(torch.get_num_threads())
     return _ops
+
+
+@contextlib.contextmanager
+def torch_on_one_thread():
+    """Run torch's own ops on the calling thread alone (the engine step, when its matmuls and
+    attention run on the kernels' pool). Otherwise an op above torch's grain (the sampler's
+    pass over the vocabulary) leaves torch's OpenMP workers spinning for milliseconds, on the
+    cores the pool needs next: a batch-1 step took 13 ms instead of 5.4 (bench/RESULTS.md)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads each CPU kernel uses, the caller's included (tandem.LLM's num_threads). The
+    kernels run on their own pool (kernels/csrc/thread_pool.h), not torch's OpenMP threads."""
+    if _extension is not None:
+        _extension.set_num_threads(n)

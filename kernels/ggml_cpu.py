@@ -151,6 +151,12 @@ class GGMLLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.ggml_type}"
 
 
+def runs_on_kernels(model: nn.Module) -> bool:
+    """Whether every matmul of model is a GGMLLinear (none left to torch's own threads)."""
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, GGMLLinear))]
+    return bool(linears) and all(isinstance(m, GGMLLinear) for m in linears)
+
+
 def reference_linear(x: torch.Tensor, weight: GGMLWeight) -> torch.Tensor:
     """The kernel's arithmetic in plain torch (for tests): x rounded to int8 per block of 32 with
     scale amax / 127 (ties to even), then sum over blocks of d_x * (dequantized weight . q_x)."""

@@ -15,6 +15,7 @@ import torch
 from tandem.engine import EngineConfig, LLMEngine
 from tandem.engine.config import resolve_device
 from tandem.errors import ConfigError, InvalidRequestError, PluginError
+from tandem.kernels import cpu as cpu_kernels
 from tandem.model.kv_cache import KVCache
 from tandem.model.loader import load_model
 from tandem.model.quantization import quantize_model
@@ -93,6 +94,7 @@ class LLM:
             if not (isinstance(num_threads, int) and num_threads > 0):
                 raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
             torch.set_num_threads(num_threads)
+            cpu_kernels.set_num_threads(num_threads)
         self.device = resolve_device(device)
         self.plugins = plugins if plugins is not None and not isinstance(plugins, (list, tuple)) \
             else get_plugin_manager(plugins)

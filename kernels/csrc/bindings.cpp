@@ -2,6 +2,8 @@
 // a large share of a decode step of a small model). Built by tandem/kernels/cpu.py.
 #include <torch/extension.h>
 
+#include "thread_pool.h"
+
 torch::Tensor ggml_linear(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d,
                           const torch::Tensor& m);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
@@ -22,6 +24,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   using release = py::call_guard<py::gil_scoped_release>;
   module.def("ggml_linear", &ggml_linear, release(),
              "x (M, K) f32 @ packed GGML blocks (qs (N/16, K/32, 4|8, 16, 4) u8, d, m (N/16, K/32, 16) f16)^T -> (M, N) f32");
+  module.def("set_num_threads", [](int n) { tandem::ThreadPool::get().set_threads(n); },
+             "threads each kernel uses, the caller's included (0: the CPU count, the default)");
+  module.def("num_threads", [] { return tandem::ThreadPool::get().threads(); });
   module.def("rms_norm", &rms_norm, release(), "x (M, K) f32, w (K,) f32, eps -> (M, K) f32");
   module.def("paged_decode", &paged_decode, release(),
              "q (B, H, D), k/v pools (blocks, block_size, Hkv, D), tables (B, max_blocks), lengths (B,) -> (B, H, D)");

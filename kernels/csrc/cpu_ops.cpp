@@ -13,7 +13,7 @@
 //   paged_decode, o + residual, RMSNorm, gate_up, SiLU(gate) * up, down + residual. One call a
 //   layer instead of ~40 torch calls (tandem/model/llama.py's eager forward is the reference).
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "thread_pool.h"
 #include <immintrin.h>
 
 #include <cmath>
@@ -114,7 +114,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   const float* X = x.data_ptr<float>();
   const float* W = w.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+  tandem::parallel_for(M, 64, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* xr = X + m * K;
       float* yr = Y + m * K;
@@ -168,7 +168,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
   float* O = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt((float)D);
   const int64_t token_stride = Hkv * D, block_stride = block * Hkv * D;
-  at::parallel_for(0, N * Hkv, 1, [&](int64_t w0, int64_t w1) {
+  tandem::parallel_for(N * Hkv, 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> scores;
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t n = w / Hkv, h = w % Hkv, start = F[n], S = E[n] - F[n];

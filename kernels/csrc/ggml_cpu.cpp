@@ -19,7 +19,7 @@
 // are the output rows, so no horizontal sums are needed, and the same sequence of operations makes
 // y[i, n] whatever the batch and the tile around it (batch invariance).
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "thread_pool.h"
 #include <immintrin.h>
 
 #include <array>
@@ -70,7 +70,7 @@ Activations quantize_activations(const torch::Tensor& x, int32_t off) {
   sx_buffer.resize(M * G);
   Activations a{q_buffer.data(), dx_buffer.data(), init_buffer.data(), sx_buffer.data()};
   const float* X = x.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+  tandem::parallel_for(M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       quantize_row(X + m * K, K, off, a.q + m * K, a.dx + m * G, a.init + m * G, a.sx + m * G);
   });
@@ -155,7 +155,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& qs, const torc
   // One activation row: 4 groups a tile (4 independent integer sums in flight); more rows: 2
   // groups by 4 rows (each weight word serves 4 rows, and the tile's sums fit the 32 registers).
   const int64_t tile_n = M == 1 ? 4 : 2, tasks = (groups + tile_n - 1) / tile_n;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  tandem::parallel_for(tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j0 = t * tile_n, nb = std::min(tile_n, groups - j0);
       for (int64_t i = 0; i < M; i += kTileM) {

@@ -21,6 +21,8 @@ from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.sequence import Request, Sequence
 from tandem.engine.spec_decode import SpecDecoder
 from tandem.errors import ConfigError, InvalidRequestError, QueueFullError
+from tandem.kernels import cpu as cpu_kernels
+from tandem.kernels.ggml_cpu import runs_on_kernels
 from tandem.model.attention import DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBackend, AttentionVariant
 from tandem.model.kv_pool import DEFAULT_KV_FORMAT, KVCacheFormat
 from tandem.outputs import OutputProcessor, RequestMetrics, RequestOutput, StreamDelta, TokenLogprob
@@ -54,6 +56,8 @@ class LLMEngine:
         self.block_manager = BlockManager(blocks, block_size, caching)
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.runner = ModelRunner(model, c, blocks, block_size, kv_format, variant, backend)
+        # every matmul on tandem's CPU kernels: their pool runs the step's parallel work
+        self.on_cpu_kernels = runs_on_kernels(model)
         self.max_model_len = max_model_len
         if self.retention is None:  # a sequence alone in the pool can always finish: cap at its capacity
             self.max_model_len = min(max_model_len, blocks * block_size)
@@ -180,6 +184,12 @@ class LLMEngine:
     def step(self) -> tuple[list[StreamDelta], list[RequestOutput]]:
         """One iteration: schedule, run, process. Returns the deltas of every sample that advanced
         and the outputs of the requests that finished."""
+        if not self.on_cpu_kernels:
+            return self._step()
+        with cpu_kernels.torch_on_one_thread():  # the kernels' pool has the cores
+            return self._step()
+
+    def _step(self) -> tuple[list[StreamDelta], list[RequestOutput]]:
         done = self._receive_kv() if self.kv is not None else []
         if self.spec.num_active:
             failed = self.spec.propose(self.scheduler.running, self.requests, self.block_manager,

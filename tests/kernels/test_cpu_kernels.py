@@ -232,3 +232,66 @@ def test_the_build_is_cached_for_the_next_process():
     assert result.returncode == 0, result.stderr
     assert "building" not in result.stderr
     assert float(result.stdout.strip()) < 20
+
+
+def test_kernel_threads_do_not_change_results_and_serve_concurrent_callers():
+    """The kernels' own pool (kernels/csrc/thread_pool.h): any thread count gives the same bits,
+    and callers on several threads at once (the second runs its job inline) get their own
+    answers."""
+    import threading
+
+    from tandem.kernels.ggml_cpu import GGMLLinear
+
+    linear = GGMLLinear(_blocks("Q4_0", 256, 512, seed=7)[0])
+    inputs = [torch.randn(m, 512, generator=torch.Generator().manual_seed(m)) for m in (1, 3, 16, 40)]
+    kernels = cpu.extension()
+    before = kernels.num_threads()
+    try:
+        kernels.set_num_threads(1)
+        serial = [linear(x) for x in inputs]
+        for threads in (2, 3):
+            kernels.set_num_threads(threads)
+            assert all(torch.equal(linear(x), y) for x, y in zip(inputs, serial))
+        results, errors = {}, []
+
+        def call(k):
+            try:
+                for _ in range(20):
+                    results[k] = linear(inputs[k % len(inputs)])
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=call, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert all(torch.equal(results[k], serial[k % len(inputs)]) for k in range(8))
+    finally:
+        kernels.set_num_threads(before)
+
+
+def test_engine_step_leaves_torch_threads_to_the_kernels(tiny_q4_llm):
+    """While a step runs on the kernels, torch's ops run on the calling thread alone (its OpenMP
+    workers would otherwise spin on the cores the pool needs); the caller's setting comes back."""
+    from tandem.kernels.ggml_cpu import runs_on_kernels
+
+    assert runs_on_kernels(tiny_q4_llm.model) and tiny_q4_llm.engine.on_cpu_kernels
+    before, seen = torch.get_num_threads(), []
+    sampler = tiny_q4_llm.engine.sampler
+    original = sampler.sample
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    try:
+        torch.set_num_threads(2)
+        sampler.sample = spy
+        tiny_q4_llm.generate("hello", tandem.SamplingParams(max_tokens=3, temperature=0))
+        assert torch.get_num_threads() == 2
+    finally:
+        del sampler.sample
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
