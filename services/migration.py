@@ -146,10 +146,13 @@ class Migrator:
                 endpoint.queued_tokens -= queued
 
     async def _messages(self, call, progress: Progress, deadline: float | None, endpoint: Endpoint):
+        # asyncio.timeout arms one timer per read; asyncio.wait_for would also make a task per
+        # token, a measurable share of the gateway's CPU per streamed token
         while True:
             try:
-                message = await asyncio.wait_for(call.read(), self.config.stall_timeout_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.config.stall_timeout_s):
+                    message = await call.read()
+            except TimeoutError:
                 if left(deadline) == 0.0:
                     raise
                 raise _Moved("stalled") from None

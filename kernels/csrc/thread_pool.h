@@ -6,22 +6,26 @@
 // and puts its workers to sleep after each one. A decode step opens ~250 regions; waking a
 // sleeping worker for each cost 60 us a region, doubling a batch-1 step on two cores.
 //
-// Here one pool serves the whole process. Its workers spin on a job counter for kSpinUs after each
-// job (a step's kernels follow each other by microseconds) and then sleep on a condition variable
-// (an idle server burns no CPU). The calling thread takes the first share of every job. One job runs
-// at a time: a second caller (another engine thread, or a kernel called from inside a job) runs its
-// job inline on its own thread, with the same results, since every kernel here computes each
-// output row the same way whatever the split (batch invariance does not depend on the threads).
+// Here one pool serves the whole process. Its workers spin on a job counter for a while after each
+// job (TANDEM_KERNEL_SPIN_US, default 100: a step's kernels follow each other by microseconds),
+// yielding the core to any other runnable thread as they spin, then sleep on a condition variable
+// (an idle server burns no CPU). The calling thread takes chunks of its job like the workers. One
+// job runs at a time: a second caller (another engine thread, or a kernel called from inside a
+// job) runs its job inline on its own thread, with the same results, since every kernel here
+// computes each output row the same way whatever the split (batch invariance does not depend on
+// the threads).
 #pragma once
 
 #include <immintrin.h>
 #include <pthread.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <mutex>
@@ -45,11 +49,14 @@ class ThreadPool {
     return n > 0 ? n : std::max(1u, std::thread::hardware_concurrency());
   }
 
-  // fn(begin, end) over contiguous shares of [0, n): at most one share per thread, and no share
-  // smaller than grain. Exceptions from any share reach the caller (the first one).
+  // fn(begin, end) over contiguous chunks of [0, n), none smaller than grain, taken by the
+  // threads in turn (about 4 a thread): a thread the OS preempts (a gRPC thread streaming tokens
+  // on the same cores) holds up one chunk, not a quarter or half of the job. Exceptions from any
+  // chunk reach the caller (the first one).
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     if (n <= 0) return;
-    const int64_t parts = std::min<int64_t>(threads(), (n + std::max<int64_t>(grain, 1) - 1) / std::max<int64_t>(grain, 1));
+    grain = std::max<int64_t>(grain, 1);
+    const int64_t pieces = (n + grain - 1) / grain, parts = std::min<int64_t>(threads(), pieces);
     bool expected = false;
     if (parts <= 1 || !busy_.compare_exchange_strong(expected, true)) {
       fn(0, n);
@@ -59,6 +66,8 @@ class ThreadPool {
     fn_ = &fn;
     n_ = n;
     parts_ = parts;
+    chunks_ = std::min<int64_t>(pieces, parts * kChunksPerThread);
+    next_.store(0);
     error_ = nullptr;
     // every worker checks in, those without a share too: none can still be reading this job's
     // fields when the next one writes them
@@ -68,8 +77,11 @@ class ThreadPool {
       std::lock_guard<std::mutex> lock(mutex_);
       wake_.notify_all();
     }
-    run_share(0);
-    while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
+    run_chunks();
+    for (int spins = 1; pending_.load(std::memory_order_acquire) > 0; ++spins) {
+      _mm_pause();
+      if (spins % kYieldEvery == 0) sched_yield();  // a preempted worker may want this core
+    }
     std::exception_ptr error = error_;
     fn_ = nullptr;
     busy_.store(false);
@@ -77,9 +89,8 @@ class ThreadPool {
   }
 
  private:
-  static constexpr int64_t kSpinUs = 500;
-
   ThreadPool() {
+    if (const char* spin = std::getenv("TANDEM_KERNEL_SPIN_US")) spin_us_ = std::max(0L, std::atol(spin));
     pthread_atfork(nullptr, nullptr, [] {  // a forked child has none of the parent's threads
       ThreadPool& pool = get();
       pool.num_workers_.store(0);
@@ -100,14 +111,14 @@ class ThreadPool {
     }
   }
 
-  void run_share(int64_t part) {
-    const int64_t begin = n_ * part / parts_, end = n_ * (part + 1) / parts_;
-    if (begin >= end) return;
-    try {
-      (*fn_)(begin, end);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (!error_) error_ = std::current_exception();
+  void run_chunks() {
+    for (int64_t c = next_.fetch_add(1); c < chunks_; c = next_.fetch_add(1)) {
+      try {
+        (*fn_)(n_ * c / chunks_, n_ * (c + 1) / chunks_);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
     }
   }
 
@@ -117,8 +128,9 @@ class ThreadPool {
       int spins = 0;
       while (generation_.load(std::memory_order_acquire) == seen) {
         _mm_pause();
-        if (++spins % 256 == 0 &&
-            std::chrono::steady_clock::now() - spin_start > std::chrono::microseconds(kSpinUs)) {
+        if (++spins % kYieldEvery != 0) continue;
+        sched_yield();  // spinning, but any runnable thread (the gRPC ones) takes the core first
+        if (std::chrono::steady_clock::now() - spin_start > std::chrono::microseconds(spin_us_)) {
           std::unique_lock<std::mutex> lock(mutex_);
           sleepers_.fetch_add(1);
           wake_.wait(lock, [&] { return generation_.load() != seen; });
@@ -127,11 +139,14 @@ class ThreadPool {
         }
       }
       seen = generation_.load();
-      if (id < parts_) run_share(id);
+      if (id < parts_) run_chunks();
       pending_.fetch_sub(1, std::memory_order_release);
     }
   }
 
+  static constexpr int64_t kChunksPerThread = 4;
+  static constexpr int kYieldEvery = 64;  // pauses between sched_yield calls (a few microseconds)
+  int64_t spin_us_ = 100;
   std::atomic<int> threads_{0};
   std::atomic<bool> busy_{false};
   std::atomic<uint64_t> generation_{0};
@@ -141,7 +156,8 @@ class ThreadPool {
   std::mutex mutex_;
   std::condition_variable wake_;
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
-  int64_t n_ = 0, parts_ = 0;
+  int64_t n_ = 0, parts_ = 0, chunks_ = 0;
+  std::atomic<int64_t> next_{0};
   std::exception_ptr error_;
 };
 
