@@ -41,6 +41,38 @@ class RopeScaling:
             raise ConfigError(f"RoPE scaling {self.kind!r} needs original_max_position")
 
 
+QK_NORMS = ("none", "full", "head")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sparse mixture-of-experts feed-forward layers (Shazeer et al. 2017; Mixtral, Qwen2-MoE,
+    Qwen3-MoE, OLMoE). Each token's router logits go through a softmax over all experts; its
+    top_k experts run and their outputs are summed, weighted by those probabilities (renormalised
+    to sum to 1 when normalize_top_k). A shared expert (Qwen2-MoE) is a dense SwiGLU every token
+    passes through, scaled by sigmoid(its gate)."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    normalize_top_k: bool = True
+    shared_expert_intermediate_size: int = 0  # 0: none
+    sparse_layers: tuple[int, ...] | None = None  # which layers are sparse; None: all of them
+
+    def __post_init__(self) -> None:
+        for key in ("num_experts", "top_k", "expert_intermediate_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"MoE config {key} must be a positive integer, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"MoE top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
+        if not isinstance(self.shared_expert_intermediate_size, int) or self.shared_expert_intermediate_size < 0:
+            raise ConfigError("MoE shared_expert_intermediate_size must be a non-negative integer")
+
+    def is_sparse(self, layer: int) -> bool:
+        return self.sparse_layers is None or layer in self.sparse_layers
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters of a decoder-only transformer (Llama family)."""
@@ -60,6 +92,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     sliding_window: int | None = None  # Mistral-style: each token sees the last W positions
+    moe: MoEConfig | None = None  # sparse MoE feed-forward layers (None: dense SwiGLU everywhere)
+    qk_norm: str = "none"  # RMSNorm on queries and keys before RoPE: "full" (OLMoE), "head" (Qwen3)
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip, clip]
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -81,6 +116,10 @@ class ModelConfig:
             raise ConfigError("rope_theta and rms_norm_eps must be positive")
         if self.sliding_window is not None and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
             raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if self.qk_norm not in QK_NORMS:
+            raise ConfigError(f"unknown qk_norm {self.qk_norm!r}; allowed: {', '.join(QK_NORMS)}")
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            raise ConfigError(f"clip_qkv must be positive or None, got {self.clip_qkv!r}")
 
     def attention_variant(self) -> tuple[str, dict]:
         """The attention variant the model was trained with (name, options): what the engine uses
@@ -101,7 +140,14 @@ class ModelConfig:
         """Parameter count (tied embeddings counted once)."""
         d, h = self.hidden_size, self.head_dim
         attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
-        mlp = 3 * d * self.intermediate_size
-        per_layer = attn + mlp + 2 * d
+        dense = 3 * d * self.intermediate_size
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed + d
+        total = self.num_layers * (attn + 2 * d) + embed + d
+        for layer in range(self.num_layers):
+            m = self.moe
+            if m is not None and m.is_sparse(layer):
+                shared = 3 * d * m.shared_expert_intermediate_size + (d if m.shared_expert_intermediate_size else 0)
+                total += m.num_experts * (3 * d * m.expert_intermediate_size + d) + shared
+            else:
+                total += dense
+        return total

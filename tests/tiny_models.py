@@ -36,18 +36,87 @@ def train_tiny_tokenizer(vocab_size: int):
     return tok
 
 
+def write_tiny_tokenizer(directory: Path, vocab_size: int) -> None:
+    tok = train_tiny_tokenizer(vocab_size)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "bos_token": None, "chat_template": CHAT_TEMPLATE}))
+
+
 def write_tiny_hf_dir(directory: Path, config: dict, rope_scaling: dict | None = None, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = train_tiny_tokenizer(config["vocab_size"])
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|im_end|>", "bos_token": None, "chat_template": CHAT_TEMPLATE}))
+    write_tiny_tokenizer(directory, config["vocab_size"])
     torch.manual_seed(seed)
     hf_config = LlamaConfig(**config, rope_scaling=rope_scaling, eos_token_id=2, bos_token_id=None)
     LlamaForCausalLM(hf_config).save_pretrained(str(directory), safe_serialization=True)
     return directory
+
+
+# Tiny sparse-MoE models of each routing family, built with transformers' own classes: 4 experts,
+# 2 a token; Qwen2-MoE with a gated shared expert and its second layer dense (mlp_only_layers).
+_MOE_COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                   tie_word_embeddings=False, num_experts_per_tok=2, eos_token_id=2, bos_token_id=None)
+MOE_ARCHITECTURES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=96, num_local_experts=4)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=128, num_experts=4, moe_intermediate_size=48, norm_topk_prob=False,
+                       shared_expert_intermediate_size=80, decoder_sparse_step=1, mlp_only_layers=[1],
+                       use_sliding_window=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(intermediate_size=128, num_experts=4, moe_intermediate_size=48, norm_topk_prob=True,
+                       head_dim=24, use_sliding_window=False)),  # head_dim apart from hidden / heads, as Qwen3 has
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=48, num_experts=4, norm_topk_prob=False)),
+}
+
+
+def write_tiny_moe_dir(directory: Path, arch: str, per_expert_tensors: bool = False, seed: int = 0):
+    """A tiny random MoE model of `arch` saved as an HF directory; returns (directory, the
+    transformers model). per_expert_tensors: the checkpoint keeps one tensor per expert (as the
+    published Mixtral, Qwen-MoE and OLMoE checkpoints do) instead of transformers 5's stacked
+    experts.gate_up_proj / down_proj."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    config_class, model_class, extra = MOE_ARCHITECTURES[arch]
+    write_tiny_tokenizer(directory, _MOE_COMMON["vocab_size"])
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**_MOE_COMMON, **extra)
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():  # every weight random and away from its init (norms near 1, routers spread)
+        for name, param in model.named_parameters():
+            param.copy_(1 + 0.2 * torch.randn_like(param) if "norm" in name else 0.2 * torch.randn_like(param))
+    model.save_pretrained(str(directory), safe_serialization=True)
+    if per_expert_tensors:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        split = {}
+        for name, tensor in state.items():
+            if name.endswith("experts.gate_up_proj"):
+                prefix = name[:-len("gate_up_proj")]
+                gate, up = tensor.chunk(2, dim=1)
+                for e in range(tensor.shape[0]):
+                    split[f"{prefix}{e}.gate_proj.weight"], split[f"{prefix}{e}.up_proj.weight"] = gate[e], up[e]
+            elif name.endswith("experts.down_proj"):
+                for e in range(tensor.shape[0]):
+                    split[name[:-len("down_proj")] + f"{e}.down_proj.weight"] = tensor[e]
+            else:
+                split[name] = tensor
+        if arch == "mixtral":  # the published Mixtral names
+            names = {".mlp.": ".block_sparse_moe.", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+            renamed = {}
+            for name, tensor in split.items():
+                for old, new in names.items():
+                    name = name.replace(old, new)
+                renamed[name] = tensor
+            split = renamed
+        for file in directory.glob("*.safetensors"):
+            file.unlink()
+        save_file({k: v.clone().contiguous() for k, v in split.items()}, str(directory / "model.safetensors"),
+                  metadata={"format": "pt"})
+    return directory, model
 
 
 _GGUF_NAMES = {

@@ -5,15 +5,45 @@ Handles both the transformers 4 (`rope_theta`, `rope_scaling`) and 5 (`rope_para
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from tandem.config import ModelConfig, RopeScaling
+from tandem.config import ModelConfig, MoEConfig, RopeScaling
 from tandem.errors import ModelLoadError
 
-HF_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+                    "Qwen3MoeForCausalLM": "qwen3_moe", "OlmoeForCausalLM": "olmoe"}
+
+
+def _moe(arch: str, cfg: dict) -> MoEConfig | None:
+    """The sparse layers of an MoE architecture, from its config.json (transformers' field names)."""
+    if arch == "llama":
+        return None
+    if arch == "mixtral":
+        return MoEConfig(num_experts=cfg["num_local_experts"], top_k=cfg["num_experts_per_tok"],
+                         expert_intermediate_size=cfg["intermediate_size"], normalize_top_k=True)
+    if arch == "olmoe":
+        return MoEConfig(num_experts=cfg["num_experts"], top_k=cfg["num_experts_per_tok"],
+                         expert_intermediate_size=cfg["intermediate_size"],
+                         normalize_top_k=bool(cfg.get("norm_topk_prob", False)))
+    # Qwen2-MoE / Qwen3-MoE: every decoder_sparse_step-th layer is sparse, except mlp_only_layers
+    step, dense = cfg.get("decoder_sparse_step", 1) or 1, set(cfg.get("mlp_only_layers") or ())
+    sparse = tuple(i for i in range(cfg["num_hidden_layers"]) if (i + 1) % step == 0 and i not in dense)
+    experts = cfg.get("num_experts") or cfg["num_local_experts"]  # transformers 5 writes Qwen3-MoE's as the latter
+    return MoEConfig(num_experts=experts, top_k=cfg["num_experts_per_tok"],
+                     expert_intermediate_size=cfg["moe_intermediate_size"],
+                     normalize_top_k=bool(cfg.get("norm_topk_prob", False)),
+                     shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", 0) or 0,
+                     sparse_layers=None if len(sparse) == cfg["num_hidden_layers"] else sparse)
+
+
+# one tensor per expert in the checkpoint -> (module, which half of gate_up_proj or down_proj)
+_EXPERT = re.compile(r"^(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)"
+                     r"\.weight$")
+_EXPERT_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
 def _rope(cfg: dict) -> tuple[float, RopeScaling]:
@@ -66,8 +96,11 @@ class HFDirectory:
                 rope_theta=theta,
                 rope_scaling=scaling,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(cfg.get("attention_bias", False)),
+                attention_bias=bool(cfg.get("attention_bias", cfg.get("qkv_bias", self.architecture == "qwen2_moe"))),
                 sliding_window=(cfg.get("sliding_window") or None) if cfg.get("use_sliding_window", True) else None,
+                moe=_moe(self.architecture, cfg),
+                qk_norm={"olmoe": "full", "qwen3_moe": "head"}.get(self.architecture, "none"),
+                clip_qkv=cfg.get("clip_qkv"),
                 name=self.path.name,
             )
         except KeyError as exc:
@@ -80,6 +113,31 @@ class HFDirectory:
         return sum(f.stat().st_size for f in self.weight_files)
 
     def iter_state_dict(self, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """(tandem name, tensor). MoE checkpoints with one tensor per expert (Mixtral's w1/w2/w3,
+        Qwen-MoE's and OLMoE's gate/up/down_proj) come stacked as experts.gate_up_proj (E, 2I, d)
+        and experts.down_proj (E, d, I); Mixtral's block_sparse_moe is renamed mlp."""
+        experts: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
+        num = config.moe.num_experts if config.moe else 0
+        for name, tensor in self._tensors(dtype):
+            match = _EXPERT.match(name)
+            if match is None:
+                yield name.replace(".block_sparse_moe.", ".mlp."), tensor
+                continue
+            layer, expert, part = match.group(1), int(match.group(2)), _EXPERT_PART[match.group(3)]
+            if not 0 <= expert < num:
+                raise ModelLoadError(f"{self.path}: tensor {name} names expert {expert} of {num}")
+            parts = experts.setdefault(layer, {})
+            parts[(part, expert)] = tensor
+            if len(parts) == 3 * num:  # the layer's experts are complete: stack them
+                del experts[layer]
+                yield f"{layer}.mlp.experts.gate_up_proj", torch.stack(
+                    [torch.cat([parts[("gate", e)], parts[("up", e)]]) for e in range(num)])
+                yield f"{layer}.mlp.experts.down_proj", torch.stack([parts[("down", e)] for e in range(num)])
+        if experts:
+            layer, parts = next(iter(experts.items()))
+            raise ModelLoadError(f"{self.path}: {layer} has {len(parts)} of the {3 * num} expert tensors")
+
+    def _tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         from safetensors import safe_open
 
         for file in self.weight_files:

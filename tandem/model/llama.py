@@ -13,6 +13,7 @@ from torch import nn
 from tandem.config import ModelConfig
 from tandem.kernels.cpu import ops as cpu_ops
 from tandem.model.attention import AttentionContext
+from tandem.model.moe import SparseMoE
 from tandem.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -54,6 +55,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.qkv_proj: nn.Linear | None = None
+        # OLMoE normalises the whole q and k projections, Qwen3 each head; both before RoPE
+        self.qk_norm, self.clip_qkv = config.qk_norm, config.clip_qkv
+        if config.qk_norm != "none":
+            full = config.qk_norm == "full"
+            self.q_norm = RMSNorm(self.num_heads * self.head_dim if full else self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim if full else self.head_dim, config.rms_norm_eps)
 
     def fuse(self) -> None:
         """Replace q/k/v_proj by one qkv_proj (vLLM's QKVParallelLinear idea): at batch 1 the
@@ -73,6 +80,8 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_proj(x).view(batch, seq_len, heads, dim),
                             self.k_proj(x).view(batch, seq_len, kv_heads, dim)], dim=2)
             v = self.v_proj(x).view(batch, seq_len, kv_heads, dim)
+        if self.qk_norm != "none" or self.clip_qkv:
+            qk, v = self._norm_and_clip(qk, v)
         if attn is None or attn.variant.rotary:  # ALiBi-style variants replace RoPE
             qk = apply_rotary(qk, *rotary)  # queries and keys in one pass
         q, k = qk[:, :, :heads], qk[:, :, heads:]
@@ -84,12 +93,26 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(batch, seq_len, -1))
 
 
+    def _norm_and_clip(self, qk: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = self.num_heads
+        q, k = qk[:, :, :heads], qk[:, :, heads:]
+        if self.qk_norm == "full":
+            q = self.q_norm(q.flatten(2)).view_as(q)
+            k = self.k_norm(k.flatten(2)).view_as(k)
+        elif self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        qk = torch.cat([q, k], dim=2)
+        if self.clip_qkv:
+            qk, v = qk.clamp(-self.clip_qkv, self.clip_qkv), v.clamp(-self.clip_qkv, self.clip_qkv)
+        return qk, v
+
+
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.gate_up_proj: nn.Linear | None = None
 
     def fuse(self) -> None:
@@ -110,7 +133,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        moe = config.moe
+        self.mlp = SparseMoE(config, MLP) if moe is not None and moe.is_sparse(layer_idx) \
+            else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, rotary, attn):
         x = x + self.self_attn(self.input_layernorm(x), rotary, attn)
@@ -194,6 +219,9 @@ class LlamaForCausalLM(nn.Module):
 
     def _ggml_layer_args(self) -> list[tuple] | None:
         """Per layer, (norm1, norm2, eps, qkv, o, gate_up, down) for the fused layer, or None."""
+        c = self.config
+        if c.moe is not None or c.qk_norm != "none" or c.clip_qkv:  # the fused layer is the plain Llama one
+            return None
         if not hasattr(self, "_ggml_args"):
             from tandem.kernels.ggml_cpu import GGMLLinear
 

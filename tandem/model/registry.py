@@ -24,7 +24,9 @@ MODEL_ALIASES: dict[str, tuple[str, str, str]] = {
 }
 
 # architecture -> "module:class", imported on use (resolving a path needs no torch)
-ARCHITECTURES: dict[str, str] = {"llama": "tandem.model.llama:LlamaForCausalLM"}
+# The Llama decoder serves the MoE families too: their differences are config (MoEConfig, qk_norm)
+ARCHITECTURES: dict[str, str] = {name: "tandem.model.llama:LlamaForCausalLM"
+                                 for name in ("llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")}
 
 
 def resolve_model_path(name: str) -> Path:
