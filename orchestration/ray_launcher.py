@@ -115,6 +115,11 @@ class RayPipeline:
             if c.ray_address:
                 kwargs["address"] = c.ray_address
             else:
+                # Ray runs its workers at nice 15 by default: on a machine the engine keeps busy,
+                # every other process (the client, the driver) then preempts the engine at each
+                # token (batch-1 ITL through the pipeline 1.25-1.3x the in-process engine's at
+                # nice 15, 1.1x at 0: bench/RESULTS.md). An operator's setting wins.
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 workers = sum(1 for i in self.instances if i.service in WORKERS)
                 kwargs["num_cpus"] = max(os.cpu_count() or 1, workers)
                 kwargs["object_store_memory"] = c.object_store_memory or min(1 << 30, _available_bytes() // 10)

@@ -205,6 +205,7 @@ A worker group of the RayCluster. Usage: include "tandem.workerGroup" (dict "roo
           imagePullPolicy: {{ include "tandem.imagePullPolicy" (dict "root" $root "override" $group.image) }}
           env:
             {{- include "tandem.internalTokenEnv" $root | nindent 12 }}
+            {{- include "tandem.rayEnv" $root | nindent 12 }}
             {{- with $group.env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -247,6 +248,13 @@ Every Ray container gets it: the driver hands it to the actors, and a tool run i
     secretKeyRef:
       name: {{ include "tandem.internalTokenSecretName" . }}
       key: {{ .Values.internalToken.secretKey }}
+{{- end }}
+
+{{/* Ray's workers (every tandem service) at nice 0, not Ray's default 15: the engine must not
+yield to every other process at each token (bench/RESULTS.md, the pipeline against the engine). */}}
+{{- define "tandem.rayEnv" -}}
+- name: RAY_worker_niceness
+  value: "0"
 {{- end }}
 
 {{- define "tandem.apiKeysEnv" -}}

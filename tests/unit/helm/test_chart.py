@@ -514,3 +514,14 @@ def test_notes_say_how_to_reach_the_gateway(chart):
     assert "tandem generate --server localhost:50051" in notes
     keyed = render(chart, {"apiKeys": {"enabled": True, "existingSecret": "k"}})["NOTES.txt"][0]
     assert 'Authorization: Bearer $TANDEM_API_KEY' in keyed and "accepts every caller" not in keyed
+
+
+def test_ray_workers_run_at_nice_zero_in_every_pod(chart):
+    """Ray's default worker niceness (15) makes the engine yield to every other process at each
+    token; every Ray container of the chart sets it to 0, as `tandem serve` does locally."""
+    cluster = one(render(chart, EVERYTHING), "RayCluster")["spec"]
+    pods = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster.get("workerGroupSpecs", []))]
+    ray_containers = [containers(pod)[name] for pod in pods for name in containers(pod) if name.startswith("ray-")]
+    assert len(ray_containers) >= 2
+    for container in ray_containers:
+        assert {"name": "RAY_worker_niceness", "value": "0"} in container["env"]
