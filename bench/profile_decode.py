@@ -17,6 +17,7 @@ import time
 import torch
 
 import tandem
+from tandem.kernels import cpu
 from tandem.kernels.cpu import ops
 
 
@@ -54,9 +55,11 @@ def profile(llm: tandem.LLM, batch: int, context: int, steps: int) -> dict:
     parts = {name: getattr(layer.self_attn if "o_proj" in name or "qkv" in name else layer.mlp, name)
              for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
     matmuls = 0.0
+    alone = cpu.torch_on_one_thread()  # as inside an engine step: torch's own ops on this thread
+    alone.__enter__()
     for name, module in parts.items():
-        width = module.in_features
-        matmuls += timed(lambda m=module, w=width: m(torch.randn(batch, w)), 50)
+        inputs = torch.randn(batch, module.in_features)
+        matmuls += timed(lambda m=module, v=inputs: m(v), 50)
     pools = engine.runner.k_pools[0], engine.runner.v_pools[0]
     blocks = -(-context // engine.block_manager.block_size)
     tables = torch.arange(batch * blocks).view(batch, blocks) % pools[0].data.shape[0]
@@ -66,6 +69,7 @@ def profile(llm: tandem.LLM, batch: int, context: int, steps: int) -> dict:
                                                       torch.full((batch,), context, dtype=torch.long)), 50)
     norms = timed(lambda: kernels.rms_norm(x, layer.input_layernorm.weight, 1e-5), 50) * 2
     head = timed(lambda: model.compute_logits(x), 20)
+    alone.__exit__(None, None, None)
     layers = c.num_layers * (matmuls + attention + norms)
     return {"batch": batch, "context": context, "step_ms": step, "tokens_per_s": batch / step * 1e3,
             "layer_matmuls_ms": c.num_layers * matmuls, "attention_ms": c.num_layers * attention,
