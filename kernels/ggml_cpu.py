@@ -24,7 +24,14 @@ from tandem.kernels.cpu import extension
 BLOCK = 32  # weights per block, in every type here
 # bytes per block: Q4_0 = fp16 d + 16 bytes of nibbles; Q4_1 = fp16 d, fp16 m + 16; Q8_0 = fp16 d + 32
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-KINDS = {"Q4_0": "Q4", "Q4_1": "Q4", "Q8_0": "Q8"}  # file type -> the kernel that multiplies it
+# Types with no lossless form in these kernels (K-quants' 6-bit sub-block scales times an fp16
+# super-block scale do not fit an fp16 scale; Q5's fifth bit has no 4-bit home): re-quantized
+# once, at load, to Q8_0 blocks of their dequantized values (int8 per 32 with scale amax / 127:
+# finer than each type's own grid, so the change is a rounding of at most 1/254 of a block's
+# largest weight).
+REQUANTIZED = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# file type -> the kernel that multiplies it
+KINDS = {"Q4_0": "Q4", "Q4_1": "Q4", "Q8_0": "Q8"} | {name: "Q8" for name in REQUANTIZED}
 LANES = 16  # output rows per packed group: one per int32 lane of a 512-bit register
 
 
@@ -50,8 +57,15 @@ class GGMLWeight:
 
     @classmethod
     def from_blocks(cls, ggml_type: str, data: np.ndarray, shape: tuple[int, int]) -> GGMLWeight:
-        """data: the file's bytes of an (N, K) tensor, (N, K/32 * block bytes) uint8."""
+        """data: the file's bytes of an (N, K) tensor, (N, K/32 * block bytes) uint8; a type of
+        REQUANTIZED becomes Q8_0 blocks of its dequantized values."""
         n, k = shape
+        if ggml_type in REQUANTIZED:
+            import gguf
+
+            values = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[ggml_type]).reshape(n, k)
+            data, ggml_type = gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32),
+                                                   gguf.GGMLQuantizationType.Q8_0), "Q8_0"
         if ggml_type not in BLOCK_BYTES or k % BLOCK:
             raise ValueError(f"cannot keep a {ggml_type} tensor of shape {shape} in GGML blocks")
         blocks = np.ascontiguousarray(data).reshape(n, k // BLOCK, BLOCK_BYTES[ggml_type])

@@ -136,8 +136,8 @@ class GGUFFile:
         return torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=not array.flags.writeable))
 
     def block_weights(self, config: ModelConfig) -> set[str]:
-        """GGUF names of the projection weights that can stay in their GGML blocks (Q4_0, Q4_1,
-        Q8_0, in-features a multiple of 64), by fused group: a layer's q/k/v (and gate/up) stay
+        """GGUF names of the projection weights that can stay in GGML blocks (Q4_0, Q4_1, Q8_0 as
+        they are; K-quants and Q5 re-quantized to Q8_0: ggml_cpu.REQUANTIZED), by fused group: a layer's q/k/v (and gate/up) stay
         together when they share a kernel kind, or are all dequantized. The LM head's weight
         (output.weight, or token_embd.weight when tied: the embedding itself is dequantized for
         its lookups) is included on the same terms."""
@@ -145,7 +145,7 @@ class GGUFFile:
 
         def kind(gguf_name: str) -> str | None:
             t = self.tensors.get(gguf_name)
-            if t is None or len(t.shape) != 2 or int(t.shape[0]) % 64:
+            if t is None or len(t.shape) != 2 or int(t.shape[0]) % 32:
                 return None
             return KINDS.get(t.tensor_type.name)
 

@@ -55,6 +55,33 @@ def test_block_matmul_matches_its_arithmetic_in_torch(qtype, m, k, n):
     assert float((got - full).norm() / full.norm()) < 0.02
 
 
+@pytest.mark.parametrize("qtype, scale_offsets", [("Q4_K", (0, 2)), ("Q6_K", (208,)), ("Q5_0", (0,))])
+def test_k_quants_are_requantized_to_q8_blocks_close_to_their_values(qtype, scale_offsets):
+    """Types without a lossless form here become Q8_0 blocks of their exact values: each weight
+    within half an int8 step (1/254 of its block's largest) of the file's value, plus what the
+    fp16 rounding of the block's scale adds (at most 127 x 2^-11 of a step)."""
+    import gguf
+
+    from tandem.kernels.ggml_cpu import GGMLLinear, GGMLWeight
+
+    n, k, q = 48, 512, gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[q]
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, size=(n * k // block, size), dtype=np.uint8)
+    for offset in scale_offsets:  # the blocks' fp16 scales: small and finite
+        raw[:, offset:offset + 2] = rng.uniform(0.001, 0.01, (raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(n, -1)
+    exact = torch.from_numpy(np.array(gguf.quants.dequantize(raw, q), dtype=np.float32).reshape(n, k))
+    weight = GGMLWeight.from_blocks(qtype, raw, (n, k))
+    assert weight.ggml_type == "Q8_0"
+    step = exact.view(n, k // 32, 32).abs().amax(-1, keepdim=True) / 127
+    bound = step * (0.5 + 127 / 2048) + 1e-7
+    assert bool(((weight.dequantize().view(n, k // 32, 32) - exact.view(n, k // 32, 32)).abs() <= bound).all())
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(2))
+    full = x @ exact.T
+    assert float((GGMLLinear(weight)(x) - full).norm() / full.norm()) < 0.02
+
+
 def test_block_matmul_refuses_bad_input():
     weight, _ = _blocks("Q4_1", 16, 64)
     qs, d, m = weight.pack()
