@@ -69,7 +69,14 @@ SERVICE_METRICS = {
     "kv_store_errors": ("kv_connector_store_errors",
                         "KV-cache store exchanges that failed or timed out (their blocks were computed).",
                         "counter"),
+    # a worker serving a mixture-of-experts model (tandem/model/moe.py router_stats)
+    "moe_routed_tokens": ("moe_routed_tokens", "Token-to-expert assignments made by the routers, all sparse "
+                          "layers summed (a token counts top_k times a layer).", "counter"),
+    "moe_expert_imbalance": ("moe_expert_imbalance", "The busiest expert's routed tokens over the mean (1.0: "
+                             "perfectly even), since the worker started.", "gauge"),
 }
+# a per-expert value: moe_tokens_expert_<e> -> tandem_moe_expert_tokens{expert="<e>"}
+EXPERT_PREFIX = "moe_tokens_expert_"
 
 
 def rpc_tally(servicer) -> _Tally:
@@ -97,9 +104,14 @@ class ServiceStatsCollector:
         up = GaugeMetricFamily(f"{NAMESPACE}_service_up", "1 if the service answered its Stats rpc at this scrape.",
                                labels=["service", "instance"])
         families = {}
+        experts = CounterMetricFamily(f"{NAMESPACE}_moe_expert_tokens", "Tokens routed to each expert, all "
+                                      "sparse layers summed.", labels=["service", "instance", "expert"])
         for (service, instance), values in sorted(self.snapshot.items()):
             up.add_metric([service, instance], 0.0 if values is None else 1.0)
             for key, value in (values or {}).items():
+                if key.startswith(EXPERT_PREFIX):
+                    experts.add_metric([service, instance, key[len(EXPERT_PREFIX):]], value)
+                    continue
                 if key not in SERVICE_METRICS:
                     continue
                 name, doc, kind = SERVICE_METRICS[key]
@@ -107,7 +119,7 @@ class ServiceStatsCollector:
                     cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
                     families[name] = cls(f"{NAMESPACE}_{name}", doc, labels=["service", "instance"])
                 families[name].add_metric([service, instance], value)
-        return [up, *families.values()]
+        return [up, *families.values(), *([experts] if experts.samples else [])]
 
 
 class GatewayMetrics:

@@ -25,6 +25,7 @@ from tandem.kernels import cpu as cpu_kernels
 from tandem.kernels.ggml_cpu import runs_on_kernels
 from tandem.model.attention import DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBackend, AttentionVariant
 from tandem.model.kv_pool import DEFAULT_KV_FORMAT, KVCacheFormat
+from tandem.model.moe import router_stats
 from tandem.outputs import OutputProcessor, RequestMetrics, RequestOutput, StreamDelta, TokenLogprob
 from tandem.sampling import SamplerPipeline, SamplingBatch
 from tandem.sampling_params import SamplingParams
@@ -372,4 +373,5 @@ class LLMEngine:
             **self.spec.stats(),
             "finished_requests": self.num_finished_requests,
             **(self.kv.stats() if self.kv is not None else {}),
+            **router_stats(self.runner.model),
         }

@@ -96,3 +96,19 @@ def test_a_checkpoint_missing_an_expert_is_refused_by_name(tmp_path):
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="model.layers.1 has 11 of the 12 expert tensors"):
         tandem.LLM(str(path), dtype="float32", progress=False, num_kv_blocks=32, block_size=4)
+
+
+def test_router_statistics_reach_engine_stats_and_the_metrics(moe):
+    """Tokens per expert and the imbalance: in the engine's stats (a worker's Stats rpc), then on
+    the gateway's /metrics with an expert label."""
+    from services.metrics import GatewayMetrics
+
+    _, _, llm = moe
+    llm.generate([_ids(7, 99)], tandem.SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    stats = llm.engine.stats()
+    assert stats["moe_routed_tokens"] > 0 and stats["moe_expert_imbalance"] >= 1.0
+    metrics = GatewayMetrics()
+    metrics.services.snapshot = {("decode", "decode-0"): {k: float(v) for k, v in stats.items()}}
+    text = metrics.render().decode()
+    assert 'tandem_moe_expert_tokens_total{expert="0",instance="decode-0",service="decode"}' in text
+    assert "tandem_moe_expert_imbalance{" in text and "tandem_moe_routed_tokens_total{" in text
