@@ -139,21 +139,18 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{layer}.{_GGUF_LAYER[module]}.{kind}"
 
 
-def write_tiny_gguf(hf_dir: Path, path: Path, qtype: str = "F32") -> Path:
-    """Convert the tiny HF model to GGUF, 2-D weights stored as qtype (F32, F16, BF16, Q8_0, Q4_0, Q4_1)."""
+def _gguf_writer(hf_dir: Path, path: Path, arch: str, name: str):
+    """A GGUFWriter with the tiny model's hyper-parameters and tokenizer (llama.cpp's keys)."""
     import gguf
-    from safetensors.numpy import load_file
     from tokenizers import Tokenizer
-
-    from tandem.model.rope import permute_qk
 
     cfg = json.loads((hf_dir / "config.json").read_text())
     tok = json.loads((hf_dir / "tokenizer.json").read_text())
     vocab = Tokenizer.from_file(str(hf_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-llama")
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -170,6 +167,24 @@ def write_tiny_gguf(hf_dir: Path, path: Path, qtype: str = "F32") -> Path:
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
+    return w, cfg
+
+
+def _finish(w) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_tiny_gguf(hf_dir: Path, path: Path, qtype: str = "F32") -> Path:
+    """Convert the tiny HF model to GGUF, 2-D weights stored as qtype (F32, F16, BF16, Q8_0, Q4_0, Q4_1)."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    from tandem.model.rope import permute_qk
+
+    w, cfg = _gguf_writer(hf_dir, path, "llama", "tiny-llama")
     qt = getattr(gguf.GGMLQuantizationType, qtype)
     for name, array in load_file(str(hf_dir / "model.safetensors")).items():
         array = array.astype(np.float32)
@@ -182,8 +197,59 @@ def write_tiny_gguf(hf_dir: Path, path: Path, qtype: str = "F32") -> Path:
             w.add_tensor(_gguf_name(name), gguf.quants.quantize(array, qt), raw_dtype=qt)
         else:
             w.add_tensor(_gguf_name(name), array)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
+    return path
+
+
+# llama.cpp's architecture for each MoE family (Mixtral files are "llama", with Q/K rows permuted)
+MOE_GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+_GGUF_MOE_LAYER = {"mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+                   "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+                   "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "self_attn.q_norm": "attn_q_norm",
+                   "self_attn.k_norm": "attn_k_norm"}
+
+
+def write_tiny_moe_gguf(hf_dir: Path, model, arch: str, path: Path) -> Path:
+    """The tiny MoE model (write_tiny_moe_dir's) as llama.cpp's converter writes it: stacked experts
+    as ffn_{gate,up,down}_exps, the router as ffn_gate_inp, the shared expert as *_shexp, F32."""
+    import torch
+
+    from tandem.model.rope import permute_qk
+
+    gguf_arch = MOE_GGUF_ARCH[arch]
+    w, cfg = _gguf_writer(hf_dir, path, gguf_arch, f"tiny-{arch}")
+    m = model.config
+    w.add_expert_count(getattr(m, "num_local_experts", None) or m.num_experts)
+    w.add_expert_used_count(m.num_experts_per_tok)
+    if getattr(m, "moe_intermediate_size", None):
+        w.add_expert_feed_forward_length(m.moe_intermediate_size)
+    if getattr(m, "shared_expert_intermediate_size", None):
+        w.add_expert_shared_feed_forward_length(m.shared_expert_intermediate_size)
+    if getattr(m, "head_dim", None):
+        w.add_key_length(m.head_dim)
+        w.add_value_length(m.head_dim)
+    for name, tensor in model.state_dict().items():
+        array = tensor.detach().float()
+        if name.endswith("experts.gate_up_proj"):
+            layer = name.split(".")[2]
+            gate, up = array.chunk(2, dim=1)
+            w.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", gate.contiguous().numpy())
+            w.add_tensor(f"blk.{layer}.ffn_up_exps.weight", up.contiguous().numpy())
+            continue
+        if name.endswith("experts.down_proj"):
+            w.add_tensor(f"blk.{name.split('.')[2]}.ffn_down_exps.weight", array.contiguous().numpy())
+            continue
+        if gguf_arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            heads = cfg["num_attention_heads"] if ".q_proj." in name else cfg["num_key_value_heads"]
+            array = permute_qk(array, heads)
+        if name.endswith("shared_expert_gate.weight"):
+            array = array.reshape(-1)
+        if name in _GGUF_NAMES:
+            gguf_name = _GGUF_NAMES[name]
+        else:
+            _, _, layer, *rest = name.split(".")
+            module, kind = ".".join(rest[:-1]), rest[-1]
+            gguf_name = f"blk.{layer}.{_GGUF_MOE_LAYER.get(module) or _GGUF_LAYER[module]}.{kind}"
+        w.add_tensor(gguf_name, torch.as_tensor(array).contiguous().numpy())
+    _finish(w)
     return path

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tandem.config import ModelConfig, RopeScaling
+from tandem.config import ModelConfig, MoEConfig, RopeScaling
 from tandem.errors import ModelLoadError
 from tandem.model.rope import unpermute_qk
 
@@ -31,7 +31,22 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # mixture of experts (llama.cpp's names): the router, the shared expert and its gate, q/k norms
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
+# Stacked experts (E, I, d) / (E, d, I): gate and up are joined into experts.gate_up_proj
+_EXPERT_NAMES = {"ffn_gate_exps": "gate", "ffn_up_exps": "up", "ffn_down_exps": "down"}
+# GGUF architectures tandem's decoder serves, and what each implies. llama.cpp permutes the Q/K rows
+# of the "norm" RoPE architectures (llama, which Mixtral files use) and not of the NEOX ones.
+_NEOX_ARCHITECTURES = ("qwen2moe", "qwen3moe", "olmoe")
+_QK_NORM = {"olmoe": "full", "qwen3moe": "head"}
+_NORMALIZE_TOP_K = {"llama": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}  # llama.cpp's norm_w
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -105,10 +120,26 @@ class GGUFFile:
                 tie_word_embeddings="output.weight" not in self.tensors,
                 attention_bias="blk.0.attn_q.bias" in self.tensors,
                 sliding_window=int(self._get("attention.sliding_window", 0) or 0) or None,
+                moe=self._moe(),
+                qk_norm=_QK_NORM.get(self.architecture, "none"),
                 name=str(self.metadata.get("general.name", self.path.stem)),
             )
         except (TypeError, KeyError) as exc:
             raise ModelLoadError(f"{self.path}: GGUF metadata lacks a required key ({exc})") from exc
+
+    def _moe(self) -> MoEConfig | None:
+        """Sparse layers: those with a router (blk.N.ffn_gate_inp), llama.cpp's expert_* keys."""
+        experts = int(self._get("expert_count", 0) or 0)
+        if not experts:
+            return None
+        layers = int(self._get("block_count"))
+        sparse = tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in self.tensors)
+        return MoEConfig(
+            num_experts=experts, top_k=int(self._get("expert_used_count")),
+            expert_intermediate_size=int(self._get("expert_feed_forward_length") or self._get("feed_forward_length")),
+            normalize_top_k=bool(self._get("expert_weights_norm", _NORMALIZE_TOP_K.get(self.architecture, True))),
+            shared_expert_intermediate_size=int(self._get("expert_shared_feed_forward_length", 0) or 0),
+            sparse_layers=None if len(sparse) == layers else sparse)
 
     def _rope_scaling(self) -> RopeScaling:
         kind = self._get("rope.scaling.type", "none")
@@ -168,7 +199,7 @@ class GGUFFile:
         t = self.tensors[gguf_name]
         weight = GGMLWeight.from_blocks(t.tensor_type.name, t.data, (int(t.shape[1]), int(t.shape[0])))
         heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(gguf_name.split(".")[-2])
-        if heads is not None:
+        if heads is not None and self.architecture not in _NEOX_ARCHITECTURES:
             weight = weight.rows(unpermute_qk(torch.arange(weight.shape[0]), heads))
         return weight
 
@@ -176,7 +207,22 @@ class GGUFFile:
                         keep_blocks: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, tensor) for every model weight, Q/K rows un-permuted to the neox layout.
         Tensors named in keep_blocks (see block_weights) come as GGMLWeights instead."""
+        experts: dict[str, dict[str, torch.Tensor]] = {}  # layer -> gate/up halves waiting for each other
+        permuted = self.architecture not in _NEOX_ARCHITECTURES
         for gguf_name in self.tensors:
+            match = _BLOCK_RE.fullmatch(gguf_name)
+            if match and match.group(2) in _EXPERT_NAMES:
+                layer, part = f"model.layers.{match.group(1)}.mlp.experts", _EXPERT_NAMES[match.group(2)]
+                tensor = self.load_tensor(gguf_name).to(dtype)
+                if part == "down":
+                    yield f"{layer}.down_proj", tensor
+                    continue
+                halves = experts.setdefault(layer, {})
+                halves[part] = tensor
+                if len(halves) == 2:
+                    yield f"{layer}.gate_up_proj", torch.cat([halves["gate"], halves["up"]], dim=1)
+                    del experts[layer]
+                continue
             name = hf_name(gguf_name)
             if name is None:
                 continue
@@ -184,11 +230,15 @@ class GGUFFile:
                 yield name, self.block_weight(gguf_name, config)
                 continue
             tensor = self.load_tensor(gguf_name)
-            if ".q_proj." in name:
+            if name.endswith("shared_expert_gate.weight"):
+                tensor = tensor.reshape(1, -1)  # llama.cpp keeps it as a vector
+            elif permuted and ".q_proj." in name:
                 tensor = unpermute_qk(tensor, config.num_heads)
-            elif ".k_proj." in name:
+            elif permuted and ".k_proj." in name:
                 tensor = unpermute_qk(tensor, config.num_kv_heads)
             yield name, tensor.to(dtype)
+        if experts:
+            raise ModelLoadError(f"{self.path}: {next(iter(experts))} lacks its ffn_gate_exps or ffn_up_exps")
 
     def rope_freq_divisors(self) -> torch.Tensor | None:
         return self.load_tensor(ROPE_FREQS) if ROPE_FREQS in self.tensors else None

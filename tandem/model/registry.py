@@ -26,7 +26,8 @@ MODEL_ALIASES: dict[str, tuple[str, str, str]] = {
 # architecture -> "module:class", imported on use (resolving a path needs no torch)
 # The Llama decoder serves the MoE families too: their differences are config (MoEConfig, qk_norm)
 ARCHITECTURES: dict[str, str] = {name: "tandem.model.llama:LlamaForCausalLM"
-                                 for name in ("llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")}
+                                 for name in ("llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",  # HF
+                                              "qwen2moe", "qwen3moe")}  # GGUF's names (olmoe's is the same)
 
 
 def resolve_model_path(name: str) -> Path:

@@ -112,3 +112,25 @@ def test_router_statistics_reach_engine_stats_and_the_metrics(moe):
     text = metrics.render().decode()
     assert 'tandem_moe_expert_tokens_total{expert="0",instance="decode-0",service="decode"}' in text
     assert "tandem_moe_expert_imbalance{" in text and "tandem_moe_routed_tokens_total{" in text
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gguf_moe_files_give_the_same_logits(tmp_path, arch):
+    """The same models as llama.cpp's converter writes them (ffn_*_exps, ffn_gate_inp, *_shexp, q/k
+    norms; Mixtral as "llama" with Q/K rows permuted, the others NEOX): transformers' logits."""
+    from tests.tiny_models import write_tiny_moe_gguf
+
+    path, hf = write_tiny_moe_dir(tmp_path, arch)
+    gguf_path = write_tiny_moe_gguf(path, hf, arch, tmp_path / f"{arch}.gguf")
+    llm = tandem.LLM(str(gguf_path), dtype="float32", progress=False, num_kv_blocks=64, block_size=4)
+    assert llm.config.moe is not None
+    ids = torch.tensor([_ids(40, 3)])
+    with torch.inference_mode():
+        ref = hf(ids).logits[0]
+        ours = llm.model.compute_logits(llm.model(ids, torch.arange(40)[None]))[0]
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    prompt = _ids(12, 4)
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+    got = llm.generate([prompt], tandem.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert got.outputs[0].token_ids == out
