@@ -7,6 +7,7 @@ dtypes, computes the grid, launches), `NAME_reference` (plain torch, the same si
 - flash_attention: prefill attention, FlashAttention-2 (causal, sliding window, ALiBi, GQA).
 - paged_attention_decode: decode over the paged KV pool, PagedAttention + Flash-Decoding split-K.
 - rms_norm, rotary_embedding, silu_and_mul, quantized_matmul: the model's other hot ops.
+- fused_moe: a mixture-of-experts layer as two grouped matmuls over expert-sorted tokens.
 
 Import a kernel from its module (`from tandem.kernels.flash_attention import flash_attention`).
 Nothing is re-exported here: each function has its module's name, and a package attribute

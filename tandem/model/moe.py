@@ -5,9 +5,10 @@ routing options (renormalised top-k or not) and Qwen2-MoE's gated shared expert 
 
 The experts are stored stacked, as transformers 5 stores them: gate_up_proj (E, 2I, d) and
 down_proj (E, d, I); the loader stacks checkpoints that keep one tensor per expert. A forward sorts
-the (token, expert) pairs by expert and runs each chosen expert once over all of its tokens: one
-gate/up and one down matmul per active expert, never a loop over tokens. Each token's output is
-accumulated in expert order whatever the batch (index_add_ per expert), as transformers does.
+the (token, expert) pairs by expert and runs each chosen expert once over all of its tokens
+(tandem.kernels.fused_moe: one Triton launch for all experts on a GPU, one matmul pair per active
+expert in torch elsewhere), never a loop over tokens. Each token's output is accumulated in expert
+order whatever the batch, as transformers does.
 """
 from __future__ import annotations
 
@@ -29,22 +30,10 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Also returns the number of tokens each expert took (the router statistics)."""
-        k = top_i.shape[1]
-        flat = top_i.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, tokens in order
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        tokens, weights = order // k, top_w.reshape(-1)[order]
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = tokens[start:start + n]
-            gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[expert]) * weights[start:start + n, None]
-            out.index_add_(0, rows, y.to(out.dtype))
-            start += n
-        return out, counts
+        counts = torch.bincount(top_i.reshape(-1), minlength=self.num_experts).tolist()
+        from tandem.kernels.fused_moe import fused_moe  # imports Triton: only once a MoE model runs
+
+        return fused_moe(x, self.gate_up_proj, self.down_proj, top_i, top_w), counts
 
     def extra_repr(self) -> str:
         e, two_i, d = self.gate_up_proj.shape
