@@ -17,7 +17,7 @@ import time
 import torch
 
 import tandem
-from tandem.kernels import cpu
+from tandem.engine.llm_engine import torch_on_one_thread
 from tandem.kernels.cpu import ops
 
 
@@ -55,7 +55,7 @@ def profile(llm: tandem.LLM, batch: int, context: int, steps: int) -> dict:
     parts = {name: getattr(layer.self_attn if "o_proj" in name or "qkv" in name else layer.mlp, name)
              for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
     matmuls = 0.0
-    alone = cpu.torch_on_one_thread()  # as inside an engine step: torch's own ops on this thread
+    alone = torch_on_one_thread()  # as inside an engine step: torch's own ops on this thread
     alone.__enter__()
     for name, module in parts.items():
         inputs = torch.randn(batch, module.in_features)

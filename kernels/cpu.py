@@ -14,7 +14,6 @@ eager ops and dequantized weights. TANDEM_CACHE_DIR moves the build cache (defau
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -119,23 +118,6 @@ def ops():
         if _ops is not None:
             set_num_threads(torch.get_num_threads())
     return _ops
-
-
-@contextlib.contextmanager
-def torch_on_one_thread():
-    """Run torch's own ops on the calling thread alone (the engine step, when its matmuls and
-    attention run on the kernels' pool). Otherwise an op above torch's grain (the sampler's
-    pass over the vocabulary) leaves torch's OpenMP workers spinning for milliseconds, on the
-    cores the pool needs next: a batch-1 step took 13 ms instead of 5.4 (bench/RESULTS.md)."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def set_num_threads(n: int) -> None:

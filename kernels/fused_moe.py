@@ -11,17 +11,17 @@ results are summed into their tokens (index_add_, in expert order).
         -> (N, d) in x's dtype
 
 `fused_moe_reference` is the same computation in plain torch, one matmul pair per expert that has
-tokens (tandem.model.moe's CPU path); `fused_moe` runs the kernel on CUDA tensors and the
-reference elsewhere.
+tokens (tandem.model.moe.experts_forward, the CPU path); `fused_moe` runs the kernel on CUDA
+tensors and the reference elsewhere. On a GPU, tandem.LLM installs the kernel in every MoE layer.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from tandem.kernels.silu_and_mul import silu_and_mul
+from tandem.model.moe import experts_forward
 
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32  # untuned (no GPU measured yet); BLOCK_M is the padding unit
 
@@ -110,25 +110,9 @@ def fused_moe_triton(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
 
 def fused_moe_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_i: torch.Tensor,
                         top_w: torch.Tensor) -> torch.Tensor:
-    """Plain torch: the assignments sorted by expert, one gate/up and one down matmul per expert
-    with tokens, each token's outputs summed in expert order (as transformers does)."""
+    """Plain torch, the same signature: tandem.model.moe.experts_forward (the CPU path), checked."""
     _check(x, gate_up, down, top_i, top_w)
-    k = top_i.shape[1]
-    flat = top_i.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
-    tokens, weights = order // k, top_w.reshape(-1)[order]
-    out = torch.zeros_like(x)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = tokens[start:start + count]
-        gate, up = F.linear(x[rows], gate_up[expert]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down[expert]) * weights[start:start + count, None]
-        out.index_add_(0, rows, y.to(out.dtype))
-        start += count
-    return out
+    return experts_forward(x, gate_up, down, top_i, top_w)
 
 
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_i: torch.Tensor,

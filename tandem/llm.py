@@ -15,7 +15,6 @@ import torch
 from tandem.engine import EngineConfig, LLMEngine
 from tandem.engine.config import resolve_device
 from tandem.errors import ConfigError, InvalidRequestError, PluginError
-from tandem.kernels import cpu as cpu_kernels
 from tandem.model.kv_cache import KVCache
 from tandem.model.loader import load_model
 from tandem.model.quantization import quantize_model
@@ -42,6 +41,24 @@ def _blocks_usable(device: torch.device) -> bool:
     if reason is not None:
         log.warning("GGUF weights are dequantized (slower, larger): the CPU kernels are unavailable: %s", reason)
     return reason is None
+
+
+def _runs_on_kernels(model: torch.nn.Module) -> bool:
+    from tandem.kernels.ggml_cpu import runs_on_kernels
+
+    return runs_on_kernels(model)
+
+
+def _use_fused_moe(model: torch.nn.Module) -> None:
+    """On a GPU, MoE layers run the Triton fused-MoE kernel (tandem.kernels.fused_moe)."""
+    from tandem.model.moe import Experts
+
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    if experts:
+        from tandem.kernels.fused_moe import fused_moe_triton
+
+        for module in experts:
+            module.impl = fused_moe_triton
 
 
 def _has_blocks(model: torch.nn.Module) -> bool:
@@ -94,7 +111,9 @@ class LLM:
             if not (isinstance(num_threads, int) and num_threads > 0):
                 raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
             torch.set_num_threads(num_threads)
-            cpu_kernels.set_num_threads(num_threads)
+            from tandem.kernels import cpu  # the composition root picks the kernels (docs/architecture.md)
+
+            cpu.set_num_threads(num_threads)
         self.device = resolve_device(device)
         self.plugins = plugins if plugins is not None and not isinstance(plugins, (list, tuple)) \
             else get_plugin_manager(plugins)
@@ -145,7 +164,10 @@ class LLM:
         self.engine = LLMEngine(self.model, self.tokenizer, max_model_len or limit, engine_config,
                                 sampler=self.plugins.sampler_pipeline(self.config.vocab_size),
                                 variant=variant, backend=backend, kv_format=kv_format, speculative=spec,
-                                proposer_factory=proposers, speculative_methods=speculative_methods)
+                                proposer_factory=proposers, speculative_methods=speculative_methods,
+                                serial_torch=_runs_on_kernels(self.model))
+        if self.device.type == "cuda":
+            _use_fused_moe(self.model)
         self.max_model_len = self.engine.max_model_len
         self._request_ids = itertools.count()
 

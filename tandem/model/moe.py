@@ -6,8 +6,8 @@ routing options (renormalised top-k or not) and Qwen2-MoE's gated shared expert 
 The experts are stored stacked, as transformers 5 stores them: gate_up_proj (E, 2I, d) and
 down_proj (E, d, I); the loader stacks checkpoints that keep one tensor per expert. A forward sorts
 the (token, expert) pairs by expert and runs each chosen expert once over all of its tokens
-(tandem.kernels.fused_moe: one Triton launch for all experts on a GPU, one matmul pair per active
-expert in torch elsewhere), never a loop over tokens. Each token's output is accumulated in expert
+(experts_forward: one matmul pair per active expert; on a GPU, tandem.kernels.fused_moe's grouped
+launches), never a loop over tokens. Each token's output is accumulated in expert
 order whatever the batch, as transformers does.
 """
 from __future__ import annotations
@@ -19,21 +19,45 @@ from torch import nn
 from tandem.config import ModelConfig
 
 
+def experts_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_i: torch.Tensor,
+                    top_w: torch.Tensor) -> torch.Tensor:
+    """x (N, d) through its top-k experts (top_i, top_w (N, k)), gate_up (E, 2I, d), down (E, d, I):
+    the assignments sorted by expert, one gate/up and one down matmul per expert with tokens, each
+    token's outputs summed in expert order (as transformers does). tandem.kernels.fused_moe runs
+    the same on a GPU in two grouped launches, with this as its reference."""
+    k = top_i.shape[1]
+    flat = top_i.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    tokens, weights = order // k, top_w.reshape(-1)[order]
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = tokens[start:start + count]
+        gate, up = F.linear(x[rows], gate_up[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down[expert]) * weights[start:start + count, None]
+        out.index_add_(0, rows, y.to(out.dtype))
+        start += count
+    return out
+
+
 class Experts(nn.Module):
-    """num_experts SwiGLU experts: forward(x (N, d), top_i (N, k), top_w (N, k)) -> (N, d)."""
+    """num_experts SwiGLU experts: forward(x (N, d), top_i (N, k), top_w (N, k)) -> (N, d).
+    `impl` computes them: experts_forward, or on a GPU the Triton kernel tandem.LLM installs."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.impl = experts_forward
 
     def forward(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Also returns the number of tokens each expert took (the router statistics)."""
         counts = torch.bincount(top_i.reshape(-1), minlength=self.num_experts).tolist()
-        from tandem.kernels.fused_moe import fused_moe  # imports Triton: only once a MoE model runs
-
-        return fused_moe(x, self.gate_up_proj, self.down_proj, top_i, top_w), counts
+        return self.impl(x, self.gate_up_proj, self.down_proj, top_i, top_w), counts
 
     def extra_repr(self) -> str:
         e, two_i, d = self.gate_up_proj.shape

@@ -304,7 +304,7 @@ def test_engine_step_leaves_torch_threads_to_the_kernels(tiny_q4_llm):
     workers would otherwise spin on the cores the pool needs); the caller's setting comes back."""
     from tandem.kernels.ggml_cpu import runs_on_kernels
 
-    assert runs_on_kernels(tiny_q4_llm.model) and tiny_q4_llm.engine.on_cpu_kernels
+    assert runs_on_kernels(tiny_q4_llm.model) and tiny_q4_llm.engine.serial_torch
     before, seen = torch.get_num_threads(), []
     sampler = tiny_q4_llm.engine.sampler
     original = sampler.sample

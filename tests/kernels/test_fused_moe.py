@@ -72,3 +72,22 @@ def test_reference_matches_transformers_experts():
         experts.down_proj.copy_(down)
         ref = experts(x, top_i, top_w)
     torch.testing.assert_close(fused_moe_reference(x, gate_up, down, top_i, top_w), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_the_kernel_installed_in_a_model_gives_its_logits(tmp_path):
+    """What tandem.LLM does on a GPU (every MoE layer's experts on the kernel), run here through
+    the interpreter: the same logits as the model's torch path."""
+    import tandem
+    from tandem.llm import _use_fused_moe
+    from tandem.model.moe import Experts
+    from tests.tiny_models import write_tiny_moe_dir
+
+    path, _ = write_tiny_moe_dir(tmp_path, "qwen2_moe")
+    llm = tandem.LLM(str(path), dtype="float32", progress=False, num_kv_blocks=32, block_size=4)
+    ids = torch.randint(3, 320, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = llm.model.compute_logits(llm.model(ids, torch.arange(20)[None]))
+        _use_fused_moe(llm.model)
+        assert all(m.impl is fused_moe_triton for m in llm.model.modules() if isinstance(m, Experts))
+        got = llm.model.compute_logits(llm.model(ids, torch.arange(20)[None]))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
