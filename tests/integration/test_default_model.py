@@ -140,3 +140,21 @@ def test_default_model_under_tensor_parallelism_3_gives_the_single_rank_logits(d
     top2 = ref.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-3
     assert bool((got.argmax(-1) == ref.argmax(-1))[clear].all())
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_default_model_in_pipeline_stages_gives_the_single_rank_logits(default_llm_dequantized, tmp_path, stages):
+    """The issue's layouts: 30 layers in 2 (15 + 15) and 3 (10 + 10 + 10) stages, one process each
+    (gloo), dequantized fp32: the last stage's logits within float tolerance of one rank's, and
+    the same greedy tokens wherever the top-2 margin is not a near tie (1e-3)."""
+    from tests.unit.model.test_pipeline_parallel import staged_logits
+
+    ids = torch.tensor([default_llm_dequantized.tokenize(SHAKESPEARE.read_text()[61_000:62_000])[:192]])
+    got = staged_logits("smollm2-135m", stages, ids, tmp_path, quantization="none")[0]
+    with torch.inference_mode():
+        model = default_llm_dequantized.model
+        ref = model.compute_logits(model(ids, torch.arange(ids.shape[1])[None]))[0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3
+    assert bool((got.argmax(-1) == ref.argmax(-1))[clear].all())
