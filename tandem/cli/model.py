@@ -14,7 +14,8 @@ def add_parsers(sub) -> None:
     info.add_argument("--tokens", type=int, default=None, help="KV tokens to plan for (default: context length)")
     info.add_argument("--tensor-parallel-size", type=int, default=1, metavar="T",
                       help="ranks each layer is split over (heads, feed-forward columns, vocabulary)")
-    info.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="P", help="stages the layers are split into")
+    info.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="P",
+                      help="stages the layers are split into")
     info.add_argument("--expert-parallel-size", type=int, default=1, metavar="E",
                       help="ranks an MoE layer's experts are split over (at most T)")
     info.add_argument("--memory-per-rank", type=float, default=None, metavar="GIB",

@@ -168,7 +168,8 @@ class GGUFFile:
 
     def block_weights(self, config: ModelConfig) -> set[str]:
         """GGUF names of the projection weights that can stay in GGML blocks (Q4_0, Q4_1, Q8_0 as
-        they are; K-quants and Q5 re-quantized to Q8_0: ggml_cpu.REQUANTIZED), by fused group: a layer's q/k/v (and gate/up) stay
+        they are; K-quants and Q5 re-quantized to Q8_0: ggml_cpu.REQUANTIZED), by fused group:
+        a layer's q/k/v (and gate/up) stay
         together when they share a kernel kind, or are all dequantized. The LM head's weight
         (output.weight, or token_embd.weight when tied: the embedding itself is dequantized for
         its lookups) is included on the same terms."""

@@ -74,8 +74,9 @@ class SparseMoE(nn.Module):
         self.top_k, self.normalize_top_k = m.top_k, m.normalize_top_k
         self.gate = nn.Linear(d, m.num_experts, bias=False)
         self.experts = Experts(m.num_experts, d, m.expert_intermediate_size)
-        self.shared_expert = dense_mlp(d, m.shared_expert_intermediate_size) if m.shared_expert_intermediate_size else None
-        self.shared_expert_gate = nn.Linear(d, 1, bias=False) if m.shared_expert_intermediate_size else None
+        shared = m.shared_expert_intermediate_size
+        self.shared_expert = dense_mlp(d, shared) if shared else None
+        self.shared_expert_gate = nn.Linear(d, 1, bias=False) if shared else None
         self.tokens_per_expert = [0] * m.num_experts  # host-side counts (a module on meta holds no tensors)
 
     def fuse(self) -> None:

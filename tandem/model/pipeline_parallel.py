@@ -34,7 +34,8 @@ def split_stage(model: nn.Module, stage: int, num_stages: int) -> nn.Module:
 
 
 @torch.inference_mode()
-def stage_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, group=None) -> torch.Tensor | None:
+def stage_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                  group=None) -> torch.Tensor | None:
     """One forward (no KV cache) through this rank's stage: the first stage embeds input_ids, each
     stage receives the previous stage's hidden states and sends its own to the next; the last
     returns the logits (B, T, vocab), the others None. Ranks in `group` are the stages in order."""

@@ -97,7 +97,8 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None) -> nn.Modul
     def rows_of(head_range, offset: int) -> list[int]:
         return [offset + h * dim + i for h in head_range for i in range(dim)]
 
-    qkv_rows = torch.tensor(rows_of(q_heads, 0) + rows_of(kv_heads, heads * dim) + rows_of(kv_heads, (heads + kv) * dim))
+    qkv_rows = torch.tensor(rows_of(q_heads, 0) + rows_of(kv_heads, heads * dim)
+                            + rows_of(kv_heads, (heads + kv) * dim))
     o_cols = torch.tensor(rows_of(q_heads, 0))
     for layer in model.model.layers:
         attn = layer.self_attn
@@ -138,7 +139,8 @@ def _shard_moe(moe: SparseMoE, rank: int, world: int) -> None:
     per = inner // world
     cols = slice(rank * per, (rank + 1) * per)
     gate, up = experts.gate_up_proj.data.chunk(2, dim=1)
-    experts.gate_up_proj = nn.Parameter(torch.cat([gate[:, cols], up[:, cols]], dim=1).contiguous(), requires_grad=False)
+    experts.gate_up_proj = nn.Parameter(torch.cat([gate[:, cols], up[:, cols]], dim=1).contiguous(),
+                                        requires_grad=False)
     experts.down_proj = nn.Parameter(experts.down_proj.data[:, :, cols].contiguous(), requires_grad=False)
     if moe.shared_expert is not None:
         _shard_mlp(moe.shared_expert, rank, world)
