@@ -120,6 +120,8 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None) -> nn.Modul
     head_weight = model.lm_head.weight
     model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens.weight[start:end].clone(), start, group)
     model.lm_head = VocabParallelHead(head_weight[start:end].clone(), vocab, group)
+    if c.tie_word_embeddings:  # one tensor for both, as in the unsplit model
+        model.lm_head.weight = model.model.embed_tokens.weight
     return model
 
 
