@@ -10,6 +10,7 @@ import tandem
 
 
 def _rank(rank: int, world: int, layout: str, path: str, init: str, ids: torch.Tensor, out: str, options: dict):
+    from tandem.model.expert_parallel import shard_experts
     from tandem.model.pipeline_parallel import split_stage, stage_forward
     from tandem.model.tensor_parallel import shard_model
 
@@ -22,6 +23,11 @@ def _rank(rank: int, world: int, layout: str, path: str, init: str, ids: torch.T
             model = shard_model(llm.model, rank, world)
             with torch.inference_mode():
                 logits, mine = model.compute_logits(model(ids, positions)), rank == 0
+        elif layout == "expert":  # each rank its own row of ids: data-parallel attention
+            model = shard_experts(llm.model, rank, world)
+            with torch.inference_mode():
+                logits, mine = model.compute_logits(model(ids[rank:rank + 1], positions)), True
+            out = f"{out}.{rank}"
         else:
             logits, mine = stage_forward(split_stage(llm.model, rank, world), ids, positions), rank == world - 1
             assert (logits is not None) == mine
@@ -32,11 +38,14 @@ def _rank(rank: int, world: int, layout: str, path: str, init: str, ids: torch.T
 
 
 def split_logits(layout: str, path, world: int, ids: torch.Tensor, tmp_path, **options) -> torch.Tensor:
-    """The logits of `ids` (one row, no cache) with the model split over `world` processes:
-    layout "tensor" (tandem.model.tensor_parallel) or "pipeline" (pipeline_parallel)."""
+    """The logits of `ids` (no cache) with the model split over `world` processes: layout "tensor"
+    (tandem.model.tensor_parallel) or "pipeline" (pipeline_parallel) for one row of ids; "expert"
+    (expert_parallel) for `world` rows, one a rank, the logits stacked."""
     out, init = str(tmp_path / f"logits-{layout}{world}.pt"), f"file://{tmp_path / f'rendezvous-{layout}{world}'}"
     mp.start_processes(_rank, args=(world, layout, str(path), init, ids, out, options), nprocs=world, join=True,
                        start_method="spawn")
+    if layout == "expert":
+        return torch.cat([torch.load(f"{out}.{rank}") for rank in range(world)])
     return torch.load(out)
 
 
