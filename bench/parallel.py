@@ -70,6 +70,7 @@ def _rank(rank: int, world: int, layout: str, init: str, tokens: int, repeat: in
             walls.append((time.perf_counter() - start, sum(spent[mark:])))
         wall, comm = min(walls)
         Path(f"{out}.{rank}").write_text(json.dumps({"wall_s": wall, "collectives_s": comm, "weight_bytes": weights}))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -33,6 +33,7 @@ def _rank(rank: int, world: int, layout: str, path: str, init: str, ids: torch.T
             assert (logits is not None) == mine
         if mine:
             torch.save(logits, out)
+        dist.barrier()  # no rank tears down gloo while a peer's last send is in flight (SIGABRT)
     finally:
         dist.destroy_process_group()
 

@@ -155,6 +155,7 @@ def _parallel_layouts(rank: int, world: int, init: str, ids: torch.Tensor, out_d
             logits = stage_forward(split_stage(copy.deepcopy(model), rank, 2), ids, positions, group=pair)
             if rank == 1:
                 torch.save(logits, f"{out_dir}/pp2.pt")
+        dist.barrier()  # no rank tears down gloo while a peer's last send is in flight (SIGABRT)
     finally:
         dist.destroy_process_group()
 
