@@ -9,6 +9,7 @@ ARCHITECTURE.md gives it:
 
     InvalidRequestError, ConfigError -> INVALID_ARGUMENT     QueueFullError -> RESOURCE_EXHAUSTED
     Unavailable (draining, a dead engine) -> UNAVAILABLE     PluginError -> INTERNAL
+    ParallelGroupError (a rank of a split model died) -> UNAVAILABLE (the gateway migrates)
     a downstream service's status -> the same status and message (the gateway relays them)
     anything else -> INTERNAL, logged with its traceback
 """
@@ -27,7 +28,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tandem.errors import ConfigError, InvalidRequestError, PluginError, QueueFullError, TandemError
+from tandem.errors import (ConfigError, InvalidRequestError, ParallelGroupError, PluginError, QueueFullError,
+                           TandemError)
 
 from .credentials import InternalCredentials, read_pem, token_interceptors
 
@@ -73,7 +75,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, Unavailable):
+    if isinstance(exc, (Unavailable, ParallelGroupError)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, PluginError):
         return grpc.StatusCode.INTERNAL, str(exc)

@@ -28,3 +28,9 @@ class QueueFullError(TandemError):
 class PluginError(TandemError):
     """A plugin failed to load or raised inside a hook; the message names the plugin. The request
     that hit it fails (gRPC INTERNAL, HTTP 500); the engine and the other requests go on."""
+
+
+class ParallelGroupError(TandemError):
+    """A rank of a model split over several processes (tensor / pipeline / expert parallelism)
+    failed during a step. The step's requests fail with it (gRPC UNAVAILABLE, HTTP 503: a
+    pipeline's gateway moves them to another worker); the group restarts as a whole."""

@@ -6,20 +6,25 @@ variant and backend, KV-cache format and logits processors by name and hands the
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from tandem.engine import EngineConfig, LLMEngine
 from tandem.engine.config import resolve_device
+from tandem.engine.llm_engine import torch_on_one_thread
 from tandem.errors import ConfigError, InvalidRequestError, PluginError
 from tandem.model.kv_cache import KVCache
-from tandem.model.loader import load_model
+from tandem.model.loader import load_model, load_tokenizer
 from tandem.model.quantization import quantize_model
 from tandem.model.registry import DEFAULT_MODEL
 from tandem.outputs import RequestOutput, ScoreOutput
+from tandem.parallel import ParallelConfig
 from tandem.sampling_params import SamplingParams
 from tandem.speculative import SpeculativeConfig
 
@@ -43,10 +48,10 @@ def _blocks_usable(device: torch.device) -> bool:
     return reason is None
 
 
-def _runs_on_kernels(model: torch.nn.Module) -> bool:
-    from tandem.kernels.ggml_cpu import runs_on_kernels
+def runs_on_kernels(model: torch.nn.Module) -> bool:
+    from tandem.kernels.ggml_cpu import runs_on_kernels as kernels_run
 
-    return runs_on_kernels(model)
+    return kernels_run(model)
 
 
 def _use_fused_moe(model: torch.nn.Module) -> None:
@@ -67,6 +72,89 @@ def _has_blocks(model: torch.nn.Module) -> bool:
     return any(isinstance(m, GGMLLinear) for m in model.modules())
 
 
+@dataclass(frozen=True)
+class _ShareOptions:
+    """What loads a rank's share of the model: plain values, the same on every rank."""
+
+    model: str
+    dtype: str
+    quantization: str | None
+    quantization_options: dict | None
+    attention: str | None
+    attention_options: dict | None
+    attention_backend: str
+    kv_cache_dtype: str
+    plugins: list[str] | None
+    num_threads: int | None
+
+
+def _load_share(share: _ShareOptions, plugins, quantizer, device: torch.device, progress: bool, place=None):
+    """Load the model, cut it to this rank's share (place: a RankPlace; None: the whole model),
+    re-quantize it with the quantizer plugin, move it to the device. Returns (LoadedModel, the
+    config of the share's heads, or None for the whole model)."""
+    split = place is not None and place.parallel.stage_size > 1  # heads or experts split: plain weights
+    keep = share.quantization is None and not split and _blocks_usable(device)
+    loaded = load_model(share.model, share.dtype, progress, keep_blocks=keep)
+    local_config = None
+    if place is not None:
+        from tandem.engine.distributed import shard
+
+        local_config = shard(loaded.model, place)
+    if quantizer is not None:
+        try:
+            quantize_model(loaded.model, quantizer)
+        except (ConfigError, PluginError):
+            raise
+        except Exception as exc:
+            raise PluginError(f"quantizer {share.quantization!r} from plugin "
+                              f"{plugins.owner('quantizer', share.quantization)!r} failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    loaded.model.to(device)  # after quantizing: the quantizers work on host weights
+    return loaded, local_config
+
+
+def run_rank(share: _ShareOptions, parallel: ParallelConfig, rank: int, init_method: str, timeout_s: float) -> None:
+    """The life of a rank other than 0 (in a Ray actor or a spawned process): join the group, load
+    this rank's share, build its KV pools once rank 0 says how many blocks, then run the steps
+    rank 0 broadcasts until it says stop."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from tandem.engine.distributed import place_rank, serve_rank
+    from tandem.engine.model_runner import ModelRunner
+    from tandem.plugins import get_plugin_manager
+
+    threads = share.num_threads or 1
+    torch.set_num_threads(threads)
+    from tandem.kernels import cpu
+
+    cpu.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=parallel.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        manager = get_plugin_manager(share.plugins)
+        quantizer = None if share.quantization in (None, "none") else manager.create(
+            "quantizer", share.quantization, share.quantization_options)
+        backend = manager.create("attention_backend", share.attention_backend)
+        kv_format = manager.create("kv_cache_format", share.kv_cache_dtype)
+        _, config, _ = load_tokenizer(share.model)
+        place = place_rank(parallel, rank, config.num_layers)
+        loaded, local_config = _load_share(share, manager, quantizer, torch.device("cpu"), False, place)
+        variant = manager.create("attention_variant", share.attention, share.attention_options) \
+            if share.attention is not None else manager.create("attention_variant", *config.attention_variant())
+        sizes = torch.empty(2, dtype=torch.long)
+        dist.broadcast(sizes, src=0)  # (num_blocks, block_size): rank 0's engine decides
+        runner = ModelRunner(loaded.model, local_config, int(sizes[0]), int(sizes[1]), kv_format, variant, backend,
+                             layers=place.layers)
+        dist.barrier()  # every rank's pools exist: rank 0 may step
+        with torch_on_one_thread() if runs_on_kernels(loaded.model) else contextlib.nullcontext():
+            serve_rank(runner, place)
+        dist.barrier()  # rank 0 said stop: leave together, no message in flight
+    finally:
+        dist.destroy_process_group()
+
+
 class LLM:
     """An in-process model.
 
@@ -80,7 +168,9 @@ class LLM:
                  quantization_options: dict | None = None, attention: str | None = None,
                  attention_options: dict | None = None, attention_backend: str = "sdpa",
                  kv_cache_dtype: str = "auto", speculative: dict | None = None, device: str = "cpu", plugins=None,
-                 speculative_methods: list[str] | None = None, **engine_options):
+                 speculative_methods: list[str] | None = None, tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1, expert_parallel_size: int = 1, parallel_backend: str = "ray",
+                 parallel_timeout_s: float = 300.0, **engine_options):
         """quantization: None (the default) keeps a GGUF file's Q4_0/Q4_1/Q8_0 projections in their
         blocks, multiplied as llama.cpp does (int8 activations per block of 32; tandem.kernels.ggml_cpu)
         where the CPU can run that kernel, and dequantizes everything else (and everything on a GPU);
@@ -98,6 +188,14 @@ class LLM:
         quantizers: "int8"/"int4" are PyTorch's packed CPU kernels.
         plugins: a tandem.plugins.PluginManager (default: the process's), or a list of the
         third-party plugins allowed to load (the config's `plugins:`; the built-ins always load).
+        tensor_parallel_size, pipeline_parallel_size, expert_parallel_size: split the model over
+        T x P ranks (max(T, E) x P with experts split alone): this process is rank 0 (it schedules
+        and samples) and starts the others, local Ray actors in a placement group
+        (parallel_backend "ray"; "mp": spawned processes, one machine) joined over gloo; close()
+        stops them. Tensor and expert parallelism dequantize a GGUF's blocks (quantization "none"
+        implied; a quantizer plugin re-quantizes each share). kv_cache_memory is then per rank.
+        A step whose collectives fail (a rank died, or hung past parallel_timeout_s) fails its
+        requests with ParallelGroupError; the next step restarts the group. CPU only (gloo).
         engine_options are EngineConfig's fields: block_size, num_kv_blocks, kv_cache_memory,
         max_num_seqs, max_num_batched_tokens, max_waiting, enable_prefix_caching.
         Every name and option is checked before the model loads."""
@@ -107,6 +205,8 @@ class LLM:
             engine_config = EngineConfig(**engine_options)
         except TypeError as exc:
             raise ConfigError(f"unknown engine option: {exc}") from None
+        parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size)
+        self._group = None
         if num_threads is not None:
             if not (isinstance(num_threads, int) and num_threads > 0):
                 raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
@@ -135,41 +235,120 @@ class LLM:
                 return default
             return self.plugins.create("draft_proposer", config.method, config.options)
         kv_format = self.plugins.create("kv_cache_format", kv_cache_dtype)
+        variant = None  # None: the model's own, known once it loads
         if attention is not None:  # before loading, so a bad name or option costs nothing
             variant = self.plugins.create("attention_variant", attention, attention_options)
         elif attention_options:
             raise ConfigError("attention_options needs attention (the variant they are for)")
-        loaded = load_model(model, dtype, progress, keep_blocks=quantization is None and _blocks_usable(self.device))
+        if parallel.world_size > 1 and engine_config.kv_cache_memory <= 1:  # a fraction: of the memory ranks share
+            engine_config = dataclasses.replace(engine_config,
+                                                kv_cache_memory=engine_config.kv_cache_memory / parallel.world_size)
+        share = _ShareOptions(model, dtype, quantization, quantization_options, attention, attention_options,
+                              attention_backend, kv_cache_dtype,
+                              list(plugins) if isinstance(plugins, (list, tuple)) else plugins, num_threads)
+        place = None
+        if parallel.world_size > 1:
+            place = self._start_group(share, parallel, parallel_backend, parallel_timeout_s)
+        try:
+            self._build(share, quantizer, progress, place, attention, variant, backend, kv_format, spec, proposers,
+                        speculative_methods, engine_config, max_model_len)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, share, quantizer, progress, place, attention, variant, backend, kv_format, spec, proposers,
+               speculative_methods, engine_config, max_model_len) -> None:
+        """Load the model (rank 0's share of it in a group) and build the engine."""
+        loaded, local_config = _load_share(share, self.plugins, quantizer, self.device, progress, place)
         self.model, self.config, self.tokenizer, self.model_path = (
             loaded.model, loaded.config, loaded.tokenizer, loaded.path)
         if attention is None:
             variant = self.plugins.create("attention_variant", *self.config.attention_variant())
-        if quantizer is not None:
-            try:
-                quantize_model(self.model, quantizer)
-            except (ConfigError, PluginError):
-                raise
-            except Exception as exc:
-                raise PluginError(f"quantizer {quantization!r} from plugin "
-                                  f"{self.plugins.owner('quantizer', quantization)!r} failed: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-        self.model.to(self.device)  # after quantizing: the quantizers work on host weights
         self.variant, self.backend = variant, backend
         # what the weights are: the plugin's name, "gguf" (blocks kept), or "none"
-        self.quantization = quantization or ("gguf" if _has_blocks(self.model) else "none")
+        self.quantization = share.quantization or ("gguf" if _has_blocks(self.model) else "none")
         self.dtype = next(self.model.parameters()).dtype
         limit = self.config.max_position
         if max_model_len is not None and not (isinstance(max_model_len, int) and 2 <= max_model_len <= limit):
             raise ConfigError(f"max_model_len must be an integer in [2, {limit}], got {max_model_len!r}")
+        group_options = {}
+        if place is not None:
+            group_options = self._group_engine_options(share, quantizer, place, local_config, variant, backend,
+                                                       kv_format, engine_config)
         self.engine = LLMEngine(self.model, self.tokenizer, max_model_len or limit, engine_config,
                                 sampler=self.plugins.sampler_pipeline(self.config.vocab_size),
                                 variant=variant, backend=backend, kv_format=kv_format, speculative=spec,
                                 proposer_factory=proposers, speculative_methods=speculative_methods,
-                                serial_torch=_runs_on_kernels(self.model))
+                                serial_torch=runs_on_kernels(self.model), **group_options)
         if self.device.type == "cuda":
             _use_fused_moe(self.model)
         self.max_model_len = self.engine.max_model_len
         self._request_ids = itertools.count()
+
+    # -- the parallel group -------------------------------------------------------------------
+    def _start_group(self, share: _ShareOptions, parallel: ParallelConfig, backend: str, timeout_s: float):
+        if self.device.type != "cpu":
+            raise ConfigError("parallel sizes above 1 run on CPUs (gloo) in this release; NCCL groups on GPUs "
+                              "are not implemented yet")
+        if share.plugins is not None and not isinstance(share.plugins, (list, tuple)):
+            raise ConfigError("with parallel sizes above 1, give plugins as a list of names (each rank loads them)")
+        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+            raise ConfigError(f"parallel_timeout_s must be a positive number, got {timeout_s!r}")
+        from tandem.engine.distributed import place_rank
+
+        _, config, _ = load_tokenizer(share.model)
+        parallel.check(config)  # before any process starts
+        from tandem.orchestration.rank_group import RankGroup  # the composition root picks the launcher
+
+        self._group = RankGroup(backend, parallel, share, timeout_s)
+        self._group.start()
+        return place_rank(parallel, 0, config.num_layers)
+
+    def _group_engine_options(self, share, quantizer, place, local_config, variant, backend, kv_format,
+                              engine_config) -> dict:
+        """The engine's runner for a group: rank 0's share and pools behind a DistributedRunner,
+        which restarts the whole group after a failure."""
+        import torch.distributed as dist
+
+        from tandem.engine.distributed import DistributedRunner, kv_bytes_per_token, place_rank
+        from tandem.engine.model_runner import ModelRunner
+
+        parallel, block_size = place.parallel, engine_config.block_size
+
+        def local_runner(model, config, where, num_blocks: int) -> ModelRunner:
+            dist.broadcast(torch.tensor([num_blocks, block_size], dtype=torch.long), src=0)
+            runner = ModelRunner(model, config, num_blocks, block_size, kv_format, variant, backend,
+                                 layers=where.layers)
+            dist.barrier()  # every rank's pools exist
+            return runner
+
+        def factory(num_blocks: int) -> DistributedRunner:
+            def restart():
+                self._group.start()
+                where = place_rank(parallel, 0, self.config.num_layers)
+                loaded, config = _load_share(share, self.plugins, quantizer, self.device, False, where)
+                self.model = loaded.model
+                return local_runner(loaded.model, config, where, num_blocks), where, self._group
+            return DistributedRunner(local_runner(self.model, local_config, place, num_blocks), place, self._group,
+                                     restart)
+        return {"runner_factory": factory,
+                "kv_bytes_per_token": kv_bytes_per_token(parallel, self.config, kv_format, self.dtype)}
+
+    def close(self) -> None:
+        """Stop a parallel group's other ranks (and the local Ray this LLM started). Idempotent;
+        a single-process LLM has nothing to stop."""
+        runner = getattr(getattr(self, "engine", None), "runner", None)
+        if hasattr(runner, "close"):
+            runner.close()
+        elif self._group is not None:
+            self._group.close(graceful=False)
+        self._group = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- tokens ---------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True, parse_special: bool = False) -> list[int]:
@@ -255,6 +434,8 @@ class LLM:
     @torch.inference_mode()
     def score(self, token_ids: Sequence[int]) -> ScoreOutput:
         """Teacher-forced log-probabilities of token_ids[1:] and the argmax at each position."""
+        if self._group is not None:
+            raise ConfigError("score() runs the whole model in this process: not on a parallel group")
         ids = list(token_ids)
         self.tokenizer.check_ids(ids)
         if not 2 <= len(ids) <= self.max_model_len:

@@ -6,8 +6,9 @@ expert parallelism (an MoE layer's experts split over E ranks), and what each ra
 dimension that does not divide; `rank_memory` is the plan `tandem model info` prints. The split
 follows what vLLM and Megatron do: q/k/v and gate/up by output columns, o and down by input rows;
 KV heads split when T divides them, replicated (each rank one KV head) when T is a multiple of
-their count; the vocabulary split for the embedding and the LM head; experts whole on their rank,
-each expert's matmuls split by T within it.
+their count; the vocabulary split for the embedding and the LM head. An MoE layer's experts are
+either each split by T (tensor parallelism alone) or whole, num_experts / E on each rank (expert
+parallelism, on the tensor-parallel ranks, or on E ranks that run the attention whole).
 """
 from __future__ import annotations
 
@@ -30,9 +31,20 @@ class ParallelConfig:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
 
     @property
+    def stage_size(self) -> int:
+        """Ranks of one pipeline stage: T, or E when only the experts are split (E > 1 = T: the
+        attention then runs whole on each of the E ranks). Expert parallelism reuses the
+        tensor-parallel ranks, so T and E are equal where both exceed 1."""
+        return max(self.tensor_parallel_size, self.expert_parallel_size)
+
+    @property
     def world_size(self) -> int:
-        """Ranks a replica needs: T x P (expert parallelism reuses the tensor-parallel ranks)."""
-        return self.tensor_parallel_size * self.pipeline_parallel_size
+        """Ranks a replica needs: the stage size times P."""
+        return self.stage_size * self.pipeline_parallel_size
+
+    def rank_of(self, stage: int, index: int) -> int:
+        """The global rank of a stage's index-th rank (the stages' ranks are consecutive)."""
+        return stage * self.stage_size + index
 
     def check(self, model: ModelConfig) -> None:
         """ConfigError naming what does not divide, for a layout this model cannot take."""
@@ -53,16 +65,18 @@ class ParallelConfig:
         m = model.moe
         if e > 1 and m is None:
             raise ConfigError(f"expert_parallel_size {e}: {name} has no experts")
+        if e > 1 and t > 1 and e != t:
+            raise ConfigError(f"expert_parallel_size {e} with tensor_parallel_size {t}: expert parallelism places "
+                              "the experts on the tensor-parallel ranks, so the two must be equal (or one of them 1)")
+        if t > 1 and model.qk_norm == "full":
+            raise ConfigError(f"tensor_parallel_size {t}: {name} normalises its whole q and k projections "
+                              "(OLMoE), which needs every head on one rank; use expert_parallel_size instead")
         if m is not None:
             if m.num_experts % e:
                 raise ConfigError(f"expert_parallel_size {e} does not divide {name}'s {m.num_experts} experts")
-            if e > t:
-                raise ConfigError(f"expert_parallel_size {e} exceeds tensor_parallel_size {t}: expert parallelism "
-                                  "places experts on the tensor-parallel ranks")
-            tp_in_expert = t // e
-            if m.expert_intermediate_size % tp_in_expert:
-                raise ConfigError(f"{name}'s expert intermediate size {m.expert_intermediate_size} does not split "
-                                  f"over the {tp_in_expert} ranks each expert spans (tensor {t} / expert {e})")
+            if e == 1 and m.expert_intermediate_size % t:
+                raise ConfigError(f"tensor_parallel_size {t} does not divide {name}'s expert intermediate size "
+                                  f"{m.expert_intermediate_size}")
             if m.shared_expert_intermediate_size % t:
                 raise ConfigError(f"tensor_parallel_size {t} does not divide {name}'s shared expert size "
                                   f"{m.shared_expert_intermediate_size}")
@@ -93,7 +107,8 @@ class ParallelConfig:
             m = c.moe
             if m is None or not m.is_sparse(i):
                 return attn + 3 * d * c.intermediate_size / t
-            experts = m.num_experts // e * 3 * d * m.expert_intermediate_size / (t // e)
+            # E > 1: whole experts, num_experts / E a rank; else every expert split over the T ranks
+            experts = m.num_experts // e * 3 * d * m.expert_intermediate_size / (1 if e > 1 else t)
             shared = 3 * d * m.shared_expert_intermediate_size / t + (d if m.shared_expert_intermediate_size else 0)
             return attn + experts + shared + d * m.num_experts
 

@@ -24,7 +24,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from tandem.engine.llm_engine import LLMEngine
-from tandem.errors import PluginError
+from tandem.errors import ParallelGroupError, PluginError
 from tandem.outputs import RequestOutput, StreamDelta
 from tandem.sampling_params import SamplingParams
 
@@ -228,5 +228,6 @@ class AsyncEngine:
             self.engine.abort(request_id)
             stream = self._streams.get(request_id)
             if stream is not None:
-                stream.put(PluginError(str(exc)) if isinstance(exc, PluginError)
+                stream.put(exc if isinstance(exc, ParallelGroupError)
+                           else PluginError(str(exc)) if isinstance(exc, PluginError)
                            else RuntimeError(f"the engine failed while running this request: {exc}"))

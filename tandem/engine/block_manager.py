@@ -222,6 +222,12 @@ class BlockManager:
         self.hashes[block] = None
         self.free.move_to_end(block, last=False)
 
+    def forget_all(self) -> None:
+        """Drop the whole prefix cache (the pools' contents were lost: a parallel group restarted)."""
+        for block in self.cached.values():  # referenced ones too: their sequences are failing
+            self.hashes[block] = None
+        self.cached.clear()
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         child.block_table = list(parent.block_table)
         child.num_released_blocks = parent.num_released_blocks

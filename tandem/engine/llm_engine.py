@@ -21,7 +21,7 @@ from tandem.engine.model_runner import ModelRunner
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.sequence import Request, Sequence
 from tandem.engine.spec_decode import SpecDecoder
-from tandem.errors import ConfigError, InvalidRequestError, QueueFullError
+from tandem.errors import ConfigError, InvalidRequestError, ParallelGroupError, QueueFullError
 from tandem.model.attention import DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBackend, AttentionVariant
 from tandem.model.kv_pool import DEFAULT_KV_FORMAT, KVCacheFormat
 from tandem.model.moe import router_stats
@@ -62,20 +62,24 @@ class LLMEngine:
                  variant: AttentionVariant = DEFAULT_VARIANT, backend: AttentionBackend = DEFAULT_BACKEND,
                  kv_format: KVCacheFormat = DEFAULT_KV_FORMAT, speculative: SpeculativeConfig | None = None,
                  proposer_factory=None, speculative_methods=None, connector: KVConnector | None = None,
-                 serial_torch: bool = False):
+                 serial_torch: bool = False, runner_factory=None, kv_bytes_per_token: int | None = None):
         """serial_torch: torch's own ops run on the stepping thread alone during a step (the model's
-        matmuls and attention run on tandem's CPU kernels, whose own threads need the cores)."""
+        matmuls and attention run on tandem's CPU kernels, whose own threads need the cores).
+        runner_factory(num_blocks) -> the runner, for a model split over ranks
+        (tandem.engine.distributed.DistributedRunner); kv_bytes_per_token is then a rank's."""
         self.config = config or EngineConfig()
         self.tokenizer, self.model_config, self.sampler = tokenizer, model.config, sampler
         self.variant, self.retention = variant, variant.retention()
         c, block_size = self.model_config, self.config.block_size
-        per_token = kv_format.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, next(model.parameters()).dtype)
+        per_token = kv_bytes_per_token or kv_format.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim,
+                                                                    next(model.parameters()).dtype)
         blocks = num_kv_blocks(self.config, per_token, max_model_len, next(model.parameters()).device)
         # A windowed variant frees blocks as it goes, so a shared prefix does not stay whole.
         caching = self.config.enable_prefix_caching and self.retention is None
         self.block_manager = BlockManager(blocks, block_size, caching)
         self.scheduler = Scheduler(self.config, self.block_manager)
-        self.runner = ModelRunner(model, c, blocks, block_size, kv_format, variant, backend)
+        self.runner = runner_factory(blocks) if runner_factory is not None \
+            else ModelRunner(model, c, blocks, block_size, kv_format, variant, backend)
         self.serial_torch = serial_torch
         self.max_model_len = max_model_len
         if self.retention is None:  # a sequence alone in the pool can always finish: cap at its capacity
@@ -224,8 +228,12 @@ class LLMEngine:
                 self.kv.connector.wait(0.05)  # only transfers left, and no driver to wake: wait for one here
             return [], done
         rows, counts, verifying = self._sample_rows(plan)
-        logits = self.runner.execute(plan.scheduled, plan.copies, rows,
-                                     **({"num_rows": counts} if verifying else {}))  # plain steps: the plain call
+        try:
+            logits = self.runner.execute(plan.scheduled, plan.copies, rows,
+                                         **({"num_rows": counts} if verifying else {}))  # plain steps: the plain call
+        except ParallelGroupError:  # the KV of other ranks is gone: no cached block can be trusted
+            self.block_manager.forget_all()
+            raise
         deltas, finished = self._process(plan, logits, dict(zip(rows, itertools.accumulate([0, *counts]))))
         return deltas, done + finished
 

@@ -4,6 +4,8 @@ sampled (the LM head is the largest matmul of a small model: never run it on pro
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -14,22 +16,45 @@ from tandem.model.attention import AttentionBackend, AttentionVariant
 from tandem.model.kv_pool import KVCacheFormat
 
 
+@dataclass
+class StepInputs:
+    """One step as plain integers, the same on every rank of a parallel group (what rank 0
+    broadcasts): the flat batch's tokens and positions, each scheduled sequence's (block_table,
+    first position, tokens), and the rows of the flat batch whose logits are wanted, in order."""
+
+    tokens: list[int]
+    positions: list[int]
+    rows: list[tuple[list[int], int, int]]
+    picked: list[int]
+
+
 class ModelRunner:
+    """model's share of the layers (`layers`, default all; a pipeline stage holds some) and their
+    pools; `config` says the heads this share computes (tensor parallelism splits them)."""
+
     def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
-                 kv_format: KVCacheFormat, variant: AttentionVariant, backend: AttentionBackend):
+                 kv_format: KVCacheFormat, variant: AttentionVariant, backend: AttentionBackend,
+                 layers: range | None = None):
         self.model, self.config = model, config
         self.block_size, self.num_blocks = block_size, num_blocks
         self.variant, self.backend = variant, backend
+        self.layers = layers if layers is not None else range(config.num_layers)
         dtype, self.device = next(model.parameters()).dtype, next(model.parameters()).device
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # One pool per layer for K and for V, on the model's device (the default device while a
-        # format plugin allocates, so plugins need not know about devices).
+        # format plugin allocates, so plugins need not know about devices). Indexed by the layer's
+        # number in the whole model: a stage's list is None before and after its layers.
+        pad = [None] * self.layers.start
         with self.device:
-            self.k_pools = [kv_format.create_pool(*shape, dtype) for _ in range(config.num_layers)]
-            self.v_pools = [kv_format.create_pool(*shape, dtype) for _ in range(config.num_layers)]
+            self.k_pools = pad + [kv_format.create_pool(*shape, dtype) for _ in self.layers]
+            self.v_pools = pad + [kv_format.create_pool(*shape, dtype) for _ in self.layers]
         # Whether every step goes to the backend as key ranges (tandem's CPU paged attention):
         # then the per-step metadata is only slots and ranges, no masks.
-        self.flat_only = backend.reads_pool_in_place(dtype, self.device, self.k_pools[0], variant)
+        self.flat_only = backend.reads_pool_in_place(dtype, self.device, self.k_pools[self.layers.start], variant)
+
+    @property
+    def pools(self) -> list:
+        return [p for p in (*self.k_pools, *self.v_pools) if p is not None]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks in every layer before the forward writes to them."""
@@ -37,12 +62,12 @@ class ModelRunner:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        for pool in (*self.k_pools, *self.v_pools):
+        for pool in self.pools:
             pool.copy_blocks(src, dst)
 
     # -- KV blocks in and out (the KV-cache store's data plane) ----------------------------------
     def _states(self) -> list[list[torch.Tensor]]:
-        return [pool.state_tensors() for pool in (*self.k_pools, *self.v_pools)]
+        return [pool.state_tensors() for pool in self.pools]
 
     def block_layout(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:
         """dtype and shape of each tensor of one exported block: (2 x layers, block_size, ...) per
@@ -81,20 +106,35 @@ class ModelRunner:
         logits (sum(num_rows), vocab) in host memory (sampling runs on the host), sequence by
         sequence, positions in order."""
         self.copy_blocks(copies)
-        tokens, positions, rows = [], [], []
-        for seq, num in scheduled:
-            start = seq.num_computed_tokens
-            tokens += seq.tokens_to_compute(num)
-            positions += range(start, start + num)
-            rows.append((seq.block_table, start, num))
-        meta = build_metadata(rows, self.block_size, self.variant, self.config.num_heads, self.flat_only).to(self.device)
-        attention = PagedAttention(self.k_pools, self.v_pools, meta, self.variant, self.backend)
-        inputs = torch.tensor([tokens, positions], device=self.device)
-        hidden = self.model(inputs[:1], inputs[1:], attention)[0]  # (N, d)
-        ends = torch.tensor([n for _, n in scheduled]).cumsum(0) - 1  # last row of each sequence
-        if num_rows is None:
-            picked = ends[sample_rows]
-        else:
-            picked = torch.cat([torch.arange(int(ends[i]) - c + 1, int(ends[i]) + 1)
-                                for i, c in zip(sample_rows, num_rows)])
-        return self.model.compute_logits(hidden[picked.to(self.device)]).float().cpu()
+        return self.run(prepare(scheduled, sample_rows, num_rows))
+
+    def attention(self, rows: list[tuple[list[int], int, int]]) -> PagedAttention:
+        """The attention context of a step (or a micro-batch) of these sequences."""
+        meta = build_metadata(rows, self.block_size, self.variant, self.config.num_heads, self.flat_only)
+        return PagedAttention(self.k_pools, self.v_pools, meta.to(self.device), self.variant, self.backend)
+
+    @torch.inference_mode()
+    def run(self, step: StepInputs) -> torch.Tensor:
+        inputs = torch.tensor([step.tokens, step.positions], device=self.device)
+        hidden = self.model(inputs[:1], inputs[1:], self.attention(step.rows))[0]  # (N, d)
+        picked = torch.tensor(step.picked, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden[picked]).float().cpu()
+
+
+def prepare(scheduled: list[tuple[Sequence, int]], sample_rows: list[int],
+            num_rows: list[int] | None = None) -> StepInputs:
+    """The step's inputs: what each scheduled sequence computes, and which rows are sampled."""
+    tokens, positions, rows, picked = [], [], [], []
+    end = -1
+    ends = []
+    for seq, num in scheduled:
+        start = seq.num_computed_tokens
+        tokens += seq.tokens_to_compute(num)
+        positions += range(start, start + num)
+        rows.append((seq.block_table, start, num))
+        end += num
+        ends.append(end)  # the last row of each sequence
+    for j, i in enumerate(sample_rows):
+        count = 1 if num_rows is None else num_rows[j]
+        picked += range(ends[i] - count + 1, ends[i] + 1)
+    return StepInputs(tokens, positions, rows, picked)

@@ -75,6 +75,7 @@ class PagedAttention:
                  variant: AttentionVariant, backend: AttentionBackend):
         self.k_pools, self.v_pools, self.meta = k_pools, v_pools, meta
         self.variant, self.backend = variant, backend
+        self._some_pool = next(p for p in k_pools if p is not None)  # a pipeline stage has some layers' pools
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_pool, v_pool = self.k_pools[layer], self.v_pools[layer]
@@ -93,7 +94,7 @@ class PagedAttention:
         """The step as key ranges when the backend computes it in one call over the pools
         (AttentionBackend.reads_pool_in_place; the model may then run its fused layer), else None."""
         rows = self.meta.rows
-        if rows is None or not self.backend.reads_pool_in_place(dtype, device, self.k_pools[0], self.variant):
+        if rows is None or not self.backend.reads_pool_in_place(dtype, device, self._some_pool, self.variant):
             return None
         return rows
 

@@ -6,9 +6,8 @@ the expert (all-to-all dispatch), runs its experts over what it received, and se
 back (all-to-all combine), where they are summed with the router's weights in expert order.
 
 `shard_experts(model, rank, world)` installs it in a loaded model; a rank's tokens then come out as
-they do from the unsplit model (tests/unit/model/test_expert_parallel.py). Inside a tensor-parallel
-group the experts could be placed on its ranks instead (tandem.parallel's plan); running the ranks
-as Ray actors is not here yet.
+they do from the unsplit model (tests/unit/model/test_expert_parallel.py). In the engine's parallel
+group every rank runs the same step (TokenShardedExperts: each dispatches a share of the tokens).
 """
 from __future__ import annotations
 
@@ -70,11 +69,34 @@ class ExpertParallelExperts(nn.Module):
         return out, counts.tolist()
 
 
-def shard_experts(model: nn.Module, rank: int, world: int, group=None) -> nn.Module:
-    """Every MoE layer's experts split over `world` ranks (this one keeps its share), in place."""
+class TokenShardedExperts(ExpertParallelExperts):
+    """Expert parallelism where every rank holds the same tokens (the engine's group: the ranks
+    run one step together, the attention split by heads or whole): each rank dispatches a
+    contiguous share of the tokens, [N r / W, N (r + 1) / W), and the results come back to all
+    ranks by an all-reduce of disjoint rows (exact: each row is one rank's and zeros). Each expert
+    still runs once over the tokens routed to it; the router statistics count all the tokens."""
+
+    def forward(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        from tandem.model.tensor_parallel import all_reduce_in_order
+
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        n = x.shape[0]
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        part, _ = super().forward(x[lo:hi], top_i[lo:hi], top_w[lo:hi])
+        out = torch.zeros_like(x)
+        out[lo:hi] = part
+        counts = torch.bincount(top_i.reshape(-1), minlength=self.num_experts).tolist()
+        return all_reduce_in_order(out, self.group), counts
+
+
+def shard_experts(model: nn.Module, rank: int, world: int, group=None, tokens_replicated: bool = False) -> nn.Module:
+    """Every MoE layer's experts split over `world` ranks (this one keeps its share), in place.
+    tokens_replicated: every rank runs the same tokens (TokenShardedExperts); otherwise each rank
+    has its own batch (data-parallel attention)."""
     layers = [m for m in model.modules() if isinstance(m, SparseMoE)]
     if not layers:
         raise ConfigError(f"expert_parallel_size {world}: the model has no experts")
+    kind = TokenShardedExperts if tokens_replicated else ExpertParallelExperts
     for moe in layers:
-        moe.experts = ExpertParallelExperts(moe.experts, rank, world, group)
+        moe.experts = kind(moe.experts, rank, world, group)
     return model

@@ -183,15 +183,19 @@ class LlamaForCausalLM(nn.Module):
             self.rope = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position, freq_divisors)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionContext | None = None) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+                attn: AttentionContext | None = None, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states: a pipeline stage's input (the previous stage's output) instead of the
+        embedding of input_ids. A stage without the final norm (not the last) returns its last
+        layer's output unnormalised: the residual stream the next stage continues."""
+        x = self.model.embed_tokens(input_ids) if hidden_states is None else hidden_states
         fused = self._fused_layers(x, attn)
         if fused is not None:
-            return fused(positions)
-        rotary = self.rope.tables(positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, rotary, attn)
-        return self.model.norm(x)
+            x = fused(positions)
+        else:
+            rotary = self.rope.tables(positions, x.dtype)
+            for layer in self.model.layers:
+                x = layer(x, rotary, attn)
+        return x if self.model.norm is None else self.model.norm(x)
 
     def _fused_layers(self, x: torch.Tensor, attn):
         """A function running this step's layers with the CPU extension's fused layer (one C++ call
@@ -211,10 +215,11 @@ class LlamaForCausalLM(nn.Module):
         def run(positions: torch.Tensor) -> torch.Tensor:
             h = x[0]
             cos, sin = self.rope.cos[positions[0]], self.rope.sin[positions[0]]
-            for i, args in enumerate(layers):
+            for layer, args in zip(self.model.layers, layers):
+                i = layer.self_attn.layer_idx  # the pools are the whole model's layers (a stage holds some)
                 h = kernels.fused_layer(h, *args, cos, sin, attn.k_pools[i].data, attn.v_pools[i].data, slots,
                                          *rows.args(), c.num_heads, c.num_kv_heads)
-            return self.model.norm(h).unsqueeze(0)
+            return h.unsqueeze(0)
         return run
 
     def _ggml_layer_args(self) -> list[tuple] | None:

@@ -12,7 +12,8 @@ process group: `shard_model(model, rank, world)` turns a loaded model into rank 
 
 Collectives run on the given group (gloo on CPUs, NCCL on GPUs). The model math is the single-rank
 model's up to the order of the all-reduce's sums; tests/unit/model/test_tensor_parallel.py compares
-logits. What runs the ranks (Ray actors, the engine's step on every rank) is not here yet.
+logits. The all-reduces add the ranks' parts in rank order (all_reduce_in_order), so a token's
+result does not depend on the batch. tandem/engine/distributed.py runs the engine's step on the ranks.
 """
 from __future__ import annotations
 
@@ -25,6 +26,23 @@ from tandem.model.moe import SparseMoE
 from tandem.parallel import ParallelConfig
 
 
+def all_reduce_in_order(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """The sum over the ranks, each element added in rank order whatever the tensor's size: a
+    ring all-reduce chunks the buffer by its size, so an element's order of addition (and its
+    last bits, with 3 ranks or more) would depend on how many tokens the step has, and the
+    engine's outputs on the batch. All-gather, then add in order: exact batch invariance, at the
+    price of W x the bytes (small on a CPU: activations of one step)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out
+
+
 class _AllReduce(nn.Module):
     """Wraps a module whose outputs are partial sums across the ranks."""
 
@@ -33,9 +51,7 @@ class _AllReduce(nn.Module):
         self.inner, self.group = inner, group
 
     def forward(self, *args):
-        out = self.inner(*args)
-        dist.all_reduce(out, group=self.group)
-        return out
+        return all_reduce_in_order(self.inner(*args), self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -50,8 +66,7 @@ class VocabParallelEmbedding(nn.Module):
         local = ids - self.start
         mine = (local >= 0) & (local < self.weight.shape[0])
         out = nn.functional.embedding(torch.where(mine, local, 0), self.weight) * mine.unsqueeze(-1)
-        dist.all_reduce(out, group=self.group)
-        return out
+        return all_reduce_in_order(out, self.group)
 
 
 class VocabParallelHead(nn.Module):
@@ -79,15 +94,25 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return out.requires_grad_(False)
 
 
-def shard_model(model: nn.Module, rank: int, world: int, group=None) -> nn.Module:
-    """Rank `rank` of `world`'s share of a loaded (fused, unquantized) model, in place."""
+def shard_model(model: nn.Module, rank: int, world: int, group=None, *, tensor: bool = True,
+                experts: bool = False) -> nn.Module:
+    """Rank `rank` of `world`'s share of a loaded (fused, unquantized) model, in place.
+
+    tensor: split the attention, the dense feed-forward layers and the vocabulary (Megatron).
+    experts: place whole experts, num_experts / world a rank, with all-to-all dispatch and combine
+    (tandem.model.expert_parallel); without it, tensor parallelism splits every expert by its
+    intermediate size. experts alone (tensor=False) keeps everything else whole on each rank."""
     c = model.config
-    ParallelConfig(tensor_parallel_size=world).check(c)
+    size = world if tensor else 1
+    ParallelConfig(tensor_parallel_size=size, expert_parallel_size=world if experts else 1).check(c)
     if world == 1:
         return model
-    if c.qk_norm == "full":
-        raise ConfigError("tensor parallelism of a model with whole-projection q/k norms (OLMoE) is not "
-                          "supported: each norm would need the other ranks' heads")
+    if experts:
+        from tandem.model.expert_parallel import shard_experts
+
+        shard_experts(model, rank, world, group, tokens_replicated=True)
+    if not tensor:
+        return model
     heads, kv, dim = c.num_heads, c.num_kv_heads, c.head_dim
     q_per = heads // world
     q_heads = range(rank * q_per, (rank + 1) * q_per)
@@ -108,7 +133,11 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None) -> nn.Modul
         attn.qkv_proj = _linear(qkv.weight[qkv_rows], None if qkv.bias is None else qkv.bias[qkv_rows])
         attn.o_proj = _AllReduce(_linear(attn.o_proj.weight[:, o_cols], None), group)
         attn.num_heads, attn.num_kv_heads = q_per, len(kv_heads)
-        if isinstance(layer.mlp, SparseMoE):
+        if isinstance(layer.mlp, SparseMoE) and experts:  # whole experts; only the shared one is split
+            if layer.mlp.shared_expert is not None:
+                _shard_mlp(layer.mlp.shared_expert, rank, world)
+                layer.mlp.shared_expert.down_proj = _AllReduce(layer.mlp.shared_expert.down_proj, group)
+        elif isinstance(layer.mlp, SparseMoE):
             _shard_moe(layer.mlp, rank, world)
             layer.mlp = _AllReduce(layer.mlp, group)
         else:
@@ -117,11 +146,13 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None) -> nn.Modul
     vocab = c.vocab_size
     per = -(-vocab // world)
     start, end = rank * per, min((rank + 1) * per, vocab)
-    head_weight = model.lm_head.weight
-    model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens.weight[start:end].clone(), start, group)
-    model.lm_head = VocabParallelHead(head_weight[start:end].clone(), vocab, group)
-    if c.tie_word_embeddings:  # one tensor for both, as in the unsplit model
-        model.lm_head.weight = model.model.embed_tokens.weight
+    embed, head = model.model.embed_tokens, model.lm_head  # a pipeline stage may hold neither
+    if embed is not None:
+        model.model.embed_tokens = VocabParallelEmbedding(embed.weight[start:end].clone(), start, group)
+    if head is not None:
+        model.lm_head = VocabParallelHead(head.weight[start:end].clone(), vocab, group)
+        if c.tie_word_embeddings and embed is not None:  # one tensor for both, as in the unsplit model
+            model.lm_head.weight = model.model.embed_tokens.weight
     return model
 
 

@@ -74,9 +74,12 @@ def test_expert_parallelism_splits_the_experts():
     ep2 = ParallelConfig(tensor_parallel_size=2, expert_parallel_size=2).rank_memory(MIXTRAL_LIKE, 2)
     assert ep2["experts"] == 4 and tp2["experts"] == 8
     assert ep2["weight_bytes"] == pytest.approx(tp2["weight_bytes"], rel=1e-6)  # the same share, cut another way
+    ep2_alone = ParallelConfig(expert_parallel_size=2)  # the attention whole on each of 2 ranks
+    assert ep2_alone.world_size == 2 and ep2_alone.rank_memory(MIXTRAL_LIKE, 2)["experts"] == 4
+    assert ep2_alone.rank_memory(MIXTRAL_LIKE, 2)["weight_bytes"] > ep2["weight_bytes"]
     with pytest.raises(ConfigError, match="expert_parallel_size 3 does not divide mixtral's 8 experts"):
-        ParallelConfig(tensor_parallel_size=4, expert_parallel_size=3).check(MIXTRAL_LIKE)
-    with pytest.raises(ConfigError, match="exceeds tensor_parallel_size"):
+        ParallelConfig(expert_parallel_size=3).check(MIXTRAL_LIKE)
+    with pytest.raises(ConfigError, match="the two must be equal"):
         ParallelConfig(tensor_parallel_size=2, expert_parallel_size=4).check(MIXTRAL_LIKE)
 
 
