@@ -121,7 +121,8 @@ class RayPipeline:
                 # nice 15, 1.1x at 0: bench/RESULTS.md). An operator's setting wins.
                 os.environ.setdefault("RAY_worker_niceness", "0")
                 workers = sum(1 for i in self.instances if i.service in WORKERS)
-                kwargs["num_cpus"] = max(os.cpu_count() or 1, workers)
+                ranks = workers * c.parallel.world_size  # a split worker's other ranks: one CPU bundle each
+                kwargs["num_cpus"] = max(os.cpu_count() or 1, ranks)
                 kwargs["object_store_memory"] = c.object_store_memory or min(1 << 30, _available_bytes() // 10)
             ray.init(**kwargs)
             self._owns_ray = True

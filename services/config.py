@@ -141,7 +141,20 @@ class PipelineConfig:
                                   group="model")
     num_threads: int | None = setting(None, "torch threads (per worker in a pipeline; null: torch's default)",
                                       min=1, flag="--threads", group="model")
-    kv_cache_memory: int = setting(512 << 20, "each worker's KV-cache pool, bytes", min=1, group="engine")
+    tensor_parallel_size: int = setting(1, "split each worker's model over this many ranks by heads and columns "
+                                        "(Megatron; a Ray actor a rank, packed on one node)", min=1, group="parallel")
+    pipeline_parallel_size: int = setting(1, "split each worker's model into this many stages of layers (a Ray "
+                                          "actor a stage; micro-batches overlap them)", min=1, group="parallel")
+    expert_parallel_size: int = setting(1, "split an MoE model's experts over this many ranks (all-to-all "
+                                        "dispatch); equal to tensor_parallel_size where both exceed 1",
+                                        min=1, group="parallel")
+    parallel_backend: str = setting("ray", "where a worker's other ranks run: ray (actors in a placement group) or "
+                                    "mp (processes on the worker's machine)", choices=("ray", "mp"),
+                                    group="parallel")
+    parallel_timeout_s: float = setting(300.0, "how long a rank waits for the others in a collective before the "
+                                        "step fails and the group restarts, seconds", gt=0, group="parallel")
+    kv_cache_memory: int = setting(512 << 20, "each worker's KV-cache pool, bytes (per rank when split)", min=1,
+                                   group="engine")
     speculative: dict | None = setting(
         None, "the requests' default speculative decoding, e.g. '{\"method\": \"ngram\", \"k\": 5}'; method "
         "\"remote\" runs the proposer in the draft service; requests override it (null: off)", json=True,
@@ -240,6 +253,10 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         self.migration = MigrationConfig.parse(self.migration)
         check(self)  # types, bounds, choices: what each field declares
+        from tandem.parallel import ParallelConfig
+
+        self.parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
+                                       self.expert_parallel_size)
         self._mode_reason = "set in the configuration"
         if self.mode == "auto":
             self.mode, self._mode_reason = self._auto_mode()
@@ -270,6 +287,9 @@ class PipelineConfig:
             raise ConfigError("mutual TLS between services needs internal_tls_cert, internal_tls_key and internal_tls_ca")
         if self.internal_token is not None:
             _check_token(self.internal_token, "internal_token")
+        if self.parallel.world_size > 1 and self.mode == "disaggregated":
+            raise ConfigError("a worker split over several ranks cannot hand KV blocks to another worker yet: run "
+                              "it with mode: aggregated")
 
     # -- sources ------------------------------------------------------------------------------
     @classmethod
@@ -298,6 +318,9 @@ class PipelineConfig:
         return cls(**values)
 
     def _auto_mode(self) -> tuple[str, str]:
+        if self.parallel.world_size > 1:
+            return "aggregated", (f"auto: each worker is split over {self.parallel.world_size} ranks, which cannot "
+                                  "hand KV blocks to another worker yet")
         if self.ray_address:
             return "disaggregated", "auto: a Ray cluster places each worker on its own resources"
         if self.device.startswith("cuda"):
@@ -322,7 +345,7 @@ class PipelineConfig:
         if self.ray_address:
             return cores
         workers = self.replicas["decode"] + (self.replicas["prefill"] if self.mode == "disaggregated" else 0)
-        return max(1, cores // workers)
+        return max(1, cores // (workers * self.parallel.world_size))  # a split worker's ranks share them too
 
     def resolved_api_keys(self) -> list[str]:
         """api_keys, plus one key per line of api_key_file, plus TANDEM_API_KEYS (comma-separated)."""
@@ -367,13 +390,17 @@ class PipelineConfig:
     # -- what a worker builds ------------------------------------------------------------------
     def llm_kwargs(self) -> dict:
         """tandem.LLM's arguments for a worker of this pipeline."""
+        split = self.parallel.world_size > 1  # each rank's threads: the share worker_threads gives it
         return dict(model=self.model, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
-                    num_threads=self.num_threads, progress=False, quantization=self.quantization,
+                    num_threads=self.worker_threads() if split else self.num_threads, progress=False, quantization=self.quantization,
                     quantization_options=self.quantization_options or None, attention=self.attention,
                     attention_options=self.attention_options or None, attention_backend=self.attention_backend,
                     kv_cache_dtype=self.kv_cache_dtype, kv_cache_memory=self.kv_cache_memory,
                     speculative=self.speculative, speculative_methods=self.speculative_methods,
-                    plugins=self.plugins, **self.engine)
+                    plugins=self.plugins, tensor_parallel_size=self.tensor_parallel_size,
+                    pipeline_parallel_size=self.pipeline_parallel_size,
+                    expert_parallel_size=self.expert_parallel_size, parallel_backend=self.parallel_backend,
+                    parallel_timeout_s=self.parallel_timeout_s, **self.engine)
 
     def kv_namespace(self, model_path: Path, block_size: int, device: str = "cpu") -> str:
         """Names the KV layout: only workers that would compute bit-identical KV share blocks

@@ -180,11 +180,21 @@ def test_random_workloads_match_each_request_run_alone(tiny_hf_dir, reference_ll
     1 token, max_num_seqs down to 1, prefix caching on or off) and a random mix of greedy and seeded
     requests (n up to 3, shared prefixes, staggered arrivals) give every request exactly the output
     it gets alone on a roomy engine without prefix caching."""
+    random_workload(make_llm, tiny_hf_dir, reference_llm, seed)
+
+
+def random_workload(make, path, reference_llm, seed: int) -> None:
+    """The differential test's body; `make(path, **options)` builds the engine's LLM (a parallel
+    group's too: tests/unit/engine/test_parallel_engine.py)."""
     rng = random.Random(seed)
     options = dict(num_kv_blocks=rng.choice([12, 20, 40]), block_size=rng.choice([1, 2, 4, 8]),
                    max_num_batched_tokens=rng.choice([1, 3, 8, 64]), max_num_seqs=rng.choice([1, 2, 5, 64]),
                    enable_prefix_caching=rng.random() < 0.7)
-    engine = make_llm(tiny_hf_dir, **options).engine
+    with make(path, **options) as llm:
+        _random_workload(llm.engine, rng, options, reference_llm)
+
+
+def _random_workload(engine, rng, options, reference_llm) -> None:
     base = [rng.randrange(3, 320) for _ in range(40)]
     requests = []
     for i in range(rng.randint(4, 8)):
@@ -220,13 +230,13 @@ def long_hf_dir(tmp_path_factory):
                              {**TINY_CONFIG, "max_position_embeddings": 2048})
 
 
-def _two_requests_sharing_a_prefix(path, caching: bool):
+def _two_requests_sharing_a_prefix(path, caching: bool, make=None):
     rng = random.Random(7)
     prefix = [rng.randrange(3, 320) for _ in range(1000)]
     prompt_a = prefix + [rng.randrange(3, 320) for _ in range(5)]
     prompt_b = prefix + [rng.randrange(3, 320) for _ in range(7)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    llm = make_llm(path, enable_prefix_caching=caching)
+    llm = (make or make_llm)(path, enable_prefix_caching=caching)
     engine = llm.engine
     computed: dict[str, list[int]] = {"a": [], "b": []}
     execute = engine.runner.execute
