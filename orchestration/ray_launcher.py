@@ -182,6 +182,10 @@ def serve(config: PipelineConfig, out=print) -> int:
     pipeline = RayPipeline(config)
     out(f"tandem: starting {len(pipeline.instances)} services on Ray ({config.mode} mode, model {config.model})")
     out(f"  shape: {config.mode} ({config.mode_reason()}), {config.worker_threads()} torch threads per worker")
+    p = config.parallel
+    if p.world_size > 1:
+        out(f"  each worker split over {p.world_size} ranks ({config.parallel_backend}): tensor "
+            f"{p.tensor_parallel_size} x pipeline {p.pipeline_parallel_size}, experts over {p.expert_parallel_size}")
     pipeline.start()
     try:
         for name, address in pipeline.addresses().items():
