@@ -10,9 +10,10 @@ process to their gloo group as rank 0; `close()` stops them. The rendezvous:
   credentials (as NCCL's and gloo's never do): keep a cluster's pod network private (the chart's
   NetworkPolicy).
 
-Placement: one bundle of `cpus_per_rank` CPUs a rank; STRICT_PACK (one node) when the heads are
-split (tensor parallelism: two all-reduces a layer), PACK otherwise (pipeline stages exchange one
-activation per micro-batch and may span nodes).
+Placement: one bundle of `cpus_per_rank` CPUs a rank. When the heads or experts are split (tensor
+or expert parallelism: collectives in every layer) the bundles are STRICT_PACKed on rank 0's own
+node (Ray's node:<ip> resource); otherwise PACK (pipeline stages exchange one activation per
+micro-batch and may span nodes).
 """
 from __future__ import annotations
 
@@ -118,8 +119,12 @@ class RankGroup:
                      configure_logging=False, log_to_driver=True,
                      object_store_memory=78 << 20)  # steps go over gloo, not the object store
             self._owns_ray = True
-        strategy = "STRICT_PACK" if self.parallel.stage_size > 1 else "PACK"
-        self._pg = placement_group([{"CPU": self.cpus_per_rank}] * (world - 1), strategy=strategy)
+        bundle = {"CPU": self.cpus_per_rank}
+        strategy = "PACK"
+        if self.parallel.stage_size > 1:  # split heads: every rank on rank 0's node (Ray's node:<ip> resource)
+            bundle[f"node:{ray.util.get_node_ip_address()}"] = 0.001
+            strategy = "STRICT_PACK"
+        self._pg = placement_group([bundle] * (world - 1), strategy=strategy)
         ray.get(self._pg.ready(), timeout=self.timeout_s)
         actor = ray.remote(num_cpus=self.cpus_per_rank, max_restarts=0)(_RankActor)
         self._actors = [actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -192,7 +193,8 @@ class LLM:
         T x P ranks (max(T, E) x P with experts split alone): this process is rank 0 (it schedules
         and samples) and starts the others, local Ray actors in a placement group
         (parallel_backend "ray"; "mp": spawned processes, one machine) joined over gloo; close()
-        stops them. Tensor and expert parallelism dequantize a GGUF's blocks (quantization "none"
+        stops them. Each rank takes num_threads threads (default: this machine's cores / the
+        ranks). Tensor and expert parallelism dequantize a GGUF's blocks (quantization "none"
         implied; a quantizer plugin re-quantizes each share). kv_cache_memory is then per rank.
         A step whose collectives fail (a rank died, or hung past parallel_timeout_s) fails its
         requests with ParallelGroupError; the next step restarts the group. CPU only (gloo).
@@ -207,6 +209,8 @@ class LLM:
             raise ConfigError(f"unknown engine option: {exc}") from None
         parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size)
         self._group = None
+        if num_threads is None and parallel.world_size > 1:  # the ranks share this machine's cores
+            num_threads = max(1, (os.cpu_count() or 1) // parallel.world_size)
         if num_threads is not None:
             if not (isinstance(num_threads, int) and num_threads > 0):
                 raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")

@@ -16,7 +16,8 @@ from tandem import settings
 
 # The PipelineConfig settings that are tandem.LLM's keyword arguments of the same name.
 MODEL_SETTINGS = ("model", "dtype", "device", "num_threads", "quantization", "quantization_options", "attention",
-                  "attention_options", "attention_backend", "kv_cache_dtype")
+                  "attention_options", "attention_backend", "kv_cache_dtype", "tensor_parallel_size",
+                  "pipeline_parallel_size", "expert_parallel_size", "parallel_backend", "parallel_timeout_s")
 LIBRARY_DEFAULTS = {"device": "cpu"}  # tandem.LLM's own: a pipeline worker's "auto" takes the GPU Ray gave it
 
 

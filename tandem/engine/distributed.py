@@ -16,8 +16,9 @@ Layout (tandem.parallel.ParallelConfig): rank = stage x S + index, S = max(T, E)
   s + 1 runs this one: the stages overlap. The last stage's index-0 rank sends the sampled rows'
   logits to rank 0. Each stage holds the KV pools of its own layers.
 
-Failure: a collective that fails (a rank died: its sockets closed; or hung past the group's
-timeout) raises ParallelGroupError for the step's requests; the next step restarts the group as a
+Failure: a step that fails on rank 0 (a collective failed: a rank died and its sockets closed, or
+one hung past the group's timeout; or rank 0's own share raised, leaving the others waiting in a
+collective) raises ParallelGroupError for the step's requests; the next step restarts the group as a
 whole (the `restart` callable: new ranks, a new process group, every share reloaded) on empty
 pools, and the engine forgets its prefix cache, whose blocks lived partly on the lost ranks.
 """
@@ -247,11 +248,11 @@ class DistributedRunner:
             _broadcast_step(step, copies)
             self.local.copy_blocks(copies)
             return run_step(self.local, self.place, step)
-        except (RuntimeError, dist.DistBackendError) as exc:
+        except Exception as exc:  # a peer gone, or rank 0 stopped mid-step: either way the ranks are out of step
             self.failed = f"{type(exc).__name__}: {exc}"
             log.error("the parallel group failed during a step (%s); it restarts at the next step", self.failed)
-            raise ParallelGroupError(f"a rank of the parallel group failed: {exc}. The group restarts as a "
-                                     "whole; retry the request") from exc
+            raise ParallelGroupError(f"the parallel group's step failed ({type(exc).__name__}: {exc}); the group "
+                                     "restarts as a whole: retry the request") from exc
 
     def _recover(self) -> None:
         if self._restart is None:

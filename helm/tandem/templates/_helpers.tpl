@@ -129,6 +129,13 @@ then the keys the chart owns. Nulls are left out: tandem's default applies.
 {{- $_ := set $config "gateway_resources" (dict "tandem_gateway" 1) }}
 {{- $_ := set $config "dashboard" .Values.rayCluster.dashboard }}
 {{- $_ := set $config "drain_grace_s" (int .Values.gateway.drainGraceSeconds) }}
+{{- $tp := int (default 1 $config.tensor_parallel_size) }}
+{{- $ep := int (default 1 $config.expert_parallel_size) }}
+{{- $pp := int (default 1 $config.pipeline_parallel_size) }}
+{{- $ranks := mul (max $tp $ep) $pp }}
+{{- if and (gt $ranks 1) (eq (toString (default "auto" $config.mode)) "disaggregated") }}
+{{- fail (printf "config: a worker split over %d ranks (tensor/pipeline/expert_parallel_size) runs aggregated: set config.mode to aggregated or auto" $ranks) }}
+{{- end }}
 {{- range $key, $value := $config }}
 {{- if kindIs "invalid" $value }}
 {{- $_ := unset $config $key }}

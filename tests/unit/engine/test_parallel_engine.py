@@ -118,3 +118,12 @@ def test_bad_layouts_are_refused_before_any_rank_starts(tiny_hf_dir):
     with pytest.raises(ConfigError, match="has no experts"):
         tandem.LLM(str(tiny_hf_dir), progress=False, expert_parallel_size=2, parallel_backend="mp")
     assert not _rank_pids()
+
+
+def test_speculative_decoding_under_a_pipeline_split_keeps_the_greedy_output(tiny_hf_dir, prompts,  # noqa: F811
+                                                                            one_at_a_time):  # noqa: F811
+    """Verification rows (every guess's logits) come back through the stages in order."""
+    with split_llm(tiny_hf_dir, "pp2", speculative={"method": "ngram", "k": 3}) as llm:
+        outs = llm.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == one_at_a_time
+        assert llm.engine.stats()["spec_proposed_tokens"] > 0

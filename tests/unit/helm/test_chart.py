@@ -42,12 +42,13 @@ OWNED_KEYS = {"model", "host", "service_host", "grpc_port", "http_port", "gatewa
               "ray_address", "internal_token"}  # the token comes from the internalToken Secret, never the ConfigMap
 
 GPU_VALUES = yaml.safe_load((CHART / "values-gpu.yaml").read_text())
+PARALLEL_VALUES = yaml.safe_load((CHART / "values-parallel.yaml").read_text())
 EVERYTHING = {"serviceMonitor": {"enabled": True}, "podDisruptionBudget": {"enabled": True},
               "apiKeys": {"enabled": True, "keys": ["sk-one", "sk-two"]}, "autoscaling": {"enabled": True},
               "workers": {"gpu": {"enabled": True}},
               "model": {"name": "/models/m.gguf",
                         "volume": {"enabled": True, "source": {"persistentVolumeClaim": {"claimName": "models"}}}}}
-VALUE_SETS = {"default": None, "gpu": GPU_VALUES, "everything": EVERYTHING}
+VALUE_SETS = {"default": None, "gpu": GPU_VALUES, "parallel": PARALLEL_VALUES, "everything": EVERYTHING}
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +272,22 @@ def test_config_loads_with_the_cluster_settings(chart, tmp_path):
     assert config.mode == "disaggregated" and config.replicas == {"prefill": 1, "decode": 1}
     assert config.model == "smollm2-135m" and config.num_threads == 2 and config.quantization is None
     assert config.ray_address is None  # the driver's flag: the head pod's own IP
+
+
+def test_parallel_values_split_each_worker_over_pods(chart, tmp_path):
+    """values-parallel.yaml: two workers of tensor 4 x pipeline 2 ranks, on four 8-CPU worker pods
+    (16 ranks of one CPU bundle each), aggregated; its config loads."""
+    rendered = render(chart, PARALLEL_VALUES)
+    config = load_config(rendered, tmp_path)
+    assert (config.tensor_parallel_size, config.pipeline_parallel_size, config.mode) == (4, 2, "aggregated")
+    assert config.parallel.world_size == 8 and config.worker_threads() == 2
+    (group,) = one(rendered, "RayCluster")["spec"]["workerGroupSpecs"]
+    cpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert group["replicas"] * cpus >= config.replicas["decode"] * config.parallel.world_size * config.num_threads
+    assert cpus >= config.tensor_parallel_size * config.num_threads  # a stage's ranks fit one pod
+    with pytest.raises(helm.HelmRenderError, match="runs aggregated"):
+        chart.render({"config": {"mode": "disaggregated", "tensor_parallel_size": 2}}, name=RELEASE,
+                      namespace=NAMESPACE)
 
 
 def test_config_follows_values_and_extra_config(chart, tmp_path):

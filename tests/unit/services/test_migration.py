@@ -69,8 +69,8 @@ def joined(chunks, index: int = 0) -> tuple[list[int], str]:
     return [t for c in mine for t in c.token_ids], "".join(c.text for c in mine)
 
 
-@pytest.fixture(scope="module")
-def two_decoders(tiny_hf_dir):
+@pytest.fixture
+def two_decoders(tiny_hf_dir):  # per test: kept for the module, its stop waited 4 x 15 s at the end
     with InProcessPipeline(config(tiny_hf_dir, replicas={"prefill": 1, "decode": 2})) as p:
         for name in ("decode-0", "decode-1"):
             pace(p, name)
