@@ -60,18 +60,22 @@ def _measure(llm: tandem.LLM, spent: list[float]) -> dict:
     ttft = time.perf_counter() - start
     return {"batch1_tok_s": decode, "batch1_collective_share": batch1_comm, "c16_tok_s": aggregate,
             "ttft256_s": ttft,
-            "rank0_weight_bytes": sum(p.numel() * p.element_size() for p in llm.model.parameters())}
+            "rank0_weight_bytes": sum(t.numel() * t.element_size()  # GGUF blocks are buffers
+                                      for t in (*llm.model.parameters(), *llm.model.buffers()))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--only", nargs="*", default=None, help="layouts to run (the others are read from --json)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     spent: list[float] = []
     _count_collectives(spent)
-    rows = {}
+    rows = json.loads(args.json.read_text())["layouts"] if args.only and args.json and args.json.exists() else {}
     for name, quantization, layout in LAYOUTS:
+        if args.only and name not in args.only:
+            continue
         world = max(layout.get("tensor_parallel_size", 1), 1) * layout.get("pipeline_parallel_size", 1)
         threads = max(1, cores // world)
         start = time.perf_counter()
