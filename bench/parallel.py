@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +25,9 @@ import torch.multiprocessing as mp
 import tandem
 
 
-def _timed_collectives(spent: list[float]) -> None:
-    """Wrap the collectives the split models call so their time is counted."""
-    for name in ("all_reduce", "all_gather", "send", "recv"):
+def timed_collectives(spent: list[float], names=("all_reduce", "all_gather", "send", "recv")) -> None:
+    """Wrap the collectives the split models call so their time is counted (also bench/parallel_engine.py)."""
+    for name in names:
         original = getattr(dist, name)
 
         def wrapper(*args, _original=original, **kwargs):
@@ -60,7 +60,7 @@ def _rank(rank: int, world: int, layout: str, init: str, tokens: int, repeat: in
 
         forward()
         spent: list[float] = []
-        _timed_collectives(spent)
+        timed_collectives(spent)
         walls = []
         for _ in range(repeat):
             dist.barrier()
@@ -73,6 +73,9 @@ def _rank(rank: int, world: int, layout: str, init: str, tokens: int, repeat: in
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # gloo's threads sometimes abort at interpreter exit, after the work is done
 
 
 def main() -> None:

@@ -18,28 +18,14 @@ import os
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 import tandem
+from parallel import timed_collectives  # bench/parallel.py, beside this script
 
 LAYOUTS = [("one rank", "none", {}), ("tensor 3", "none", dict(tensor_parallel_size=3)),
            ("pipeline 2", "none", dict(pipeline_parallel_size=2)), ("pipeline 3", "none", dict(pipeline_parallel_size=3)),
            ("tensor 3 x pipeline 2", "none", dict(tensor_parallel_size=3, pipeline_parallel_size=2)),
            ("one rank, GGUF blocks", None, {}), ("pipeline 2, GGUF blocks", None, dict(pipeline_parallel_size=2))]
 PROMPT = "The history of the printing press begins"
-
-
-def _count_collectives(spent: list[float]) -> None:
-    for name in ("broadcast", "all_gather", "all_reduce", "send", "recv", "barrier"):
-        original = getattr(dist, name)
-
-        def wrapper(*args, _original=original, **kwargs):
-            start = time.perf_counter()
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                spent.append(time.perf_counter() - start)
-        setattr(dist, name, wrapper)
 
 
 def _measure(llm: tandem.LLM, spent: list[float]) -> dict:
@@ -71,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     spent: list[float] = []
-    _count_collectives(spent)
+    timed_collectives(spent, ("broadcast", "all_gather", "all_reduce", "send", "recv", "barrier"))
     rows = json.loads(args.json.read_text())["layouts"] if args.only and args.json and args.json.exists() else {}
     for name, quantization, layout in LAYOUTS:
         if args.only and name not in args.only:

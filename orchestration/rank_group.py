@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 
 from tandem.errors import ConfigError
@@ -43,6 +44,15 @@ def _run_rank(share, parallel: ParallelConfig, rank: int, init_method: str, time
     from tandem.llm import run_rank
 
     run_rank(share, parallel, rank, init_method, timeout_s)
+
+
+def _process_rank(*args) -> None:
+    """A spawned rank's process: once its rank stopped cleanly, exit without C++ static
+    destructors (gloo's threads, torn down at interpreter exit, sometimes abort the process)."""
+    _run_rank(*args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _RankActor:
@@ -92,7 +102,7 @@ class RankGroup:
             import torch.multiprocessing as mp
 
             context = mp.get_context("spawn")
-            self._processes = [context.Process(target=_run_rank, args=a, daemon=True, name=f"tandem-rank-{a[2]}")
+            self._processes = [context.Process(target=_process_rank, args=a, daemon=True, name=f"tandem-rank-{a[2]}")
                                for a in args]
             for process in self._processes:
                 process.start()

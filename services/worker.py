@@ -102,6 +102,8 @@ class Worker:
         self.engine.shutdown()
         if self.llm.engine.connector is not None:
             self.llm.engine.connector.close()
+        if self.engine.stopped:  # the engine thread is done with the model: a split one's ranks stop
+            self.llm.close()
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):

@@ -9,6 +9,18 @@ import torch.multiprocessing as mp
 import tandem
 
 
+def _exit_now() -> None:
+    """End a rank's process without running C++ static destructors: gloo's threads, torn down at
+    interpreter exit, sometimes abort the process ("terminate called without an active
+    exception") after its work is done and saved."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _rank(rank: int, world: int, layout: str, path: str, init: str, ids: torch.Tensor, out: str, options: dict):
     from tandem.model.expert_parallel import shard_experts
     from tandem.model.pipeline_parallel import split_stage, stage_forward
@@ -36,6 +48,7 @@ def _rank(rank: int, world: int, layout: str, path: str, init: str, ids: torch.T
         dist.barrier()  # no rank tears down gloo while a peer's last send is in flight (SIGABRT)
     finally:
         dist.destroy_process_group()
+    _exit_now()
 
 
 def split_logits(layout: str, path, world: int, ids: torch.Tensor, tmp_path, **options) -> torch.Tensor:

@@ -98,6 +98,11 @@ class AsyncEngine:
         self._thread.join(timeout=30)
 
     @property
+    def stopped(self) -> bool:
+        """Whether the engine thread has ended (after shutdown: nothing touches the engine any more)."""
+        return not self._thread.is_alive()
+
+    @property
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 

@@ -158,6 +158,9 @@ def _parallel_layouts(rank: int, world: int, init: str, ids: torch.Tensor, out_d
         dist.barrier()  # no rank tears down gloo while a peer's last send is in flight (SIGABRT)
     finally:
         dist.destroy_process_group()
+    from tests.parallel_helpers import _exit_now
+
+    _exit_now()
 
 
 def test_default_model_under_tensor_and_pipeline_parallelism_gives_the_single_rank_logits(

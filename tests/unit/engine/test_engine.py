@@ -106,15 +106,8 @@ def test_batched_greedy_equals_one_at_a_time(tiny_hf_dir, prompts, one_at_a_time
 LOGIT_ATOL = 1e-3
 
 
-@pytest.mark.parametrize("options", [
-    {"num_kv_blocks": 24, "block_size": 4, "max_num_batched_tokens": 7},
-    {"block_size": 8, "max_num_batched_tokens": 16},
-], ids=["preempting-chunked", "chunked-prefix-hits"])
-def test_engine_logits_equal_a_cache_free_forward(tiny_hf_dir, prompts, options):
-    """Every logits row the engine samples from (prefill chunks over cached context, batched
-    decodes, recomputation after preemption, prefix-cache hits) equals the plain forward's."""
-    llm = make_llm(tiny_hf_dir, **options)
-    engine = llm.engine
+def record_sampled_logits(engine) -> dict[tuple[str, int], torch.Tensor]:
+    """From now on, every logits row the engine's runner returns, by (request id, tokens so far)."""
     rows: dict[tuple[str, int], torch.Tensor] = {}
     execute = engine.runner.execute
 
@@ -126,6 +119,19 @@ def test_engine_logits_equal_a_cache_free_forward(tiny_hf_dir, prompts, options)
         return out
 
     engine.runner.execute = recording_execute
+    return rows
+
+
+@pytest.mark.parametrize("options", [
+    {"num_kv_blocks": 24, "block_size": 4, "max_num_batched_tokens": 7},
+    {"block_size": 8, "max_num_batched_tokens": 16},
+], ids=["preempting-chunked", "chunked-prefix-hits"])
+def test_engine_logits_equal_a_cache_free_forward(tiny_hf_dir, prompts, options):
+    """Every logits row the engine samples from (prefill chunks over cached context, batched
+    decodes, recomputation after preemption, prefix-cache hits) equals the plain forward's."""
+    llm = make_llm(tiny_hf_dir, **options)
+    engine = llm.engine
+    rows = record_sampled_logits(engine)
     # the second half repeats the first half's prompts with new tails: prefix-cache hits
     work = prompts + [p[: len(p) // 2 + 1] + [9, 8, 7] for p in prompts if len(p) > 16]
     outs = drive(engine, [(f"p{i}", p, GREEDY) for i, p in enumerate(work)], arrive_every=3)

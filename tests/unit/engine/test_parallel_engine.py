@@ -17,7 +17,8 @@ import torch
 import tandem
 from tandem.errors import ConfigError, ParallelGroupError
 from tests.unit.engine.test_engine import (GREEDY, _two_requests_sharing_a_prefix, drive, long_hf_dir,  # noqa: F401
-                                           one_at_a_time, prompts, random_workload)
+                                           one_at_a_time, prompts, random_workload,
+                                           record_sampled_logits)
 
 LAYOUTS = {"tp2": dict(tensor_parallel_size=2), "pp2": dict(pipeline_parallel_size=2),
            "tp2-pp2": dict(tensor_parallel_size=2, pipeline_parallel_size=2)}
@@ -45,17 +46,7 @@ def test_batched_greedy_equals_one_rank_one_at_a_time(tiny_hf_dir, prompts, one_
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_sampled_logits_equal_a_single_rank_cache_free_forward(tiny_hf_dir, prompts, single, layout):  # noqa: F811
     with split_llm(tiny_hf_dir, layout, block_size=8, max_num_batched_tokens=16) as llm:
-        rows: dict[tuple[str, int], torch.Tensor] = {}
-        execute = llm.engine.runner.execute
-
-        def recording(scheduled, copies, sample_rows):
-            out = execute(scheduled, copies, sample_rows)
-            for row, index in enumerate(sample_rows):
-                seq = scheduled[index][0]
-                rows[(seq.request_id, seq.num_tokens)] = out[row].clone()
-            return out
-
-        llm.engine.runner.execute = recording
+        rows = record_sampled_logits(llm.engine)
         work = prompts + [p[: len(p) // 2 + 1] + [9, 8, 7] for p in prompts if len(p) > 16]  # prefix hits
         outs = drive(llm.engine, [(f"p{i}", p, GREEDY) for i, p in enumerate(work)], arrive_every=3)
         assert llm.engine.stats()["prefix_cache_hit_tokens"] > 0

@@ -61,3 +61,24 @@ def test_olmoe_refuses_tensor_parallelism_by_name(moe_dirs):
     path, _ = moe_dirs["olmoe"]
     with pytest.raises(ConfigError, match="normalises its whole q and k projections"):
         tandem.LLM(str(path), progress=False, tensor_parallel_size=2, parallel_backend="mp")
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe"])
+def test_split_moe_model_through_the_service_pipeline(moe_dirs, arch):
+    """tandem serve's services in-process (one aggregated worker, split over 2 ranks by experts):
+    the SDK gets the single-rank engine's greedy tokens and log-probabilities, so transformers'
+    (the test above); the Mixtral case runs behind `tandem serve` itself in
+    tests/integration/test_parallel_serving.py."""
+    from tandem.orchestration.local import InProcessPipeline
+    from tandem.sdk import Client
+    from tandem.services.config import PipelineConfig
+
+    path, hf = moe_dirs[arch]
+    prompt = _ids(11, 3)
+    tokens, logprobs = _transformers_greedy(hf, prompt, 8)
+    config = PipelineConfig(model=str(path), grpc_port=0, http_port=0, kv_cache_memory=16 << 20, mode="aggregated",
+                            replicas={"decode": 1}, expert_parallel_size=2, parallel_backend="mp")
+    with InProcessPipeline(config) as pipe, Client(pipe.address, timeout=60) as client:
+        out = client.complete(prompt, temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    assert out.token_ids == tokens
+    assert max(abs(a.logprob - b) for a, b in zip(out.logprobs, logprobs)) < 1e-4

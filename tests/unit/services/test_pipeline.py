@@ -331,8 +331,12 @@ def test_speculative_decoding_through_the_pipeline(tiny_hf_dir, tiny_llm):
                        max_tokens=2)
         with pytest.raises(InvalidArgumentError, match="not enabled"):  # installed, but the operator did not enable it
             c.complete(prompt, speculative={"method": "draft_model", "k": 3}, max_tokens=2)
-        fewer = c.complete(prompt, speculative={"method": "remote", "k": 2}, **greedy)  # the server's options
-        assert fewer.token_ids == want and fewer.usage.spec_accepted_tokens == fewer.usage.spec_proposed_tokens > 0
+        for _ in range(3):  # remote guesses are never waited for: on a busy machine none may land in time
+            fewer = c.complete(prompt, speculative={"method": "remote", "k": 2}, **greedy)  # the server's options
+            assert fewer.token_ids == want and fewer.usage.spec_accepted_tokens == fewer.usage.spec_proposed_tokens
+            if fewer.usage.spec_proposed_tokens:
+                break
+        assert fewer.usage.spec_proposed_tokens > 0
         with pytest.raises(InvalidArgumentError, match="speculative k"):
             c.complete(prompt, speculative={"method": "ngram", "k": 99}, max_tokens=2)
 
