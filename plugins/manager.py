@@ -54,6 +54,7 @@ CATEGORIES: dict[str, tuple[str, type]] = {
 
 DEFAULT_PLUGINS = (
     "tandem.plugins.samplers",
+    "tandem.plugins.structured",
     "tandem.plugins.attention",
     "tandem.plugins.triton_attention",
     "tandem.plugins.quantizers",

@@ -280,7 +280,7 @@ class LLM:
             group_options = self._group_engine_options(share, quantizer, place, local_config, variant, backend,
                                                        kv_format, engine_config)
         self.engine = LLMEngine(self.model, self.tokenizer, max_model_len or limit, engine_config,
-                                sampler=self.plugins.sampler_pipeline(self.config.vocab_size),
+                                sampler=self.plugins.sampler_pipeline(self.config.vocab_size).bind(self.tokenizer),
                                 variant=variant, backend=backend, kv_format=kv_format, speculative=spec,
                                 proposer_factory=proposers, speculative_methods=speculative_methods,
                                 serial_torch=runs_on_kernels(self.model), **group_options)

@@ -89,6 +89,10 @@ class LogitsProcessor:
         kwargs = params.logits_processors.get(self.name)
         return None if kwargs is None else self.validate(**kwargs)
 
+    def bind(self, tokenizer) -> None:
+        """Called once by the engine that runs this processor, with its model's tandem Tokenizer
+        (a processor that constrains text needs the tokens' bytes). Default: nothing."""
+
     def validate(self, **kwargs) -> Any:
         """Check a request's arguments (raise InvalidRequestError); return the row argument."""
         if kwargs:
@@ -132,6 +136,15 @@ class SamplerPipeline:
     @property
     def names(self) -> list[str]:
         return [p.name for p in self.processors]
+
+    def bind(self, tokenizer) -> SamplerPipeline:
+        """Give every processor the model's tokenizer (LogitsProcessor.bind)."""
+        for proc in self.processors:
+            try:
+                proc.bind(tokenizer)
+            except Exception as exc:
+                raise self._plugin_error(proc, exc) from exc
+        return self
 
     def prepare(self, params: SamplingParams) -> tuple:
         """Every processor's argument for one request; raises InvalidRequestError before any work."""

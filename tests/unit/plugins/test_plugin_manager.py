@@ -40,7 +40,7 @@ def test_builtins_load_and_cover_every_category(manager):
     assert manager.names("draft_proposer") == ["draft_model", "ngram", "remote"]
     assert manager.names("embedder") == ["all-MiniLM-L6-v2"]
     assert set(manager.names("logits_processor")) == {"logit_bias", "repetition_penalty", "presence_frequency_penalty",
-                                                      "temperature", "top_k", "top_p", "min_p"}
+                                                      "temperature", "top_k", "top_p", "min_p", "structured_output"}
 
 
 def test_unknown_name_lists_the_available_ones(manager):

@@ -85,7 +85,7 @@ def llm_with_exploding(tiny_hf_dir):
 
 def test_bad_processor_requests_fail_before_any_work(llm_with_exploding):
     llm = llm_with_exploding
-    with pytest.raises(InvalidRequestError, match="unknown logits processor\\(s\\) \\['nope'\\]; available: logit_bias"):
+    with pytest.raises(InvalidRequestError, match=r"unknown logits processor\(s\) \['nope'\]; available: structured_output, logit_bias"):
         llm.generate([3, 4], tandem.SamplingParams(logits_processors={"nope": {}}))
     with pytest.raises(InvalidRequestError, match="when must be"):
         llm.generate([3, 4], tandem.SamplingParams(logits_processors={"exploding": {"when": "never"}}))
