@@ -5,7 +5,8 @@ Follows OpenAI's API reference for /v1/completions and /v1/chat/completions, plu
 sampling fields vLLM accepts (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
 skip_special_tokens) and tandem's own (speculative, rag, disaggregate), sent by the openai client
 through `extra_body`. A field OpenAI defines that tandem cannot honour (echo, suffix, best_of > n,
-tools, a non-text response_format) is refused with a 400 naming it, never silently ignored.
+tools) is refused with a 400 naming it, never silently ignored. response_format (json_object,
+json_schema) and vLLM's structured_outputs constrain the answer (plugins/structured.py).
 Every field states the bounds the server enforces (tandem.limits), so /openapi.json describes what
 is accepted.
 """
@@ -90,6 +91,46 @@ class SpeculativeRequest(BaseModel):
         return data
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` extension: one constraint on the answer (plugins/structured.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: Annotated[str, Field(min_length=1, max_length=MAX_MESSAGE_CHARS)] | None = None
+    choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_MESSAGE_CHARS)]],
+                      Field(min_length=1, max_length=MAX_STOP_STRINGS * 64)] | None = None
+    grammar: Annotated[str, Field(min_length=1, max_length=MAX_MESSAGE_CHARS)] | None = None
+
+    def constraint(self) -> dict:
+        given = {k: v for k, v in (("json_schema", self.json_), ("json_object", self.json_object),
+                                   ("regex", self.regex), ("choice", self.choice), ("grammar", self.grammar))
+                 if v not in (None, False)}
+        if len(given) != 1:
+            raise InvalidRequestError(f"structured_outputs takes exactly one of json, json_object, regex, choice, "
+                                      f"grammar; got {sorted(given) or 'none'}")
+        return given
+
+
+def response_format_constraint(response_format: dict | None) -> dict | None:
+    """OpenAI's response_format as a structured_output constraint: text (none), json_object, or
+    json_schema {name, schema, strict}."""
+    if not response_format:
+        return None
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("response_format json_schema needs json_schema.schema, a JSON Schema object")
+        return {"json_schema": schema}
+    raise InvalidRequestError(f"response_format {kind!r} is not supported (text, json_object, json_schema)")
+
+
 class _Sampling(BaseModel):
     """The fields both endpoints share."""
 
@@ -117,6 +158,9 @@ class _Sampling(BaseModel):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool | None = None
     cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)] | None = None
+    # OpenAI's response_format (chat; accepted on completions too, as vLLM does) and vLLM's structured_outputs
+    response_format: dict | None = None
+    structured_outputs: StructuredOutputs | None = None
     # tandem's extras
     speculative: SpeculativeRequest | Literal["default"] | None = "default"
     rag: RagRequest | None = None
@@ -137,9 +181,16 @@ class _Sampling(BaseModel):
                                                "top_k", "min_p", "repetition_penalty", "skip_special_tokens")
                  if getattr(self, k) is not None}
         speculative = self.speculative.model_dump() if isinstance(self.speculative, BaseModel) else self.speculative
+        constraint = response_format_constraint(self.response_format)
+        if self.structured_outputs is not None:
+            if constraint is not None:
+                raise InvalidRequestError("give response_format or structured_outputs, not both")
+            constraint = self.structured_outputs.constraint()
+        processors = {"structured_output": constraint} if constraint is not None else {}
         return SamplingParams(max_tokens=max_tokens, n=self.n, stop=self.stop, seed=self.seed, logit_bias=bias,
                               ignore_eos=self.ignore_eos, stop_token_ids=self.stop_token_ids or [],
-                              speculative=speculative, logprobs=logprobs, cache_salt=self.cache_salt, **given)
+                              speculative=speculative, logprobs=logprobs, cache_salt=self.cache_salt,
+                              logits_processors=processors, **given)
 
     @property
     def include_usage(self) -> bool:
@@ -202,13 +253,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
     tool_choice: Any = None
-    response_format: dict | None = None
 
     def check_supported(self) -> None:
         if self.tools:
             raise InvalidRequestError("tools are not supported")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise InvalidRequestError(f"response_format {self.response_format.get('type')!r} is not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs to be true")
         if self.tool_choice not in (None, "none"):

@@ -17,7 +17,7 @@ MAX_STOP_STRING_CHARS = 256  # each stop string is matched against every step's 
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS_ENTRIES = 1024  # OpenAI allows 300; a little more room for programmatic callers
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
-MAX_PROCESSOR_ARG_BYTES = 4096  # a plugin's per-request arguments, as JSON
+MAX_PROCESSOR_ARG_BYTES = 64 << 10  # a plugin's per-request arguments, as JSON (a structured output's schema)
 MAX_TOKEN_ID = (1 << 31) - 1  # no vocabulary comes near; the engine checks the model's own size
 MAX_TOP_K = MAX_TOKEN_ID  # top_k above the vocabulary size keeps every token
 # top_p below this is 0 in fp32 (5e-324 is a valid double) and filters out every token: NaN.

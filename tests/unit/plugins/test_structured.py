@@ -89,3 +89,26 @@ def test_bad_grammars_fail_the_request_before_any_work(llm, kwargs, message):
     with pytest.raises(InvalidRequestError, match=message):
         llm.generate("x", tandem.SamplingParams(logits_processors={"structured_output": kwargs}))
     assert not llm.engine.has_unfinished()
+
+
+def test_unbounded_numbers_are_written_with_bounded_digits(llm):
+    """A plain number or integer cannot run on: at most 6 decimals and JavaScript's safe integers,
+    a subset of what the schema allows (the default model wrote 250-digit fractions without it)."""
+    from tandem.plugins.structured import SAFE_INTEGER, bounded
+
+    schema = {"type": "object", "properties": {"x": {"type": "number"}, "n": {"type": "integer"},
+                                               "p": {"type": "number", "multipleOf": 0.5, "maximum": 3}},
+              "required": ["x", "n", "p"], "additionalProperties": False}
+    rewritten = bounded(schema)["properties"]
+    assert rewritten["x"] == {"type": "number", "multipleOf": 1e-6, "minimum": -SAFE_INTEGER, "maximum": SAFE_INTEGER}
+    assert rewritten["n"] == {"type": "integer", "minimum": -SAFE_INTEGER, "maximum": SAFE_INTEGER}
+    assert rewritten["p"] == {"type": "number", "multipleOf": 0.5, "minimum": -SAFE_INTEGER, "maximum": 3}
+    assert bounded({"enum": [{"type": "number"}]}) == {"enum": [{"type": "number"}]}  # values stay values
+    outs = llm.generate(["Numbers:"] * 6, [constrained("json_schema", schema, temperature=1.0, seed=s, max_tokens=120)
+                                           for s in range(6)])
+    for out in outs:
+        assert out.finish_reason == "stop", out.text
+        value = json.loads(out.text)
+        jsonschema.validate(value, schema)
+        fraction = re.search(r'"x":-?[0-9]+(?:\.([0-9]+))?', out.text).group(1) or ""
+        assert len(fraction) <= 6 and abs(value["x"]) <= SAFE_INTEGER and abs(value["n"]) <= SAFE_INTEGER
