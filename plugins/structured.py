@@ -93,6 +93,9 @@ class _Constraint:
         self.matchers: dict[int, tuple[list[int], Any, int]] = {}
 
     def matcher(self, token_ids: list[int], num_prompt: int):
+        """The matcher after this sequence's output so far, or None when the output left the
+        grammar: only a speculative verification row can (its context holds unchecked guesses;
+        the verifier rejects at the first guess the grammar refused, so the row is never used)."""
         import llguidance
 
         output = len(token_ids) - num_prompt
@@ -101,9 +104,10 @@ class _Constraint:
             entry = (token_ids, llguidance.LLMatcher(self.tokenizer, self.grammar), 0)
         holder, matcher, consumed = entry
         if consumed < output:
-            new = list(token_ids[num_prompt + consumed:])
-            if not matcher.consume_tokens(new):
-                raise ValueError(f"the sampled tokens left the grammar: {matcher.get_error()}")
+            taken = matcher.try_consume_tokens(list(token_ids[num_prompt + consumed:]))
+            if taken != output - consumed:
+                self.matchers.pop(id(token_ids), None)
+                return None
         self.matchers[id(token_ids)] = (holder, matcher, output)
         return matcher
 
@@ -119,7 +123,9 @@ class StructuredOutput(LogitsProcessor):
     def bind(self, tokenizer) -> None:
         import llguidance
 
-        self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocabulary(tokenizer)))
+        vocabulary = _Vocabulary(tokenizer)
+        self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocabulary))
+        self._eos = vocabulary.eos_token_id
 
     def validate(self, **kwargs) -> _Constraint:
         if self._tokenizer is None:
@@ -179,6 +185,11 @@ class StructuredOutput(LogitsProcessor):
                 continue
             num_prompt = batch.num_prompt_tokens[row] if batch.num_prompt_tokens else len(batch.token_ids[row])
             matcher = constraint.matcher(batch.token_ids[row], num_prompt)
+            if matcher is None:  # a verification row past a refused guess: any finite row will do
+                mask[row].zero_()
+                bit = self._eos % 32
+                mask[row, self._eos // 32] = 1 << bit if bit < 31 else -(1 << 31)  # int32 words
+                continue
             ltorch.fill_next_token_bitmask(matcher, mask, row)
             if matcher.is_error():
                 raise ValueError(f"the grammar cannot continue: {matcher.get_error()}")

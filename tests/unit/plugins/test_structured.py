@@ -112,3 +112,16 @@ def test_unbounded_numbers_are_written_with_bounded_digits(llm):
         jsonschema.validate(value, schema)
         fraction = re.search(r'"x":-?[0-9]+(?:\.([0-9]+))?', out.text).group(1) or ""
         assert len(fraction) <= 6 and abs(value["x"]) <= SAFE_INTEGER and abs(value["n"]) <= SAFE_INTEGER
+
+
+def test_speculative_decoding_keeps_the_constrained_greedy_answer(tiny_hf_dir):
+    """Verification rows past a guess the grammar refuses are never used: the answer is the one
+    decoded without speculation, token for token."""
+    with tandem.LLM(str(tiny_hf_dir), progress=False, num_kv_blocks=256,
+                    speculative={"method": "ngram", "k": 4}) as spec:
+        plain = spec.generate("Answer in JSON:", constrained("json_schema", SCHEMAS[4], temperature=0,
+                                                              speculative={"method": "none"}))[0]
+        guessed = spec.generate("Answer in JSON:", constrained("json_schema", SCHEMAS[4], temperature=0))[0]
+        assert spec.engine.stats()["spec_proposed_tokens"] > 0
+    assert guessed.token_ids == plain.token_ids and guessed.error is None
+    jsonschema.validate(json.loads(guessed.text), SCHEMAS[4])
