@@ -253,3 +253,23 @@ def write_tiny_moe_gguf(hf_dir: Path, model, arch: str, path: Path) -> Path:
         w.add_tensor(gguf_name, torch.as_tensor(array).contiguous().numpy())
     _finish(w)
     return path
+
+
+def write_peft_adapter(base_dir: Path, directory: Path, rank: int = 8, alpha: int = 16, seed: int = 0,
+                       targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+    """A LoRA adapter made with PEFT on the HF model in base_dir, every A and B random and non-zero
+    (PEFT starts B at zero), saved in PEFT's format; returns (directory, the PEFT model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                                            lora_dropout=0.0, bias="none"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.1 * torch.randn_like(param))
+    model.save_pretrained(str(directory))
+    return directory, model.eval()
