@@ -171,7 +171,8 @@ class LLM:
                  kv_cache_dtype: str = "auto", speculative: dict | None = None, device: str = "cpu", plugins=None,
                  speculative_methods: list[str] | None = None, tensor_parallel_size: int = 1,
                  pipeline_parallel_size: int = 1, expert_parallel_size: int = 1, parallel_backend: str = "ray",
-                 parallel_timeout_s: float = 300.0, **engine_options):
+                 parallel_timeout_s: float = 300.0, lora_modules: dict[str, str] | None = None,
+                 max_loras: int = 0, max_lora_rank: int = 16, **engine_options):
         """quantization: None (the default) keeps a GGUF file's Q4_0/Q4_1/Q8_0 projections in their
         blocks, multiplied as llama.cpp does (int8 activations per block of 32; tandem.kernels.ggml_cpu)
         where the CPU can run that kernel, and dequantizes everything else (and everything on a GPU);
@@ -198,6 +199,11 @@ class LLM:
         implied; a quantizer plugin re-quantizes each share). kv_cache_memory is then per rank.
         A step whose collectives fail (a rank died, or hung past parallel_timeout_s) fails its
         requests with ParallelGroupError; the next step restarts the group. CPU only (gloo).
+        lora_modules: LoRA adapters in PEFT's format by name, {"name": "path"}, loaded now (more with
+        load_lora); a request picks one with generate(..., lora="name"), and one batch mixes them and
+        the bare base. max_loras (default: len(lora_modules), at least 1 when adapters are given)
+        is how many sit in the model's slots at once (least recently used out), max_lora_rank the
+        largest rank accepted. An adapter's requests never share KV with another's.
         engine_options are EngineConfig's fields: block_size, num_kv_blocks, kv_cache_memory,
         max_num_seqs, max_num_batched_tokens, max_waiting, enable_prefix_caching.
         Every name and option is checked before the model loads."""
@@ -255,13 +261,13 @@ class LLM:
             place = self._start_group(share, parallel, parallel_backend, parallel_timeout_s)
         try:
             self._build(share, quantizer, progress, place, attention, variant, backend, kv_format, spec, proposers,
-                        speculative_methods, engine_config, max_model_len)
+                        speculative_methods, engine_config, max_model_len, lora_modules, max_loras, max_lora_rank)
         except BaseException:
             self.close()
             raise
 
     def _build(self, share, quantizer, progress, place, attention, variant, backend, kv_format, spec, proposers,
-               speculative_methods, engine_config, max_model_len) -> None:
+               speculative_methods, engine_config, max_model_len, lora_modules, max_loras, max_lora_rank) -> None:
         """Load the model (rank 0's share of it in a group) and build the engine."""
         loaded, local_config = _load_share(share, self.plugins, quantizer, self.device, progress, place)
         self.model, self.config, self.tokenizer, self.model_path = (
@@ -275,6 +281,15 @@ class LLM:
         limit = self.config.max_position
         if max_model_len is not None and not (isinstance(max_model_len, int) and 2 <= max_model_len <= limit):
             raise ConfigError(f"max_model_len must be an integer in [2, {limit}], got {max_model_len!r}")
+        self.lora = None
+        if lora_modules or max_loras:
+            if place is not None:
+                raise ConfigError("LoRA adapters on a model split over ranks are not supported yet")
+            from tandem.model.lora import LoRARegistry
+
+            self.lora = LoRARegistry(self.model, max_loras or max(1, len(lora_modules or {})), max_lora_rank)
+            for name, path in (lora_modules or {}).items():
+                self.lora.add(name, path)
         group_options = {}
         if place is not None:
             group_options = self._group_engine_options(share, quantizer, place, local_config, variant, backend,
@@ -283,7 +298,7 @@ class LLM:
                                 sampler=self.plugins.sampler_pipeline(self.config.vocab_size).bind(self.tokenizer),
                                 variant=variant, backend=backend, kv_format=kv_format, speculative=spec,
                                 proposer_factory=proposers, speculative_methods=speculative_methods,
-                                serial_torch=runs_on_kernels(self.model), **group_options)
+                                serial_torch=runs_on_kernels(self.model), lora=self.lora, **group_options)
         if self.device.type == "cuda":
             _use_fused_moe(self.model)
         self.max_model_len = self.engine.max_model_len
@@ -366,21 +381,27 @@ class LLM:
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 lora: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
         """Generate for one prompt or many, batched continuously. A prompt is a str or a list of
         token ids. Returns one RequestOutput per prompt, in order (n samples in .outputs).
 
         Bad input raises before any work. A request that fails while running (a plugin raised
         for it, its logits could not be sampled) comes back with `.error` set and finish_reason
-        "error"; the other requests of the call are unaffected."""
+        "error"; the other requests of the call are unaffected.
+
+        lora: a LoRA adapter's name for every prompt, or one per prompt (None: the bare base)."""
         prompt_list = self._prompt_list(prompts)
         param_list = self._param_list(params, len(prompt_list))
+        loras = [lora] * len(prompt_list) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(prompt_list):
+            raise InvalidRequestError(f"lora must be one name or a list of {len(prompt_list)}")
         token_lists = [self._prompt_ids(p) for p in prompt_list]  # validate all before any work
         ids = [f"llm-{next(self._request_ids)}" for _ in token_lists]
         results: dict[str, RequestOutput] = {}
         try:
-            for request_id, tokens, p in zip(ids, token_lists, param_list):
-                self.engine.add_request(request_id, tokens, p)
+            for request_id, tokens, p, adapter in zip(ids, token_lists, param_list, loras):
+                self.engine.add_request(request_id, tokens, p, lora=adapter)
             while len(results) < len(ids):
                 for output in self.engine.step()[1]:
                     results[output.request_id] = output
@@ -388,6 +409,23 @@ class LLM:
             for request_id in ids:
                 self.engine.abort(request_id)
         return [results[i] for i in ids]
+
+    # -- LoRA adapters --------------------------------------------------------------------------
+    def load_lora(self, name: str, path: str) -> None:
+        """Load a PEFT adapter under `name` while serving (a bad one raises ConfigError and changes nothing)."""
+        if self.lora is None:
+            raise ConfigError("this LLM has no LoRA slots: create it with lora_modules or max_loras")
+        self.lora.add(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Forget an adapter (refused while a request runs with it)."""
+        if self.lora is None:
+            raise ConfigError("this LLM has no LoRA adapters")
+        self.lora.remove(name)
+
+    @property
+    def loras(self) -> list[str]:
+        return [] if self.lora is None else list(self.lora.adapters)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         """Generate the assistant's reply to messages ([{"role": ..., "content": ...}, ...])."""

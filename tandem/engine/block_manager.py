@@ -25,9 +25,12 @@ from tandem.engine.sequence import Sequence
 NULL_BLOCK = -1  # a block-table entry whose block was released (out of every future query's view)
 
 
-def chain_root(cache_salt: str | None) -> bytes | None:
-    """The parent of a hash chain's first block: a request's cache salt (SamplingParams.cache_salt),
-    so requests with different salts never share a block, here or in the KV-cache store."""
+def chain_root(cache_salt: str | None, lora: str | None = None) -> bytes | None:
+    """The parent of a hash chain's first block: a request's cache salt (SamplingParams.cache_salt)
+    and its LoRA adapter, so requests with different salts or adapters never share a block, here
+    or in the KV-cache store."""
+    if lora is not None:
+        cache_salt = f"lora:{len(lora)}:{lora}:{cache_salt or ''}"
     return hashlib.blake2b(cache_salt.encode(), digest_size=16, person=b"tandem-salt").digest() if cache_salt else None
 
 
@@ -65,7 +68,7 @@ class BlockManager:
         chain, size = seq.hash_chain, self.block_size
         while len(chain) < num_blocks:
             i = len(chain)
-            chain.append(block_hash(chain[-1] if chain else chain_root(seq.params.cache_salt),
+            chain.append(block_hash(chain[-1] if chain else chain_root(seq.params.cache_salt, seq.lora),
                                     seq.token_ids[i * size:(i + 1) * size]))
         return chain[:num_blocks]
 

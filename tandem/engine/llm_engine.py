@@ -62,11 +62,13 @@ class LLMEngine:
                  variant: AttentionVariant = DEFAULT_VARIANT, backend: AttentionBackend = DEFAULT_BACKEND,
                  kv_format: KVCacheFormat = DEFAULT_KV_FORMAT, speculative: SpeculativeConfig | None = None,
                  proposer_factory=None, speculative_methods=None, connector: KVConnector | None = None,
-                 serial_torch: bool = False, runner_factory=None, kv_bytes_per_token: int | None = None):
+                 serial_torch: bool = False, runner_factory=None, kv_bytes_per_token: int | None = None,
+                 lora=None):
         """serial_torch: torch's own ops run on the stepping thread alone during a step (the model's
         matmuls and attention run on tandem's CPU kernels, whose own threads need the cores).
         runner_factory(num_blocks) -> the runner, for a model split over ranks
-        (tandem.engine.distributed.DistributedRunner); kv_bytes_per_token is then a rank's."""
+        (tandem.engine.distributed.DistributedRunner); kv_bytes_per_token is then a rank's.
+        lora: a tandem.model.lora.LoRARegistry, when requests may name LoRA adapters."""
         self.config = config or EngineConfig()
         self.tokenizer, self.model_config, self.sampler = tokenizer, model.config, sampler
         self.variant, self.retention = variant, variant.retention()
@@ -100,6 +102,7 @@ class LLMEngine:
         self.spec = SpecDecoder(speculative, speculative_methods, proposer_factory, c.vocab_size, self.max_model_len)
         self.kv: KVTransfer | None = None  # the connector's engine side
         self.attach_connector(connector)
+        self.lora = lora
 
     def attach_connector(self, connector: KVConnector | None) -> None:
         """Share KV blocks with an external store from now on (None: stop). Call it before adding requests."""
@@ -111,7 +114,8 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
-                    prefill_only: bool = False, generated: list[list[int]] | None = None) -> None:
+                    prefill_only: bool = False, generated: list[list[int]] | None = None,
+                    lora: str | None = None) -> None:
         """Queue a request. Raises InvalidRequestError for a bad prompt, QueueFullError when full.
 
         The two halves of disaggregated serving run the same engine with one of these:
@@ -123,7 +127,9 @@ class LLMEngine:
         worker streamed before it died (the gateway migrates the request). They count as output,
         not prompt: penalties, max_tokens, stop rules and the seeded draws carry on as if this
         engine had sampled them; their text was streamed already. A sample they finish stays
-        finished. With a connector, the prompt blocks the store holds are fetched first."""
+        finished. With a connector, the prompt blocks the store holds are fetched first.
+        lora: the name of a LoRA adapter of the engine's registry to run the request with (its KV
+        is never shared with another adapter's or the base's)."""
         if request_id in self.requests or (self.kv is not None and request_id in self.kv.saving):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
@@ -153,6 +159,13 @@ class LLMEngine:
             request.seqs.append(Sequence(request_id, list(prompt_ids), len(prompt_ids), params))
         else:
             self._resume(request, generated)
+        if lora is not None:
+            if self.lora is None:
+                raise InvalidRequestError("this engine has no LoRA adapters (start it with lora_modules or max_loras)")
+            slot = self.lora.acquire(lora)  # last: nothing to undo if it refuses
+            request.lora = lora
+            for seq in request.seqs:
+                seq.lora, seq.lora_slot = lora, slot
         self.requests[request_id] = request
         if request.spec is not None:
             self.spec.started(request)
@@ -184,6 +197,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None) or saving
         if request is None:
             return
+        self._release_lora(request)
         if request.spec is not None:
             self.spec.finished(request)
         for seq in request.seqs:
@@ -191,6 +205,11 @@ class LLMEngine:
         for builder in request.builders:
             if not builder.finished:
                 builder.finish_reason = "abort"
+
+    def _release_lora(self, request: Request) -> None:
+        if request.lora is not None:
+            self.lora.release(request.lora)
+            request.lora = None  # once
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self.kv and self.kv.saving)
@@ -337,6 +356,7 @@ class LLMEngine:
         for request in dict.fromkeys(requests):
             if request.finished and request.request_id in self.requests:
                 del self.requests[request.request_id]
+                self._release_lora(request)
                 if request.spec is not None:
                     self.spec.finished(request)
                 if request.prefill_only and self.kv is not None and self.kv.save(request):

@@ -26,6 +26,7 @@ class StepInputs:
     positions: list[int]
     rows: list[tuple[list[int], int, int]]
     picked: list[int]
+    lora_slots: list[int] | None = None  # per sequence, its LoRA slot (-1: none); None: no adapter in the step
 
 
 class ModelRunner:
@@ -116,7 +117,14 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, step: StepInputs) -> torch.Tensor:
         inputs = torch.tensor([step.tokens, step.positions], device=self.device)
-        hidden = self.model(inputs[:1], inputs[1:], self.attention(step.rows))[0]  # (N, d)
+        lora = getattr(self.model, "lora_context", None)
+        if lora is not None and step.lora_slots is not None:  # each token's adapter, for every projection
+            lora.slots = torch.tensor(step.lora_slots).repeat_interleave(torch.tensor([n for _, _, n in step.rows]))
+        try:
+            hidden = self.model(inputs[:1], inputs[1:], self.attention(step.rows))[0]  # (N, d)
+        finally:
+            if lora is not None:
+                lora.slots = None
         picked = torch.tensor(step.picked, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden[picked]).float().cpu()
 
@@ -137,4 +145,5 @@ def prepare(scheduled: list[tuple[Sequence, int]], sample_rows: list[int],
     for j, i in enumerate(sample_rows):
         count = 1 if num_rows is None else num_rows[j]
         picked += range(ends[i] - count + 1, ends[i] + 1)
-    return StepInputs(tokens, positions, rows, picked)
+    slots = [seq.lora_slot for seq, _ in scheduled]
+    return StepInputs(tokens, positions, rows, picked, slots if any(s >= 0 for s in slots) else None)

@@ -48,6 +48,8 @@ class Sequence:
     num_released_blocks: int = 0  # leading table entries already checked by release_dead_blocks
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted: bool = False
+    lora: str | None = None  # the LoRA adapter this sequence runs with (None: the bare base)
+    lora_slot: int = -1  # its slot in the model (tandem.model.lora), held while the request lives
 
     @property
     def num_tokens(self) -> int:
@@ -73,7 +75,8 @@ class Sequence:
         return Sequence(self.request_id, list(self.token_ids), self.num_prompt_tokens, self.params, index,
                         status=self.status, block_hashes=list(self.block_hashes), hash_chain=list(self.hash_chain),
                         num_computed_tokens=self.num_computed_tokens, num_released_blocks=self.num_released_blocks,
-                        num_cached_tokens=self.num_cached_tokens, admitted=True)
+                        num_cached_tokens=self.num_cached_tokens, admitted=True, lora=self.lora,
+                        lora_slot=self.lora_slot)
 
 
 @dataclass(eq=False)
@@ -99,6 +102,7 @@ class Request:
     num_local_blocks: int = 0  # leading prompt blocks this engine's prefix cache held at admission
     saving: bool = False
     resaved: bool = False  # blocks the store had lost were sent again (once per request)
+    lora: str | None = None  # the LoRA adapter it runs with, while it holds the adapter's slot
 
     def generator(self, index: int, ahead: int = 0) -> torch.Generator:
         """Sample `index`'s generator for the draw of its next token (`ahead` tokens further)."""

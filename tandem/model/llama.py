@@ -206,6 +206,9 @@ class LlamaForCausalLM(nn.Module):
         flat_rows = getattr(attn, "flat_rows", None)
         if not self.fused_layers or flat_rows is None or not attn.variant.rotary or x.dtype != torch.float32:
             return None
+        lora = getattr(self, "lora_context", None)
+        if lora is not None and lora.slots is not None and bool((lora.slots >= 0).any()):
+            return None  # the adapters' low-rank updates run in the eager layers
         rows = flat_rows(x.dtype, x.device)
         layers = self._ggml_layer_args()
         if rows is None or layers is None:
@@ -231,6 +234,7 @@ class LlamaForCausalLM(nn.Module):
             from tandem.kernels.ggml_cpu import GGMLLinear
 
             def blocks(module) -> list[torch.Tensor] | None:
+                module = getattr(module, "base", module)  # a LoRAProjection's base weight, for steps without adapters
                 if not isinstance(module, GGMLLinear) or module.bias is not None or module.padded:
                     return None
                 return module.packed()

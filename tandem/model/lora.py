@@ -234,3 +234,51 @@ class LoRASlots:
             for module in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
                 layer.get_submodule(module).set_slot(slot, by_module.get((index, module), {}))
         self.context.scaling[slot] = 0.0 if adapter is None else adapter.scaling
+
+
+class LoRARegistry:
+    """The adapters an engine may run, by name, and their slots: what `tandem.LLM(lora_modules=...)`
+    builds and the engine asks when a request names an adapter."""
+
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int):
+        if not (isinstance(max_loras, int) and max_loras >= 1):
+            raise ConfigError(f"max_loras must be a positive integer, got {max_loras!r}")
+        if not (isinstance(max_rank, int) and max_rank >= 1):
+            raise ConfigError(f"max_lora_rank must be a positive integer, got {max_rank!r}")
+        self.config, self.max_rank = model.config, max_rank
+        self.context = attach_lora(model, max_loras, max_rank)
+        model.lora_context = self.context
+        self.slots = LoRASlots(model, self.context, max_loras)
+        self.adapters: dict[str, LoRAAdapter] = {}
+
+    def add(self, name: str, path: str | Path) -> LoRAAdapter:
+        """Load an adapter (checked first: a bad one changes nothing)."""
+        if not isinstance(name, str) or not name or len(name) > 128:
+            raise ConfigError(f"a LoRA adapter's name must be 1-128 characters, got {name!r}")
+        if name in self.adapters:
+            raise ConfigError(f"a LoRA adapter named {name!r} is loaded already")
+        adapter = load_peft_adapter(name, path, self.config, self.max_rank)
+        self.adapters[name] = adapter
+        return adapter
+
+    def remove(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ConfigError(f"no LoRA adapter named {name!r} is loaded")
+        if self.slots.users.get(name):
+            raise ConfigError(f"LoRA adapter {name!r} is in use by running requests")
+        del self.adapters[name]
+        self.slots.forget(name)
+
+    def acquire(self, name: str) -> int:
+        from tandem.errors import InvalidRequestError, QueueFullError
+
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            raise InvalidRequestError(f"unknown LoRA adapter {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
+        try:
+            return self.slots.acquire(adapter)
+        except RuntimeError as exc:  # every slot busy: retry later
+            raise QueueFullError(str(exc)) from None
+
+    def release(self, name: str) -> None:
+        self.slots.release(name)

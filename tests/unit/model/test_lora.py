@@ -97,3 +97,48 @@ def test_slots_are_reused_least_recently_used_first(adapters, tiny_hf_dir):
     slots.release("one")
     assert slots.acquire(two) == 0 and list(slots.slot_of) == ["two"]
     assert float(context.scaling[0]) == 2.0  # alpha 8 / rank 4
+
+
+# -- through the engine ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(tiny_hf_dir, adapters):
+    return tandem.LLM(str(tiny_hf_dir), dtype="float32", progress=False, num_kv_blocks=128, block_size=4,
+                      lora_modules={name: str(path) for name, (path, _) in adapters.items()}, max_loras=2,
+                      max_lora_rank=8)
+
+
+def _peft_greedy(peft_model, prompt: list[int], steps: int) -> list[int]:
+    with torch.inference_mode():
+        out = peft_model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_generate_with_an_adapter_gives_pefts_greedy_tokens_and_a_mixed_batch_each_its_own(served, adapters):
+    prompt = torch.randint(3, 320, (14,), generator=torch.Generator().manual_seed(3)).tolist()
+    greedy = tandem.SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    want = {name: _peft_greedy(model, prompt, 10) for name, (_, model) in adapters.items()}
+    alone = {name: served.generate(prompt, greedy, lora=name)[0].token_ids for name in want}
+    base = served.generate(prompt, greedy)[0].token_ids
+    assert alone == want and base not in want.values()
+    mixed = served.generate([prompt, prompt, prompt], greedy, lora=["one", None, "two"])
+    assert [o.token_ids for o in mixed] == [want["one"], base, want["two"]]
+    assert served.lora.slots.users == {"one": 0, "two": 0}  # every slot released
+
+
+def test_adapters_never_share_kv_and_load_unload_at_run_time(served, adapters, tmp_path):
+    prompt = list(range(40, 80))
+    greedy = tandem.SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    first = served.generate(prompt, greedy, lora="one")[0]
+    again = served.generate(prompt, greedy, lora="one")[0]
+    other = served.generate(prompt, greedy, lora="two")[0]
+    assert first.metrics.num_cached_tokens == 0 and again.metrics.num_cached_tokens > 0
+    assert other.metrics.num_cached_tokens == 0  # the same prompt, another adapter: nothing shared
+    with pytest.raises(tandem.InvalidRequestError, match="unknown LoRA adapter 'three'"):
+        served.generate(prompt, greedy, lora="three")
+    with pytest.raises(ConfigError, match="adapter_config.json is missing"):
+        served.load_lora("three", str(tmp_path))
+    assert served.loras == ["one", "two"]
+    served.unload_lora("two")
+    served.load_lora("two", str(adapters["two"][0]))
+    assert served.generate(prompt, greedy, lora="two")[0].token_ids == other.token_ids
