@@ -47,7 +47,8 @@ def _bgmv_kernel(x_ptr, a_ptr, b_ptr, slots_ptr, scaling_ptr, out_ptr, K, N, R,
 
 
 def bgmv_triton(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
-                scaling: torch.Tensor) -> torch.Tensor:
+                scaling: torch.Tensor, groups=None) -> torch.Tensor:
+    """groups: the reference's slot grouping, unused here (each program reads its token's slot)."""
     tokens, fan_in = x.shape
     fan_out, rank = b.shape[1], b.shape[2]
     out = torch.empty(tokens, fan_out, dtype=x.dtype, device=x.device)
@@ -62,5 +63,5 @@ def bgmv_triton(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.
 
 
 def bgmv(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
-         scaling: torch.Tensor) -> torch.Tensor:
-    return bgmv_triton(x, a, b, slots, scaling) if x.is_cuda else bgmv_reference(x, a, b, slots, scaling)
+         scaling: torch.Tensor, groups=None) -> torch.Tensor:
+    return bgmv_triton(x, a, b, slots, scaling) if x.is_cuda else bgmv_reference(x, a, b, slots, scaling, groups)

@@ -81,6 +81,10 @@ class ParallelConfig:
                 raise ConfigError(f"tensor_parallel_size {t} does not divide {name}'s shared expert size "
                                   f"{m.shared_expert_intermediate_size}")
 
+    def kv_heads_per_rank(self, model: ModelConfig) -> int:
+        """KV heads each rank holds: its share, or one (replicated) when the ranks outnumber them."""
+        return max(model.num_kv_heads // self.tensor_parallel_size, 1)
+
     def stage_layers(self, num_layers: int) -> list[range]:
         """The layers of each pipeline stage: as even as possible, the earlier stages one longer."""
         p = self.pipeline_parallel_size
@@ -98,7 +102,7 @@ class ParallelConfig:
         self.check(model)
         t, e = self.tensor_parallel_size, self.expert_parallel_size
         d, hd, c = model.hidden_size, model.head_dim, model
-        kv_heads = max(c.num_kv_heads // t, 1)
+        kv_heads = self.kv_heads_per_rank(c)
         stages = self.stage_layers(c.num_layers)
         embed = c.vocab_size * d / t
 

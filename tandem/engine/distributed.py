@@ -98,9 +98,7 @@ def shard(model: nn.Module, place: RankPlace) -> ModelConfig:
 def kv_bytes_per_token(parallel: ParallelConfig, config: ModelConfig, kv_format, dtype: torch.dtype) -> int:
     """KV bytes a token takes on the busiest rank (the first stage holds the most layers)."""
     layers = len(parallel.stage_layers(config.num_layers)[0])
-    t = parallel.tensor_parallel_size
-    kv_heads = config.num_kv_heads // t if config.num_kv_heads % t == 0 else 1
-    return kv_format.bytes_per_token(layers, kv_heads, config.head_dim, dtype)
+    return kv_format.bytes_per_token(layers, parallel.kv_heads_per_rank(config), config.head_dim, dtype)
 
 
 # -- the step on the wire --------------------------------------------------------------------------

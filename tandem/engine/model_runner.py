@@ -119,12 +119,12 @@ class ModelRunner:
         inputs = torch.tensor([step.tokens, step.positions], device=self.device)
         lora = getattr(self.model, "lora_context", None)
         if lora is not None and step.lora_slots is not None:  # each token's adapter, for every projection
-            lora.slots = torch.tensor(step.lora_slots).repeat_interleave(torch.tensor([n for _, _, n in step.rows]))
+            lora.set_slots(torch.tensor(step.lora_slots).repeat_interleave(torch.tensor([n for _, _, n in step.rows])))
         try:
             hidden = self.model(inputs[:1], inputs[1:], self.attention(step.rows))[0]  # (N, d)
         finally:
             if lora is not None:
-                lora.slots = None
+                lora.set_slots(None)
         picked = torch.tensor(step.picked, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden[picked]).float().cpu()
 

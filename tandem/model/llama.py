@@ -207,7 +207,7 @@ class LlamaForCausalLM(nn.Module):
         if not self.fused_layers or flat_rows is None or not attn.variant.rotary or x.dtype != torch.float32:
             return None
         lora = getattr(self, "lora_context", None)
-        if lora is not None and lora.slots is not None and bool((lora.slots >= 0).any()):
+        if lora is not None and lora.slots is not None:  # set only when some token runs an adapter
             return None  # the adapters' low-rank updates run in the eager layers
         rows = flat_rows(x.dtype, x.device)
         layers = self._ggml_layer_args()

@@ -108,16 +108,19 @@ def load_peft_adapter(name: str, path: str | Path, config: ModelConfig, max_rank
     return LoRAAdapter(name, rank, float(scaling), out)
 
 
+def slot_groups(slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(slot, its tokens' rows) for every adapter slot present (slot -1, the bare base, left out)."""
+    return [(slot, (slots == slot).nonzero().squeeze(1)) for slot in slots.unique().tolist() if slot >= 0]
+
+
 def bgmv(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
-         scaling: torch.Tensor) -> torch.Tensor:
+         scaling: torch.Tensor, groups: list[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
     """sum over each token's slot s (slots[n] >= 0) of scaling[s] * (x[n] A[s]^T) B[s]^T, zeros for
     slot -1. x (N, in), a (S, R, in), b (S, out, R), slots (N,) int64, scaling (S,) -> (N, out) in
-    x's dtype. One matmul pair per slot present, the tokens gathered by slot."""
+    x's dtype. One matmul pair per slot present, the tokens gathered by slot (`groups`: the
+    slot_groups of slots, computed once a forward by the caller)."""
     out = x.new_zeros(x.shape[0], b.shape[1])
-    for slot in slots.unique().tolist():
-        if slot < 0:
-            continue
-        rows = (slots == slot).nonzero().squeeze(1)
+    for slot, rows in slot_groups(slots) if groups is None else groups:
         low = x[rows].to(a.dtype) @ a[slot].T
         out[rows] = ((low @ b[slot].T) * scaling[slot]).to(x.dtype)
     return out
@@ -152,11 +155,12 @@ class LoRAProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        slots = self.context.slots
-        if slots is None or not bool((slots >= 0).any()):
+        context = self.context
+        if context.slots is None:
             return out
         flat = x.reshape(-1, x.shape[-1])
-        delta = self.impl(flat, self.lora_a, self.lora_b, slots.to(flat.device), self.context.scaling)
+        delta = self.impl(flat, self.lora_a, self.lora_b, context.slots.to(flat.device), context.scaling,
+                          context.groups)
         return out + delta.view(*out.shape[:-1], -1).to(out.dtype)
 
 
@@ -166,7 +170,14 @@ class LoRAContext:
 
     def __init__(self, slots: int):
         self.slots: torch.Tensor | None = None
+        self.groups: list[tuple[int, torch.Tensor]] = []
         self.scaling = torch.zeros(slots)
+
+    def set_slots(self, slots: torch.Tensor | None) -> None:
+        """The next forward's per-token slots (None, or none >= 0: the bare base), grouped once
+        for every projection of the forward."""
+        groups = [] if slots is None else slot_groups(slots)
+        self.slots, self.groups = (slots, groups) if groups else (None, [])
 
 
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoRAContext:

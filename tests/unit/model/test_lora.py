@@ -44,16 +44,16 @@ def test_logits_match_peft_alone_and_in_a_mixed_batch(adapters, lora_llm):
         slot = slots.acquire(load_peft_adapter(name, path, llm.config, max_rank=8))
         with torch.inference_mode():
             refs.append(peft_model(ids[:1]).logits[0])
-        context.slots = torch.full((20,), slot)
+        context.set_slots(torch.full((20,), slot))
         ours = _forward(llm.model, ids[:1])[0]
         torch.testing.assert_close(ours, refs[-1], rtol=1e-4, atol=1e-4 * float(refs[-1].abs().max()))
         slots.release(name)
-    context.slots = None
+    context.set_slots(None)
     base = _forward(llm.model, ids[2:3])[0]
     mixed_slots = torch.tensor([slots.slot_of["one"]] * 20 + [slots.slot_of["two"]] * 20 + [-1] * 20)
-    context.slots = mixed_slots
+    context.set_slots(mixed_slots)
     mixed = _forward(llm.model, torch.cat([ids[:1], ids[:1], ids[2:3]]))
-    context.slots = None
+    context.set_slots(None)
     torch.testing.assert_close(mixed[0], refs[0], rtol=1e-4, atol=1e-4 * float(refs[0].abs().max()))
     torch.testing.assert_close(mixed[1], refs[1], rtol=1e-4, atol=1e-4 * float(refs[1].abs().max()))
     assert torch.equal(mixed[2], base)  # the bare base row is untouched
