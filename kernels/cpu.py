@@ -1,7 +1,9 @@
 """tandem's CPU extension: C++ kernels for the decode step on x86-64 CPUs with AVX512 (csrc/):
 
 - ggml_cpu.cpp: matmuls over GGUF Q4_0/Q4_1/Q8_0 blocks (tandem.kernels.ggml_cpu wraps them);
-- cpu_ops.cpp: RMSNorm and paged decode attention in one pass each (`rms_norm`, `paged_decode`).
+- cpu_ops.cpp: RMSNorm and paged decode attention in one pass each (`rms_norm`, `paged_decode`),
+  and the fused decoder layer (`fused_layer`);
+- lora_cpu.cpp: the LoRA adapters' low-rank updates, tokens grouped by adapter (`lora_add`).
 
 Built at first use with the system C++ compiler (torch.utils.cpp_extension; about 40 s on 2 cores)
 into a cache directory keyed by the sources, torch's version and the flags, then loaded from there
@@ -27,7 +29,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bindings.cpp", "ggml_cpu.cpp", "cpu_ops.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bindings.cpp", "ggml_cpu.cpp", "cpu_ops.cpp",
+                                                                       "lora_cpu.cpp")]
 _HEADERS = [Path(__file__).with_name("csrc") / "thread_pool.h"]  # the kernels' threads (not OpenMP's)
 # -ffp-contract=off: a * b + c stays two roundings where the eager torch op it mirrors has two.
 _FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma"]

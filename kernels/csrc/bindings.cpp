@@ -14,7 +14,10 @@ torch::Tensor fused_layer(torch::Tensor x, torch::Tensor norm1, torch::Tensor no
                            std::vector<torch::Tensor> gate_up_w, std::vector<torch::Tensor> down_w,
                            torch::Tensor cos, torch::Tensor sin, torch::Tensor k_pool, torch::Tensor v_pool,
                            torch::Tensor slots, torch::Tensor tables, torch::Tensor row_table, torch::Tensor first,
-                           torch::Tensor end, int64_t H, int64_t Hkv);
+                           torch::Tensor end, int64_t H, int64_t Hkv, std::vector<torch::Tensor> lora);
+void lora_add(torch::Tensor y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& bt,
+              const std::vector<int64_t>& part_ends, const torch::Tensor& order, const torch::Tensor& runs,
+              const torch::Tensor& scaling);
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor tables,
                               torch::Tensor row_table, torch::Tensor first, torch::Tensor end);
 
@@ -32,5 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "q (B, H, D), k/v pools (blocks, block_size, Hkv, D), tables (B, max_blocks), lengths (B,) -> (B, H, D)");
   module.def("paged_attention", &paged_attention, release(),
              "q (N, H, D), k/v pools, tables (R, max_blocks), row_table, first, end (N,): row n over keys [first, end)");
-  module.def("fused_layer", &fused_layer, release(), "a Llama decoder layer over a flat batch with GGML projections");
+  module.def("fused_layer", &fused_layer, release(),
+             "a Llama decoder layer over a flat batch with GGML projections (and the step's LoRA adapters)");
+  module.def("lora_add", &lora_add, release(),
+             "y (N, O) += scaling[s] (x A[s]^T) B[s]^T by part for the tokens order[b:e] of each run (s, b, e)");
 }

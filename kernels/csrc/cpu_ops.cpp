@@ -12,6 +12,9 @@
 //   GGML blocks: RMSNorm, qkv, RoPE (neox), K/V stored to their slots,
 //   paged_decode, o + residual, RMSNorm, gate_up, SiLU(gate) * up, down + residual. One call a
 //   layer instead of ~40 torch calls (tandem/model/llama.py's eager forward is the reference).
+//   `lora`: empty, or the step's LoRA adapters (order, runs, scaling: tandem.model.lora's
+//   LoRAContext) and the layer's slots (A and B^T of qkv, o, gate_up and down), whose low-rank
+//   updates lora_add (lora_cpu.cpp) adds to each projection's output before it is used.
 #include <torch/extension.h>
 #include "thread_pool.h"
 #include <immintrin.h>
@@ -21,6 +24,9 @@
 #include <vector>
 
 torch::Tensor ggml_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w);
+void lora_add(torch::Tensor y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& bt,
+              const std::vector<int64_t>& part_ends, const torch::Tensor& order, const torch::Tensor& runs,
+              const torch::Tensor& scaling);
 
 namespace {
 
@@ -225,8 +231,15 @@ torch::Tensor fused_layer(torch::Tensor x, torch::Tensor norm1, torch::Tensor no
                            std::vector<torch::Tensor> gate_up_w, std::vector<torch::Tensor> down_w,
                            torch::Tensor cos, torch::Tensor sin, torch::Tensor k_pool, torch::Tensor v_pool,
                            torch::Tensor slots, torch::Tensor tables, torch::Tensor row_table, torch::Tensor first,
-                           torch::Tensor end, int64_t H, int64_t Hkv) {
+                           torch::Tensor end, int64_t H, int64_t Hkv, std::vector<torch::Tensor> lora) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x must be contiguous (N, d) float32");
+  TORCH_CHECK(lora.empty() || lora.size() == 11, "lora must be empty or (order, runs, scaling, then A and B^T of qkv, "
+              "o, gate_up and down)");
+  // y += the step's adapters' updates of projection `which` (0 qkv, 1 o, 2 gate_up, 3 down) on input in
+  auto adapt = [&](torch::Tensor& y, const torch::Tensor& in, int which, std::vector<int64_t> part_ends) {
+    if (!lora.empty())
+      lora_add(y, in, lora[3 + 2 * which], lora[4 + 2 * which], part_ends, lora[0], lora[1], lora[2]);
+  };
   const int64_t N = x.size(0), D = k_pool.size(3), width = (H + 2 * Hkv) * D;
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(0) == N && cos.size(1) == D && cos.is_contiguous() &&
               sin.is_contiguous() && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
@@ -234,8 +247,10 @@ torch::Tensor fused_layer(torch::Tensor x, torch::Tensor norm1, torch::Tensor no
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == N && slots.scalar_type() == at::kLong, "slots must be (N,) int64");
   TORCH_CHECK(k_pool.size(2) == Hkv && k_pool.is_contiguous() && v_pool.is_contiguous() && D % 2 == 0,
               "the pools must be contiguous (blocks, block_size, Hkv, D)");
-  auto qkv = ggml_linear(rms_norm(x, norm1, eps), qkv_w);
+  const auto normed = rms_norm(x, norm1, eps);
+  auto qkv = ggml_linear(normed, qkv_w);
   TORCH_CHECK(qkv.size(1) == width, "qkv has ", qkv.size(1), " outputs, expected (H + 2 Hkv) D = ", width);
+  adapt(qkv, normed, 0, {H * D, (H + Hkv) * D, width});
   float* QKV = qkv.data_ptr<float>();
   const float* C = cos.data_ptr<float>();
   const float* S = sin.data_ptr<float>();
@@ -259,7 +274,15 @@ torch::Tensor fused_layer(torch::Tensor x, torch::Tensor norm1, torch::Tensor no
     std::memcpy(VP + slot[n] * Hkv * D, QKV + n * width + (H + Hkv) * D, Hkv * D * sizeof(float));
   }
   auto attn = paged_attention(qkv.narrow(1, 0, H * D).view({N, H, D}), k_pool, v_pool, tables, row_table, first, end);
-  auto h = x + ggml_linear(attn.view({N, H * D}), o_w);
-  auto act = silu_and_mul(ggml_linear(rms_norm(h, norm2, eps), gate_up_w));
-  return h.add_(ggml_linear(act, down_w));
+  const auto attn_rows = attn.view({N, H * D});
+  auto o = ggml_linear(attn_rows, o_w);
+  adapt(o, attn_rows, 1, {o.size(1)});
+  auto h = x + o;
+  const auto normed2 = rms_norm(h, norm2, eps);
+  auto gate_up = ggml_linear(normed2, gate_up_w);
+  adapt(gate_up, normed2, 2, {gate_up.size(1) / 2, gate_up.size(1)});
+  const auto act = silu_and_mul(gate_up);
+  auto down = ggml_linear(act, down_w);
+  adapt(down, act, 3, {down.size(1)});
+  return h.add_(down);
 }

@@ -202,28 +202,42 @@ class LlamaForCausalLM(nn.Module):
         a layer; tandem.kernels.cpu), or None where the step does not qualify: fp32 on the CPU,
         attention the backend computes over the pools in one call (PagedAttention.flat_rows), RoPE,
         and every projection kept in GGML blocks without a bias. Prefill chunks and decode tokens
-        alike. The eager layers are its reference (the same kernels, op for op)."""
+        alike, with the step's LoRA adapters if any (their low-rank updates inside the layer, tokens
+        grouped by adapter once a step: LoRAContext.runs). The eager layers are its reference (the
+        same kernels, op for op; the LoRA updates in another summation order)."""
         flat_rows = getattr(attn, "flat_rows", None)
         if not self.fused_layers or flat_rows is None or not attn.variant.rotary or x.dtype != torch.float32:
             return None
-        lora = getattr(self, "lora_context", None)
-        if lora is not None and lora.slots is not None:  # set only when some token runs an adapter
-            return None  # the adapters' low-rank updates run in the eager layers
         rows = flat_rows(x.dtype, x.device)
         layers = self._ggml_layer_args()
         if rows is None or layers is None:
             return None
         kernels, c, slots = cpu_ops(), self.config, attn.meta.slots
+        lora = getattr(self, "lora_context", None)
+        runs = lora.runs if lora is not None else []  # empty unless some token of the step runs an adapter
+        adapters = self._lora_layer_args() if runs else [[]] * len(layers)
 
         def run(positions: torch.Tensor) -> torch.Tensor:
             h = x[0]
             cos, sin = self.rope.cos[positions[0]], self.rope.sin[positions[0]]
-            for layer, args in zip(self.model.layers, layers):
+            for layer, args, slot_weights in zip(self.model.layers, layers, adapters):
                 i = layer.self_attn.layer_idx  # the pools are the whole model's layers (a stage holds some)
                 h = kernels.fused_layer(h, *args, cos, sin, attn.k_pools[i].data, attn.v_pools[i].data, slots,
-                                         *rows.args(), c.num_heads, c.num_kv_heads)
+                                         *rows.args(), c.num_heads, c.num_kv_heads,
+                                         runs + slot_weights if runs else slot_weights)
             return h.unsqueeze(0)
         return run
+
+    def _lora_layer_args(self) -> list[list[torch.Tensor]]:
+        """Per layer, the LoRA slots' (A, B^T) of qkv, o, gate_up and down (tandem.model.lora's
+        buffers themselves: adapters written into a slot later are seen)."""
+        if not hasattr(self, "_lora_args"):
+            self._lora_args = []
+            for layer in self.model.layers:
+                projections = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                               layer.mlp.down_proj)
+                self._lora_args.append([t for p in projections for t in (p.lora_a, p.lora_bt)])
+        return self._lora_args
 
     def _ggml_layer_args(self) -> list[tuple] | None:
         """Per layer, (norm1, norm2, eps, qkv, o, gate_up, down) for the fused layer, or None."""

@@ -6,14 +6,19 @@ many): each adapted projection W gets a low-rank update, y = W x + s * B (A x), 
   adapter_model.safetensors) for the projections q, k, v, o, gate, up and down, checks every
   shape against the base model and the rank against the limit, and names what is wrong.
 - `attach_lora(model, max_loras, max_rank)` wraps every projection of the (fused) model in a
-  `LoRAProjection` that holds `max_loras` slots of stacked, zero-padded A and B. A fused projection
-  (qkv, gate_up) stacks its parts' A (parts x R rows) and places each part's B on its own output
-  rows (block-diagonal), so one gathered matmul pair serves the fused weight.
-- `LoRASlots` puts adapters in slots, least recently used out, and `set_token_slots` tells every
-  projection which slot each token of the next forward uses (-1: the bare base).
-- `bgmv(x, A, B, slots, scaling)` is the gathered low-rank matmul (Punica's BGMV shape): the
-  tokens grouped by slot, one (x A^T) B^T pair per adapter present, never a loop over tokens;
-  tandem.kernels has its Triton kernel for GPU workers with this as the reference.
+  `LoRAProjection` that holds `max_loras` slots of stacked, zero-padded A and B^T. A fused
+  projection (qkv, gate_up) stacks its parts' A (parts x R rows) and keeps B^T per part: B^T's
+  columns are the fused output's, each multiplying its own part's R columns of x A^T (no zero
+  blocks of a block-diagonal B stored or multiplied; the slots cost the adapters' own size).
+- `LoRASlots` puts adapters in slots, least recently used out, and `LoRAContext.set_slots` tells
+  every projection which slot each token of the next forward uses (-1: the bare base), grouping
+  the tokens by slot once for the whole forward.
+- `lora_delta(x, A, B^T, parts, scaling, groups)` is the projections' low-rank update in torch,
+  one x A^T and one matmul per part for each adapter present, never a loop over tokens: the
+  eager layers run it, and it is the reference of the CPU extension's `lora_add`, which the fused
+  C++ layer runs (tandem.kernels.cpu; tandem/model/llama.py's `_fused_layers`).
+- `bgmv(x, A, B, slots, scaling)` is the gathered low-rank matmul of one part (Punica's BGMV
+  shape); tandem.kernels has its Triton kernel for GPU workers with this as the reference.
 """
 from __future__ import annotations
 
@@ -108,9 +113,20 @@ def load_peft_adapter(name: str, path: str | Path, config: ModelConfig, max_rank
     return LoRAAdapter(name, rank, float(scaling), out)
 
 
+def group_by_slot(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, runs): the rows of the tokens with an adapter (slot >= 0), sorted by slot (stable),
+    and for each slot present (slot, begin, end) into order. order (M,), runs (G, 3), int64."""
+    adapted = (slots >= 0).nonzero().squeeze(1)
+    order = adapted[torch.argsort(slots[adapted], stable=True)]
+    present, counts = torch.unique_consecutive(slots[order], return_counts=True)
+    ends = counts.cumsum(0)
+    return order, torch.stack([present, ends - counts, ends], 1).long()
+
+
 def slot_groups(slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """(slot, its tokens' rows) for every adapter slot present (slot -1, the bare base, left out)."""
-    return [(slot, (slots == slot).nonzero().squeeze(1)) for slot in slots.unique().tolist() if slot >= 0]
+    order, runs = group_by_slot(slots)
+    return [(slot, order[begin:end]) for slot, begin, end in runs.tolist()]
 
 
 def bgmv(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
@@ -126,9 +142,28 @@ def bgmv(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
     return out
 
 
+def lora_delta(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, part_outs: list[int], scaling: torch.Tensor,
+               groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """The low-rank update of a (fused) projection: for each token n of each group (slot s, rows),
+    scaling[s] * (x[n] A[s]^T)[p R:(p + 1) R] B^T[s][:, part p's columns] for each part p, zeros
+    for tokens in no group. x (N, in), a (S, P R, in), bt (S, R, out), part_outs: the parts'
+    widths (sum: out) -> (N, out) in x's dtype."""
+    out = x.new_zeros(x.shape[0], bt.shape[2])
+    rank = bt.shape[1]
+    for slot, rows in groups:
+        low = x[rows].to(a.dtype) @ a[slot].T  # (n, P R)
+        parts, start = [], 0
+        for part, width in enumerate(part_outs):
+            parts.append(low[:, part * rank:(part + 1) * rank] @ bt[slot, :, start:start + width])
+            start += width
+        out[rows] = ((parts[0] if len(parts) == 1 else torch.cat(parts, 1)) * scaling[slot]).to(x.dtype)
+    return out
+
+
 class LoRAProjection(nn.Module):
-    """A base projection plus `slots` adapter slots: forward(x) = base(x) + bgmv over the tokens'
-    slots (LoRAContext.slots, set for each forward)."""
+    """A base projection plus `slots` adapter slots: forward(x) = base(x) + lora_delta over the
+    tokens' slots (LoRAContext, set for each forward). lora_a (slots, parts x R, in) stacks the
+    parts' A; lora_bt (slots, R, out) holds each part's B^T on that part's output columns."""
 
     def __init__(self, base: nn.Module, fan_in: int, part_outs: list[int], slots: int, max_rank: int,
                  context: LoRAContext):
@@ -136,21 +171,19 @@ class LoRAProjection(nn.Module):
         self.base, self.part_outs, self.max_rank, self.context = base, part_outs, max_rank, context
         parts = len(part_outs)
         self.register_buffer("lora_a", torch.zeros(slots, parts * max_rank, fan_in), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(slots, sum(part_outs), parts * max_rank), persistent=False)
-        self.impl = bgmv
+        self.register_buffer("lora_bt", torch.zeros(slots, max_rank, sum(part_outs)), persistent=False)
 
     def set_slot(self, slot: int, parts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write an adapter's (A, B) for some of this projection's parts into a slot (others zero)."""
         self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.lora_bt[slot].zero_()
         start = 0
         for part, width in enumerate(self.part_outs):
             if part in parts:
                 a, b = parts[part]
                 rank = a.shape[0]
-                rows = slice(part * self.max_rank, part * self.max_rank + rank)
-                self.lora_a[slot, rows] = a.to(self.lora_a.dtype)
-                self.lora_b[slot, start:start + width, rows] = b.to(self.lora_b.dtype)
+                self.lora_a[slot, part * self.max_rank:part * self.max_rank + rank] = a.to(self.lora_a.dtype)
+                self.lora_bt[slot, :rank, start:start + width] = b.T.to(self.lora_bt.dtype)
             start += width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,25 +192,30 @@ class LoRAProjection(nn.Module):
         if context.slots is None:
             return out
         flat = x.reshape(-1, x.shape[-1])
-        delta = self.impl(flat, self.lora_a, self.lora_b, context.slots.to(flat.device), context.scaling,
-                          context.groups)
+        delta = lora_delta(flat, self.lora_a, self.lora_bt, self.part_outs, context.scaling, context.groups)
         return out + delta.view(*out.shape[:-1], -1).to(out.dtype)
 
 
 class LoRAContext:
     """What every LoRAProjection of a model reads: each token's slot for the current forward (None
-    or all -1: the bare base) and each slot's scaling."""
+    or all -1: the bare base), those tokens grouped by slot, and each slot's scaling."""
 
     def __init__(self, slots: int):
         self.slots: torch.Tensor | None = None
-        self.groups: list[tuple[int, torch.Tensor]] = []
+        self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, rows): the eager layers' grouping
+        self.runs: list[torch.Tensor] = []  # [order, runs, scaling]: the fused layer's (group_by_slot)
         self.scaling = torch.zeros(slots)
 
     def set_slots(self, slots: torch.Tensor | None) -> None:
         """The next forward's per-token slots (None, or none >= 0: the bare base), grouped once
         for every projection of the forward."""
-        groups = [] if slots is None else slot_groups(slots)
-        self.slots, self.groups = (slots, groups) if groups else (None, [])
+        self.slots, self.groups, self.runs = None, [], []
+        if slots is None:
+            return
+        order, runs = group_by_slot(slots)
+        if len(runs):
+            self.slots, self.runs = slots, [order, runs, self.scaling]
+            self.groups = [(slot, order[begin:end]) for slot, begin, end in runs.tolist()]
 
 
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoRAContext:

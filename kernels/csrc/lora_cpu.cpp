@@ -1,0 +1,122 @@
+// Multi-LoRA's low-rank updates on the CPU, fp32 (Punica's gathered matmul shape, tokens grouped by
+// adapter): what the fused layer adds after each of its four projections when some token of the
+// step runs an adapter (tandem/model/lora.py's `lora_delta` is the reference, op for op in shape).
+//
+// lora_add(y (N, O), x (N, K), a (S, P R, K), bt (S, R, O), part_ends, order (M,), runs (G, 3),
+//          scaling (S,)) adds in place, for every token n = order[i] of a run (slot s, begin, end)
+//   with begin <= i < end, y[n, c] += scaling[s] * sum_r (x[n] . a[s, p R + r]) bt[s, r, c], where
+//   p is output column c's part (part_ends: each part's end column, the last one O). A fused
+//   projection (qkv: 3 parts, gate_up: 2) stacks its parts' A and keeps B^T per part: no zero
+//   block of a block-diagonal B is read or multiplied. Tokens in no run (the bare base) get nothing.
+//
+// Two passes over the thread pool: low (M, P R) = each token's x . A rows (an A row loaded once for
+// up to 4 tokens of its run), then y += scaling * low B^T by 16-column blocks, the block's B^T rows
+// loaded once for up to 4 tokens. Each output element is computed by one thread in a fixed order,
+// whatever the split (batch invariance).
+#include <torch/extension.h>
+#include "thread_pool.h"
+#include <immintrin.h>
+
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTokens = 4;  // tokens sharing each weight load (a decode run of one adapter is ~1-8)
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+// low[t * ld] = x_t . a over K, for the T <= kTokens tokens xs (an fma chain of 16 lanes, then one reduce)
+inline void dot_rows(const float* const* xs, int64_t T, const float* a, int64_t K, float* low, int64_t ld) {
+  __m512 acc[kTokens];
+  for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = tail_mask(K - k);
+    const __m512 av = _mm512_maskz_loadu_ps(m, a + k);
+    for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xs[t] + k), av, acc[t]);
+  }
+  for (int64_t t = 0; t < T; ++t) low[t * ld] = _mm512_reduce_add_ps(acc[t]);
+}
+
+}  // namespace
+
+void lora_add(torch::Tensor y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& bt,
+              const std::vector<int64_t>& part_ends, const torch::Tensor& order, const torch::Tensor& runs,
+              const torch::Tensor& scaling) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0) && x.is_contiguous() && y.is_contiguous() &&
+              x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat, "x (N, K) and y (N, O) must be contiguous float32");
+  TORCH_CHECK(a.dim() == 3 && bt.dim() == 3 && a.is_contiguous() && bt.is_contiguous() && a.scalar_type() == at::kFloat &&
+              bt.scalar_type() == at::kFloat && a.size(0) == bt.size(0), "a (S, P R, K) and bt (S, R, O) must be contiguous float32");
+  const int64_t N = x.size(0), K = x.size(1), O = y.size(1), S = a.size(0), R = bt.size(1), P = (int64_t)part_ends.size();
+  TORCH_CHECK(a.size(2) == K && bt.size(2) == O && P >= 1 && a.size(1) == P * R && part_ends.back() == O,
+              "a must be (S, ", P, " x R, ", K, "), bt (S, R, ", O, ") and the last part end ", O);
+  for (int64_t p = 0; p < P; ++p)
+    TORCH_CHECK(part_ends[p] > (p ? part_ends[p - 1] : 0), "part ends must increase");
+  TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kLong && order.is_contiguous() && runs.dim() == 2 &&
+              runs.size(1) == 3 && runs.scalar_type() == at::kLong && runs.is_contiguous(),
+              "order must be (M,) int64 and runs (G, 3) int64");
+  TORCH_CHECK(scaling.dim() == 1 && scaling.size(0) == S && scaling.scalar_type() == at::kFloat && scaling.is_contiguous(),
+              "scaling must be (S,) float32");
+  const int64_t M = order.size(0), G = runs.size(0);
+  const int64_t* ord = order.data_ptr<int64_t>();
+  const int64_t* run = runs.data_ptr<int64_t>();
+  for (int64_t i = 0; i < M; ++i) TORCH_CHECK(ord[i] >= 0 && ord[i] < N, "order names token ", ord[i], " of ", N);
+  for (int64_t g = 0; g < G; ++g)
+    TORCH_CHECK(run[3 * g] >= 0 && run[3 * g] < S && 0 <= run[3 * g + 1] && run[3 * g + 1] <= run[3 * g + 2] &&
+                run[3 * g + 2] <= M, "run ", g, " (slot ", run[3 * g], ") is out of range");
+  if (G == 0) return;
+  const float* X = x.data_ptr<float>();
+  const float* A = a.data_ptr<float>();
+  const float* BT = bt.data_ptr<float>();
+  const float* scale = scaling.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int64_t PR = P * R;
+
+  // pass 1: low[i, j] = x[order[i]] . a[slot, j], one item per (run, A row)
+  std::vector<float> low(M * PR);
+  tandem::parallel_for(G * PR, 8, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t g = w / PR, j = w % PR, end = run[3 * g + 2];
+      const float* row = A + (run[3 * g] * PR + j) * K;
+      for (int64_t i = run[3 * g + 1]; i < end; i += kTokens) {
+        const int64_t T = std::min(kTokens, end - i);
+        const float* xs[kTokens];
+        for (int64_t t = 0; t < kTokens; ++t) xs[t] = X + ord[i + std::min(t, T - 1)] * K;
+        dot_rows(xs, T, row, K, low.data() + i * PR + j, PR);
+      }
+    }
+  });
+
+  // pass 2: y[order[i], c] += scaling[slot] * low[i, p R:(p + 1) R] . bt[slot, :, c], one item per
+  // (run, 16-column block of one part)
+  std::vector<int64_t> block_col, block_part;
+  for (int64_t p = 0, c = 0; p < P; ++p)
+    for (; c < part_ends[p]; c += std::min<int64_t>(16, part_ends[p] - c)) {
+      block_col.push_back(c);
+      block_part.push_back(p);
+    }
+  const int64_t B = (int64_t)block_col.size();
+  tandem::parallel_for(G * B, 4, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t g = w / B, blk = w % B, slot = run[3 * g], end = run[3 * g + 2];
+      const int64_t c = block_col[blk], p = block_part[blk];
+      const __mmask16 m = tail_mask(part_ends[p] - c);
+      const float* b = BT + slot * R * O + c;
+      const __m512 s = _mm512_set1_ps(scale[slot]);
+      for (int64_t i = run[3 * g + 1]; i < end; i += kTokens) {
+        const int64_t T = std::min(kTokens, end - i);
+        const float* l[kTokens];
+        for (int64_t t = 0; t < kTokens; ++t) l[t] = low.data() + (i + std::min(t, T - 1)) * PR + p * R;
+        __m512 acc[kTokens];
+        for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
+        for (int64_t r = 0; r < R; ++r) {
+          const __m512 bv = _mm512_maskz_loadu_ps(m, b + r * O);
+          for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(l[t][r]), bv, acc[t]);
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          float* yr = Y + ord[i + t] * O + c;
+          _mm512_mask_storeu_ps(yr, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, yr), _mm512_mul_ps(acc[t], s)));
+        }
+      }
+    }
+  });
+}
