@@ -11,17 +11,30 @@ Variants (each a mask or bias rule on one attention path):
 - local_global: a causal local window plus global tokens everyone sees: the first `num_global`
   tokens and, with `stride`, every stride-th token (Longformer / BigBird's local+global pattern
   in its causal form; Sparse Transformer's strided keys).
+- h2o: Heavy-Hitter Oracle (Zhang et al. 2023): a sequence keeps at most `budget` tokens of KV, the
+  last `recent` positions plus the blocks that received the most attention so far; the rest are
+  evicted to the pool. Causal over the keys it keeps, which keep their positions. Scores: each
+  key's softmax probability summed over the queries that saw it, the query heads and the layers
+  (the paper keeps one per head and layer; a paged cache evicts a whole block, shared by every
+  head and layer, so one sum decides); a block's score is its tokens' sum. At each block boundary
+  from `budget` on, the lowest-scoring blocks wholly outside the recent window are evicted until
+  the sequence holds budget / block_size - 1 full blocks plus the one being written (ties: the
+  older block). Its attention runs through the backend's `scored` path (never the fused CPU
+  layer: it needs the probabilities). Options: budget, recent (tokens, multiples of the engine's
+  block size, recent < budget).
 Backends: sdpa (torch SDPA; the CPU default) and naive (explicit fp32 softmax(QK^T/sqrt(D) + bias)V:
 the reference every other backend is tested against).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from tandem.errors import ConfigError
-from tandem.model.attention import AttentionBackend, AttentionMask, AttentionVariant, CausalAttention, KVRetention
+from tandem.model.attention import (AttentionBackend, AttentionMask, AttentionVariant, CausalAttention, KVEviction,
+                                    KVRetention)
 from tandem.plugins import hookimpl
 
 
@@ -103,6 +116,58 @@ class LocalGlobal(AttentionVariant):
         return None if self.stride else KVRetention(self.num_global, self.window)
 
 
+class H2O(AttentionVariant):
+    name = "h2o"
+
+    def __init__(self, budget: int = 1024, recent: int = 512):
+        self.budget = _positive_int(self.name, "budget", budget, 2)
+        self.recent = _positive_int(self.name, "recent", recent)
+        if recent >= budget:
+            raise ConfigError(f"attention variant 'h2o': recent ({recent}) must be below budget ({budget}): "
+                              "the rest of the budget holds the heavy hitters")
+
+    def key_window(self):  # it needs the attention probabilities: the scored path, not the CPU kernels
+        return None
+
+    def eviction(self, block_size: int) -> H2OEviction:
+        for key in ("budget", "recent"):
+            if getattr(self, key) % block_size:
+                raise ConfigError(f"attention variant 'h2o': {key} ({getattr(self, key)}) must be a multiple of "
+                                  f"the KV block size ({block_size}): whole blocks are evicted")
+        return H2OEviction(block_size, self.budget, self.recent)
+
+
+@dataclass(frozen=True)
+class H2OEviction(KVEviction):
+    """H2O at a block size: evicts at each block boundary from `budget` on (see the module docstring)."""
+
+    block_size: int
+    budget: int  # tokens, a multiple of block_size
+    recent: int  # tokens, a multiple of block_size, < budget
+
+    @property
+    def max_blocks(self) -> int:
+        return self.budget // self.block_size
+
+    @property
+    def first_eviction(self) -> int:
+        return self.budget
+
+    def step_end(self, num_computed: int) -> int:
+        if num_computed < self.budget:  # nothing is evicted before the budget: any chunking
+            return self.budget
+        return (num_computed // self.block_size + 1) * self.block_size  # stop at the next boundary
+
+    def select(self, block_scores: list[float], live: list[int], num_computed: int) -> list[int]:
+        if num_computed < self.budget or num_computed % self.block_size:
+            return []
+        num_over = len(live) - (self.max_blocks - 1)  # leave room for the block written next
+        recent_start = num_computed - self.recent
+        candidates = [i for i in live if (i + 1) * self.block_size <= recent_start]
+        candidates.sort(key=lambda i: (block_scores[i] if i < len(block_scores) else 0.0, i))
+        return sorted(candidates[:max(0, num_over)])
+
+
 class NaiveBackend(AttentionBackend):
     """The reference: fp32 scores, explicit mask and bias, KV heads repeated for GQA."""
 
@@ -136,7 +201,7 @@ class NaiveBackend(AttentionBackend):
 
 @hookimpl
 def tandem_attention_variants(api_version: int):
-    return [CausalAttention, SlidingWindow, AttentionSinks, ALiBi, LocalGlobal]
+    return [CausalAttention, SlidingWindow, AttentionSinks, ALiBi, LocalGlobal, H2O]
 
 
 @hookimpl

@@ -11,7 +11,10 @@ Ids and counts only: the model runner carries out the copies this returns.
 Blocks are given out as the tokens they hold are about to be computed (a long prompt is not
 reserved whole at admission). With an attention variant that stops seeing old keys (sliding
 window, sinks), `release_dead_blocks` frees the blocks no future query can see and leaves a
-NULL_BLOCK hole in the table: the KV of such a sequence stops growing at its window.
+NULL_BLOCK hole in the table: the KV of such a sequence stops growing at its window. A variant
+that evicts by received attention (H2O) leaves the same holes through `evict`; a sequence that has
+evicted publishes no more blocks (its later KV was computed over a pruned context), and each block
+it published before carries the attention its queries gave, so a prefix hit resumes the scores.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from tandem.engine.sequence import Sequence
+from tandem.engine.sequence import AttentionReceived, Sequence
 
 NULL_BLOCK = -1  # a block-table entry whose block was released (out of every future query's view)
 
@@ -42,9 +45,16 @@ def block_hash(parent: bytes | None, token_ids: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 max_scored_hit: int | None = None):
+        """max_scored_hit: set for a variant that evicts by attention (KVEviction): sequences'
+        received attention is kept, and a prefix hit covers at most this many blocks (those
+        before the first eviction) and only blocks that carry their queries' attention."""
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.max_scored_hit = max_scored_hit
+        # Per cached block: what its queries gave the blocks of its prefix (AttentionReceived's row).
+        self.block_attention: list[list[float] | None] = [None] * num_blocks
         self.ref_counts = [0] * num_blocks
         self.hashes: list[bytes | None] = [None] * num_blocks  # hash of a computed full block
         self.cached: dict[bytes, int] = {}  # hash -> block id
@@ -78,9 +88,12 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits = []
-        for h in self.chain(seq, (seq.num_tokens - 1) // self.block_size):
+        num_blocks = (seq.num_tokens - 1) // self.block_size
+        if self.max_scored_hit is not None:
+            num_blocks = min(num_blocks, self.max_scored_hit)
+        for h in self.chain(seq, num_blocks):
             block = self.cached.get(h)
-            if block is None:
+            if block is None or (self.max_scored_hit is not None and self.block_attention[block] is None):
                 break
             hits.append((block, h))
         return hits
@@ -113,6 +126,7 @@ class BlockManager:
             if self.cached.get(old) == block:
                 del self.cached[old]
             self.hashes[block] = None
+            self.block_attention[block] = None
         self.ref_counts[block] = 1
         return block
 
@@ -127,6 +141,8 @@ class BlockManager:
             self.ref_counts[block] += 1
             seq.block_table.append(block)
             seq.block_hashes.append(h)
+            if self.max_scored_hit is not None:
+                seq.attention.add(len(seq.block_table) - 1, [self.block_attention[block]])
         for _ in range(self.blocks_for(self._tokens_to_cover(seq, len(hits), max_new)) - len(hits)):
             seq.block_table.append(self._take_free())
         seq.num_computed_tokens = len(hits) * self.block_size
@@ -158,9 +174,12 @@ class BlockManager:
             h = chain[i]
             seq.block_hashes.append(h)
             block = seq.block_table[i]
-            if self.enable_prefix_caching and block != NULL_BLOCK and h not in self.cached and self.hashes[block] is None:
+            if (self.enable_prefix_caching and block != NULL_BLOCK and h not in self.cached
+                    and self.hashes[block] is None and not seq.attention.evicted):
                 self.cached[h] = block
                 self.hashes[block] = h
+                if self.max_scored_hit is not None:
+                    self.block_attention[block] = list(seq.attention.by_query_block[i])
 
     def release_dead_blocks(self, seq: Sequence, num_sink: int, window: int) -> None:
         """Free the blocks whose every token is out of sight of all future queries: neither one of
@@ -175,6 +194,22 @@ class BlockManager:
                 self._unref(block)
                 seq.block_table[i] = NULL_BLOCK
         seq.num_released_blocks = max(seq.num_released_blocks, end)
+
+    def live_blocks(self, seq: Sequence) -> list[int]:
+        """Table indices of the blocks that hold the sequence's computed tokens and were not released."""
+        return [i for i in range(min(self.blocks_for(seq.num_computed_tokens), len(seq.block_table)))
+                if seq.block_table[i] != NULL_BLOCK]
+
+    def evict(self, seq: Sequence, indices: list[int]) -> None:
+        """Drop these table entries (an evicting variant's choice): each block is dereferenced (one
+        shared through the prefix cache stays with its other holders, and cached) and leaves a
+        NULL_BLOCK hole. From the first eviction on the sequence publishes no more blocks."""
+        for i in indices:
+            self._unref(seq.block_table[i])
+            seq.block_table[i] = NULL_BLOCK
+        if indices:
+            seq.attention.evicted = True
+            seq.attention.by_query_block = []  # only publishing needed it
 
     def _unref(self, block: int) -> None:
         self.ref_counts[block] -= 1
@@ -223,12 +258,14 @@ class BlockManager:
         if h is not None and self.cached.get(h) == block:
             del self.cached[h]
         self.hashes[block] = None
+        self.block_attention[block] = None
         self.free.move_to_end(block, last=False)
 
     def forget_all(self) -> None:
         """Drop the whole prefix cache (the pools' contents were lost: a parallel group restarted)."""
         for block in self.cached.values():  # referenced ones too: their sequences are failing
             self.hashes[block] = None
+            self.block_attention[block] = None
         self.cached.clear()
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -248,6 +285,7 @@ class BlockManager:
         seq.num_released_blocks = 0
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+        seq.attention = AttentionReceived()  # a recomputation observes it all again
 
     def check_invariants(self, live: list[Sequence]) -> None:
         """Accounting check for tests: ref counts equal table references; free list = unreferenced."""

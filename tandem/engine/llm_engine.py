@@ -25,7 +25,7 @@ from tandem.errors import ConfigError, InvalidRequestError, ParallelGroupError, 
 from tandem.model.attention import DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBackend, AttentionVariant
 from tandem.model.kv_pool import DEFAULT_KV_FORMAT, KVCacheFormat
 from tandem.model.moe import router_stats
-from tandem.outputs import OutputProcessor, RequestMetrics, RequestOutput, StreamDelta, TokenLogprob
+from tandem.outputs import OutputProcessor, RequestMetrics, RequestOutput, ScoreOutput, StreamDelta, TokenLogprob
 from tandem.sampling import SamplerPipeline, SamplingBatch
 from tandem.sampling_params import SamplingParams
 from tandem.speculative import SpeculativeConfig
@@ -73,20 +73,25 @@ class LLMEngine:
         self.tokenizer, self.model_config, self.sampler = tokenizer, model.config, sampler
         self.variant, self.retention = variant, variant.retention()
         c, block_size = self.model_config, self.config.block_size
+        self.eviction = variant.eviction(block_size)  # H2O-style: blocks dropped by received attention
         per_token = kv_bytes_per_token or kv_format.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim,
                                                                     next(model.parameters()).dtype)
         blocks = num_kv_blocks(self.config, per_token, max_model_len, next(model.parameters()).device)
         # A windowed variant frees blocks as it goes, so a shared prefix does not stay whole.
         caching = self.config.enable_prefix_caching and self.retention is None
-        self.block_manager = BlockManager(blocks, block_size, caching)
-        self.scheduler = Scheduler(self.config, self.block_manager)
+        ev = self.eviction
+        self.block_manager = BlockManager(blocks, block_size, caching,
+                                          None if ev is None else (ev.first_eviction - 1) // block_size)
+        self.scheduler = Scheduler(self.config, self.block_manager, None if ev is None else ev.step_end)
         self.runner = runner_factory(blocks) if runner_factory is not None \
             else ModelRunner(model, c, blocks, block_size, kv_format, variant, backend)
+        if ev is not None:
+            self._check_eviction(variant, blocks, speculative)
         self.serial_torch = serial_torch
         self.max_model_len = max_model_len
-        if self.retention is None:  # a sequence alone in the pool can always finish: cap at its capacity
+        if self.retention is None and ev is None:  # a sequence alone in the pool can always finish: cap at its capacity
             self.max_model_len = min(max_model_len, blocks * block_size)
-        else:  # it needs its sinks, its window and one chunk in flight at most
+        elif self.retention is not None:  # it needs its sinks, its window and one chunk in flight at most
             r = self.retention
             working_set = (-(-r.num_sink // block_size) + -(-(r.window + self.config.max_num_batched_tokens)
                                                              // block_size) + 1)
@@ -103,6 +108,17 @@ class LLMEngine:
         self.kv: KVTransfer | None = None  # the connector's engine side
         self.attach_connector(connector)
         self.lora = lora
+
+    def _check_eviction(self, variant: AttentionVariant, num_blocks: int, speculative) -> None:
+        if not hasattr(self.runner, "take_attention_received"):
+            raise ConfigError(f"attention {variant.describe()} evicts by attention, which a model split "
+                              "over ranks does not report: run it on one rank")
+        if speculative is not None:
+            raise ConfigError(f"attention {variant.describe()} evicts by attention: speculative decoding's "
+                              "rejected guesses would count in it; turn speculation off")
+        if num_blocks < self.eviction.max_blocks + 1:
+            raise ConfigError(f"attention {variant.describe()} needs {self.eviction.max_blocks + 1} KV blocks per "
+                              f"sequence; the pool has {num_blocks}: raise num_kv_blocks or kv_cache_memory")
 
     def attach_connector(self, connector: KVConnector | None) -> None:
         """Share KV blocks with an external store from now on (None: stop). Call it before adding requests."""
@@ -155,6 +171,8 @@ class LLMEngine:
                           self.sampler.prepare(params), prefill_only=prefill_only, resumed=generated is not None)
         if params.speculative != "default" or self.spec.policy.default is not None:  # else it cannot speculate
             request.spec = self.spec.state_for(request)
+            if request.spec is not None and self.eviction is not None:
+                raise InvalidRequestError(f"attention {self.variant.name!r} evicts by attention: no speculative decoding")
         if generated is None:
             request.seqs.append(Sequence(request_id, list(prompt_ids), len(prompt_ids), params))
         else:
@@ -253,6 +271,8 @@ class LLMEngine:
         except ParallelGroupError:  # the KV of other ranks is gone: no cached block can be trusted
             self.block_manager.forget_all()
             raise
+        if self.eviction is not None:
+            self._observe(plan.scheduled)
         deltas, finished = self._process(plan, logits, dict(zip(rows, itertools.accumulate([0, *counts]))))
         return deltas, done + finished
 
@@ -298,10 +318,18 @@ class LLMEngine:
                     touched.append(v.request)
         return deltas, outputs + self._collect_finished(touched, now)
 
+    def _observe(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        """Add what the step's queries gave each sequence's KV blocks (before its tokens count as computed)."""
+        for (seq, _), rows in zip(scheduled, self.runner.take_attention_received()):
+            seq.attention.add(seq.num_computed_tokens // self.config.block_size, rows)
+
     def _commit(self, seq: Sequence) -> None:
         self.block_manager.commit(seq)
         if self.retention is not None:
             self.block_manager.release_dead_blocks(seq, self.retention.num_sink, self.retention.window)
+        if self.eviction is not None:
+            bm = self.block_manager
+            bm.evict(seq, self.eviction.select(seq.attention.per_block, bm.live_blocks(seq), seq.num_computed_tokens))
 
     def _sample(self, logits: torch.Tensor, plain: list[tuple[Sequence, int]], now: float):
         """The ordinary draw: one token per sequence (and the forks of a request's first sample)."""
@@ -368,6 +396,42 @@ class LLMEngine:
         request.metrics.finished_time = now
         self.num_finished_requests += 1
         return self.outputs.output(request)
+
+    # -- teacher-forced scoring -----------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> ScoreOutput:
+        """Teacher-forced log-probabilities of token_ids[1:] (and the argmax at each position)
+        computed the way this engine serves: the text runs as a prompt through the paged cache,
+        in the scheduler's chunks, the variant's retention and eviction applied between them, so
+        each token is scored over the KV the variant left (tandem.LLM.score keeps every key). No
+        prefix cache either way. Call it while the engine has no requests."""
+        if self.has_unfinished():
+            raise InvalidRequestError("score() runs alone: the engine has requests in flight")
+        ids = list(token_ids)
+        self.tokenizer.check_ids(ids)
+        if not 2 <= len(ids) <= self.max_model_len:
+            raise InvalidRequestError(f"score needs 2 to {self.max_model_len} tokens, got {len(ids)}")
+        seq, caching = Sequence("score", ids, len(ids), SamplingParams()), self.block_manager.enable_prefix_caching
+        self.block_manager.enable_prefix_caching = False  # every position computed, nothing published
+        self.scheduler.add(seq)
+        logprobs, argmax = [], []
+        try:
+            while seq.num_computed_tokens < len(ids):
+                plan = self.scheduler.schedule()
+                start, num = seq.num_computed_tokens, plan.scheduled[0][1]
+                logits = self.runner.execute(plan.scheduled, plan.copies, [0], num_rows=[num])  # (num, vocab)
+                if self.eviction is not None:
+                    self._observe(plan.scheduled)
+                seq.num_computed_tokens += num
+                self._commit(seq)
+                targets = torch.tensor(ids[start + 1:start + 1 + num])
+                logits = logits[:len(targets)]
+                logprobs += logits.log_softmax(-1).gather(-1, targets.unsqueeze(1)).squeeze(1).tolist()
+                argmax += logits.argmax(-1).tolist()
+        finally:
+            self.scheduler.remove(seq)
+            self.block_manager.enable_prefix_caching = caching
+        return ScoreOutput(logprobs, argmax)
 
     # -- KV blocks from and to an external store (the connector) ----------------------------------
     def _receive_kv(self) -> list[RequestOutput]:

@@ -1,6 +1,8 @@
 """The model runner: owns the KV pools, turns a scheduled step into one batched forward over a
 flat mix of prefill chunks and decode tokens, and returns logits only where a token is to be
 sampled (the LM head is the largest matmul of a small model: never run it on prompt rows).
+With a variant that evicts by attention (H2O), it also reports what each sequence's query blocks
+gave its key blocks in the step (`take_attention_received`).
 """
 from __future__ import annotations
 
@@ -52,6 +54,8 @@ class ModelRunner:
         # Whether every step goes to the backend as key ranges (tandem's CPU paged attention):
         # then the per-step metadata is only slots and ranges, no masks.
         self.flat_only = backend.reads_pool_in_place(dtype, self.device, self.k_pools[self.layers.start], variant)
+        self.scored = variant.eviction(block_size) is not None  # attention runs through backend.scored
+        self._received: list[list[list[float]]] | None = None
 
     @property
     def pools(self) -> list:
@@ -111,7 +115,7 @@ class ModelRunner:
 
     def attention(self, rows: list[tuple[list[int], int, int]]) -> PagedAttention:
         """The attention context of a step (or a micro-batch) of these sequences."""
-        meta = build_metadata(rows, self.block_size, self.variant, self.config.num_heads, self.flat_only)
+        meta = build_metadata(rows, self.block_size, self.variant, self.config.num_heads, self.flat_only, self.scored)
         return PagedAttention(self.k_pools, self.v_pools, meta.to(self.device), self.variant, self.backend)
 
     @torch.inference_mode()
@@ -120,13 +124,24 @@ class ModelRunner:
         lora = getattr(self.model, "lora_context", None)
         if lora is not None and step.lora_slots is not None:  # each token's adapter, for every projection
             lora.set_slots(torch.tensor(step.lora_slots).repeat_interleave(torch.tensor([n for _, _, n in step.rows])))
+        attn = self.attention(step.rows)
         try:
-            hidden = self.model(inputs[:1], inputs[1:], self.attention(step.rows))[0]  # (N, d)
+            hidden = self.model(inputs[:1], inputs[1:], attn)[0]  # (N, d)
         finally:
             if lora is not None:
                 lora.set_slots(None)
+        if attn.received is not None:
+            self._received = [r.tolist() for r in attn.received]
         picked = torch.tensor(step.picked, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden[picked]).float().cpu()
+
+
+    def take_attention_received(self) -> list[list[list[float]]]:
+        """Of the last step, per scheduled sequence: row r, what its r-th query block (counted from
+        the block of its first new token) gave each block of its table, summed over heads, queries
+        and layers. Scored steps only (a variant that evicts by attention)."""
+        received, self._received = self._received, None
+        return received
 
 
 def prepare(scheduled: list[tuple[Sequence, int]], sample_rows: list[int],

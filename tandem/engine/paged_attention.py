@@ -7,6 +7,11 @@ each prefill chunk attends over its own context through `prefill`. Block tables 
 (NULL_BLOCK) where a windowed variant released blocks nobody can see any more: only live blocks
 are gathered, with their true positions, so the variant's mask stays exact.
 
+With a variant that evicts by received attention (H2O), every sequence of the step, decode or
+prefill, attends alone over its live keys through the backend's `scored`, and the context sums
+what each sequence's query blocks gave its key blocks over the layers (`received`): the model
+runner hands that to the engine. Alone, so a sequence's scores never depend on the batch.
+
 Masks depend on positions only, so they are built once per step here, not once per layer.
 """
 from __future__ import annotations
@@ -29,6 +34,10 @@ class PrefillChunk:
     context_blocks: torch.Tensor | None  # live block ids holding the context; None when num_cached == 0
     num_context_keys: int  # keys in those blocks that belong to the context (the last block may be part-full)
     mask: AttentionMask
+    # Scored steps only (an evicting variant): each query's block and each key's block, relative
+    # to the chunk's first query block and the table's start: (T,), (S,) int64.
+    query_blocks: torch.Tensor | None = None
+    key_blocks: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class PagedAttentionMetadata:
     prefills: tuple[PrefillChunk, ...]
     decodes: DecodeBatch | None
     rows: FlatRows | None = None
+    scored: bool = False  # every sequence is a chunk with query_blocks/key_blocks: attention is scored
 
     def to(self, device: torch.device) -> PagedAttentionMetadata:
         """The same metadata with every tensor on `device` (built on the host, used where the model is)."""
@@ -76,6 +86,10 @@ class PagedAttention:
         self.k_pools, self.v_pools, self.meta = k_pools, v_pools, meta
         self.variant, self.backend = variant, backend
         self._some_pool = next(p for p in k_pools if p is not None)  # a pipeline stage has some layers' pools
+        # Scored steps: per chunk, (query blocks, key blocks) fp32, the attention the chunk's
+        # query blocks gave each key block of its table, summed over heads, queries and layers.
+        self.received = [torch.zeros(int(c.query_blocks[-1]) + 1, int(c.key_blocks[-1]) + 1, device=c.mask.allowed.device)
+                         for c in meta.prefills] if meta.scored else None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_pool, v_pool = self.k_pools[layer], self.v_pools[layer]
@@ -85,6 +99,8 @@ class PagedAttention:
         if rows is not None:  # one call for the whole step, prefill and decode rows alike
             return cpu_ops().paged_attention(q, k_pool.data, v_pool.data, *rows.args())
         try:
+            if self.received is not None:
+                return self._attend_scored(k_pool, v_pool, q, k, v)
             return self._attend(k_pool, v_pool, q, k, v)
         except Exception as exc:
             raise PluginError(f"attention backend {self.backend.name!r} with variant {self.variant.name!r} "
@@ -107,16 +123,29 @@ class PagedAttention:
         out = torch.empty_like(q)
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.num_tokens)
-            if chunk.context_blocks is None:
-                out[rows] = self.backend.prefill(q[rows], k[rows], v[rows], chunk.mask)
-            else:
-                n = chunk.num_context_keys
-                keys = k_pool.gather(chunk.context_blocks).flatten(0, 1)[:n].to(q.dtype)  # (S, Hkv, D)
-                values = v_pool.gather(chunk.context_blocks).flatten(0, 1)[:n].to(q.dtype)
-                out[rows] = self.backend.prefill(q[rows], keys, values, chunk.mask)
+            keys, values = self._chunk_keys(chunk, k_pool, v_pool, k[rows], v[rows], q.dtype)  # (S, Hkv, D)
+            out[rows] = self.backend.prefill(q[rows], keys, values, chunk.mask)
         if meta.decodes is not None:
             out[meta.decodes.rows] = self._decode(meta.decodes, k_pool, v_pool, q[meta.decodes.rows])
         return out
+
+    def _attend_scored(self, k_pool, v_pool, q, k, v) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for chunk, received in zip(self.meta.prefills, self.received):
+            rows = slice(chunk.start, chunk.start + chunk.num_tokens)
+            keys, values = self._chunk_keys(chunk, k_pool, v_pool, k[rows], v[rows], q.dtype)
+            out[rows], probs = self.backend.scored(q[rows], keys, values, chunk.mask)  # probs (T, S)
+            received.index_put_((chunk.query_blocks.unsqueeze(1), chunk.key_blocks.unsqueeze(0)), probs, accumulate=True)
+        return out
+
+    @staticmethod
+    def _chunk_keys(chunk: PrefillChunk, k_pool, v_pool, k, v, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's keys and values (S, Hkv, D): its own for a fresh prompt, else its live context."""
+        if chunk.context_blocks is None:
+            return k, v
+        n = chunk.num_context_keys
+        return (k_pool.gather(chunk.context_blocks).flatten(0, 1)[:n].to(dtype),
+                v_pool.gather(chunk.context_blocks).flatten(0, 1)[:n].to(dtype))
 
     def _decode(self, d: DecodeBatch, k_pool, v_pool, q: torch.Tensor) -> torch.Tensor:
         if d.contiguous is not None:
@@ -138,12 +167,16 @@ def _live_blocks(table: list[int], num_tokens: int, block_size: int) -> tuple[to
 
 
 def build_metadata(rows: list[tuple[list[int], int, int]], block_size: int, variant: AttentionVariant,
-                   num_heads: int, flat_only: bool = False) -> PagedAttentionMetadata:
+                   num_heads: int, flat_only: bool = False, scored: bool = False) -> PagedAttentionMetadata:
     """rows: per scheduled sequence, (block_table, num_computed_tokens, num_new_tokens), in flat order.
     flat_only: the backend computes every step from key ranges (reads_pool_in_place): build
-    only the slots and FlatRows, in plain Python (no masks, no per-sequence tensors)."""
+    only the slots and FlatRows, in plain Python (no masks, no per-sequence tensors).
+    scored: every sequence is a chunk of its own, with an explicit mask and each query's and
+    key's block (the variant evicts by received attention)."""
     if flat_only:
         return _flat_metadata(rows, block_size, variant)
+    if scored:
+        return _scored_metadata(rows, block_size, variant, num_heads)
     slots, prefills, decodes = [], [], []
     start = 0
     offsets = torch.arange(block_size)
@@ -166,6 +199,27 @@ def build_metadata(rows: list[tuple[list[int], int, int]], block_size: int, vari
         start += num_new
     return PagedAttentionMetadata(torch.cat(slots), tuple(prefills),
                                   _decode_batch(decodes, block_size, variant, num_heads))
+
+
+def _scored_metadata(rows: list[tuple[list[int], int, int]], block_size: int, variant: AttentionVariant,
+                     num_heads: int) -> PagedAttentionMetadata:
+    slots, chunks, start = [], [], 0
+    offsets = torch.arange(block_size)
+    for table, num_cached, num_new in rows:
+        context_len = num_cached + num_new
+        positions = torch.arange(num_cached, context_len)
+        slots += [table[pos // block_size] * block_size + pos % block_size for pos in range(num_cached, context_len)]
+        if num_cached == 0:
+            blocks, key_pos = None, positions
+        else:
+            blocks, starts = _live_blocks(table, context_len, block_size)
+            key_pos = (starts.unsqueeze(1) + offsets).flatten()
+            key_pos = key_pos[key_pos < context_len]
+        mask = AttentionMask.build(variant, positions, key_pos, num_heads)
+        chunks.append(PrefillChunk(start, num_new, num_cached, blocks, len(key_pos), mask,
+                                   positions // block_size - num_cached // block_size, key_pos // block_size))
+        start += num_new
+    return PagedAttentionMetadata(torch.tensor(slots, dtype=torch.long), tuple(chunks), None, scored=True)
 
 
 def _flat_metadata(rows: list[tuple[list[int], int, int]], block_size: int,

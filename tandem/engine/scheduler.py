@@ -5,11 +5,13 @@ Every step: running sequences first, oldest first (decodes take one token each, 
 prefills a chunk), then waiting ones first come, first served, all under a token budget and a
 sequence limit. When the pool runs dry, the newest running sequence is preempted: its blocks are
 freed and it returns to the head of the queue, to be recomputed later (its prefix may still be
-cached). Ids and counts only.
+cached). A variant that evicts by attention (H2O) bounds each sequence's step by its
+`step_end`, so eviction points never depend on how the batch chunked it. Ids and counts only.
 """
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tandem.engine.block_manager import BlockManager
@@ -29,9 +31,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager,
+                 step_end: Callable[[int], int] | None = None):
+        """step_end(num_computed): how far a sequence's next step may compute (exclusive), or None: any length."""
         self.config = config
         self.blocks = block_manager
+        self.step_end = step_end
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the newest
         self.num_preemptions = 0
@@ -64,7 +69,7 @@ class Scheduler:
         queue, kept = list(self.running), []
         while queue:
             seq = queue.pop(0)
-            num = min(seq.num_uncomputed_tokens, budget)
+            num = min(seq.num_uncomputed_tokens, budget, self._room(seq))
             if num == 0 or len(out.scheduled) == self.config.max_num_seqs:
                 kept.append(seq)
                 continue
@@ -87,10 +92,18 @@ class Scheduler:
             self.blocks.allocate(seq, budget)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            num = min(seq.num_uncomputed_tokens, budget)
+            num = min(seq.num_uncomputed_tokens, budget, self._room(seq))
+            if self.step_end is not None:  # hold no blocks past this step's end
+                self.blocks.trim(seq)
+                self.blocks.append_slots(seq, num)  # no copy: the block after a prefix hit is fresh
             out.scheduled.append((seq, num))
             budget -= num
         return out
+
+    def _room(self, seq: Sequence) -> int:
+        if self.step_end is None:
+            return seq.num_uncomputed_tokens
+        return self.step_end(seq.num_computed_tokens) - seq.num_computed_tokens
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         seq.spec_token_ids = []  # guesses are never worth a recomputation

@@ -20,6 +20,38 @@ if TYPE_CHECKING:
 _seq_ids = itertools.count()
 
 
+@dataclass
+class AttentionReceived:
+    """The attention a sequence's KV blocks have received (softmax probabilities summed over
+    queries, heads and layers), for a variant that evicts by it (tandem.model.attention.KVEviction).
+    Plain floats by table index: the block manager and the variant's `select` read them."""
+
+    per_block: list[float] = field(default_factory=list)  # block i: from every query so far
+    # Row j: what the queries of block j gave blocks 0..j. Kept until the sequence first evicts:
+    # the prefix cache publishes row j with block j, so a later hit starts from the same scores.
+    by_query_block: list[list[float]] = field(default_factory=list)
+    evicted: bool = False  # its later KV was computed over a pruned context: it publishes no more
+
+    def add(self, first_query_block: int, rows: list[list[float]]) -> None:
+        """Rows of what each query block from first_query_block on gave the key blocks 0.."""
+        for r, row in enumerate(rows):
+            _add_into(self.per_block, row)
+            if not self.evicted:
+                j = first_query_block + r
+                while len(self.by_query_block) <= j:
+                    self.by_query_block.append([])
+                _add_into(self.by_query_block[j], row)
+
+    def copy(self) -> AttentionReceived:
+        return AttentionReceived(list(self.per_block), [list(r) for r in self.by_query_block], self.evicted)
+
+
+def _add_into(total: list[float], row: list[float]) -> None:
+    total.extend([0.0] * (len(row) - len(total)))
+    for i, x in enumerate(row):
+        total[i] += x
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -50,6 +82,7 @@ class Sequence:
     admitted: bool = False
     lora: str | None = None  # the LoRA adapter this sequence runs with (None: the bare base)
     lora_slot: int = -1  # its slot in the model (tandem.model.lora), held while the request lives
+    attention: AttentionReceived = field(default_factory=AttentionReceived)  # kept for an evicting variant
 
     @property
     def num_tokens(self) -> int:
@@ -76,7 +109,7 @@ class Sequence:
                         status=self.status, block_hashes=list(self.block_hashes), hash_chain=list(self.hash_chain),
                         num_computed_tokens=self.num_computed_tokens, num_released_blocks=self.num_released_blocks,
                         num_cached_tokens=self.num_cached_tokens, admitted=True, lora=self.lora,
-                        lora_slot=self.lora_slot)
+                        lora_slot=self.lora_slot, attention=self.attention.copy())
 
 
 @dataclass(eq=False)

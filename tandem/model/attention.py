@@ -8,7 +8,9 @@ attention path, not copies of it).
 - An `AttentionVariant` is a rule on (query position, key position): `allowed` (a boolean mask:
   causal, sliding window, sinks, sparse...), an optional additive `bias` (ALiBi), and the
   `retention` that says which old keys can never be seen again (so the engine frees their blocks:
-  the rolling KV of sliding-window models).
+  the rolling KV of sliding-window models). A variant may instead evict by the attention keys
+  received (`eviction`, a `KVEviction`: H2O's heavy hitters): the engine then runs its attention
+  through the backend's `scored`, which also returns the softmax probabilities each key got.
 - An `AttentionBackend` computes softmax(q k^T / sqrt(D) + bias, masked) v for prefill chunks and
   for batched decode over a paged pool: SDPA here (the CPU default); the naive reference and
   Triton kernels are plugins.
@@ -51,6 +53,29 @@ class KVRetention:
         return next_query_position - self.window + 1
 
 
+class KVEviction:
+    """A variant's eviction of whole KV blocks by the attention they received (H2O's heavy
+    hitters, Zhang et al. 2023), bound to the engine's block size. The engine keeps, per sequence,
+    the attention each KV block has received (softmax probabilities summed over queries, heads and
+    layers), and after each step asks `select` which blocks to drop: their table entries become
+    NULL_BLOCK holes (attention skips them; the other keys keep their positions) and the blocks go
+    back to the pool. So that a decision depends on the sequence alone, never on how the scheduler
+    chunked it, eviction happens only at `step_end` positions, which no step crosses, and a prefix
+    hit stops before `first_eviction`."""
+
+    max_blocks: int  # KV blocks a sequence holds at most between steps
+    first_eviction: int  # the first position (a block boundary) at which select may evict
+
+    def step_end(self, num_computed: int) -> int:
+        """How far (exclusive) the next step of a sequence with num_computed tokens may compute."""
+        raise NotImplementedError
+
+    def select(self, block_scores: list[float], live: list[int], num_computed: int) -> list[int]:
+        """Which of `live` (table indices of the blocks holding computed tokens) to evict now;
+        block_scores[i]: the attention block i has received so far."""
+        raise NotImplementedError
+
+
 class AttentionVariant:
     """Base class and the default: plain causal attention (every earlier key, and the query's own).
 
@@ -77,6 +102,12 @@ class AttentionVariant:
 
     def retention(self) -> KVRetention | None:
         """Which keys stay visible to future queries; None: all of them (nothing is ever freed)."""
+        return None
+
+    def eviction(self, block_size: int) -> KVEviction | None:
+        """The variant's eviction by received attention at this block size (ConfigError when it
+        does not fit it), or None: it evicts nothing by attention. A variant that evicts must also
+        return None from `key_window` (its attention runs through `AttentionBackend.scored`)."""
         return None
 
     @property
@@ -236,6 +267,22 @@ class AttentionBackend:
             scores = scores + mask.bias.view(batch, num_kv, num_heads // num_kv, -1).to(scores.dtype)
         probs = scores.masked_fill(~mask.allowed.unsqueeze(1), float("-inf")).softmax(dim=-1)
         return (probs @ values.transpose(1, 2)).reshape(batch, num_heads, dim)
+
+    def scored(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention that also says how much each key received (for a variant that evicts by it):
+        q (T, H, D) over keys/values (S, H_kv, D), mask.allowed (T, S) (never None here), bias
+        (H, T, S) -> the output (T, H, D) and the fp32 softmax probabilities summed over heads
+        (T, S). Explicit fp32 softmax, query heads grouped per KV head (no repeated keys)."""
+        num_tokens, num_heads, dim = q.shape
+        num_kv = keys.shape[1]
+        grouped = q.float().view(num_tokens, num_kv, num_heads // num_kv, dim)  # (T, Hkv, G, D)
+        scores = torch.einsum("tkgd,skd->kgts", grouped, keys.float()) * dim ** -0.5  # (Hkv, G, T, S)
+        if mask.bias is not None:
+            scores = scores + mask.bias.float().view(num_kv, num_heads // num_kv, num_tokens, -1)
+        probs = scores.masked_fill(~mask.allowed, float("-inf")).softmax(dim=-1)
+        out = torch.einsum("kgts,skd->tkgd", probs, values.float()).reshape(num_tokens, num_heads, dim)
+        return out.to(q.dtype), probs.sum(dim=(0, 1))
 
     def paged_decode(self, q: torch.Tensor, k_pool, v_pool, block_tables: torch.Tensor,
                      mask: AttentionMask) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from tandem.config import ModelConfig
+from tandem.errors import ConfigError
 from tandem.model.attention import (DEFAULT_BACKEND, DEFAULT_VARIANT, AttentionBackend, AttentionMask,
                                     AttentionVariant, fresh_causal_mask, tensors_to)
 
@@ -17,6 +18,9 @@ class KVCache:
     def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", variant: AttentionVariant = DEFAULT_VARIANT,
                  backend: AttentionBackend = DEFAULT_BACKEND):
+        if type(variant).eviction is not AttentionVariant.eviction:
+            raise ConfigError(f"attention {variant.describe()} evicts by received attention, which a contiguous "
+                              "cache that keeps every key cannot do: score through the engine (LLMEngine.score)")
         shape = (config.num_layers, max_len, config.num_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
