@@ -8,6 +8,7 @@ Servicer methods are wrapped with `@rpc`, which turns an exception into the stat
 ARCHITECTURE.md gives it:
 
     InvalidRequestError, ConfigError -> INVALID_ARGUMENT     QueueFullError -> RESOURCE_EXHAUSTED
+    ModelNotFoundError -> NOT_FOUND                          PermissionDenied -> PERMISSION_DENIED
     Unavailable (draining, a dead engine) -> UNAVAILABLE     PluginError -> INTERNAL
     ParallelGroupError (a rank of a split model died) -> UNAVAILABLE (the gateway migrates)
     a downstream service's status -> the same status and message (the gateway relays them)
@@ -28,8 +29,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tandem.errors import (ConfigError, InvalidRequestError, ParallelGroupError, PluginError, QueueFullError,
-                           TandemError)
+from tandem.errors import (ConfigError, InvalidRequestError, ModelNotFoundError, ParallelGroupError, PluginError,
+                           QueueFullError, TandemError)
 
 from .credentials import InternalCredentials, read_pem, token_interceptors
 
@@ -42,6 +43,10 @@ OVERALL = ""  # grpc.health.v1's name for the server as a whole
 
 class Unavailable(TandemError):
     """The service cannot take this request now (draining, its engine died): retry elsewhere."""
+
+
+class PermissionDenied(TandemError):
+    """The operator has not allowed what the request asks (e.g. runtime LoRA loading)."""
 
 
 # Keepalive: every connection is pinged after KEEPALIVE_S of silence, and one whose peer does not
@@ -71,6 +76,10 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code(), exc.details() or ""
+    if isinstance(exc, ModelNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, (InvalidRequestError, ConfigError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, QueueFullError):

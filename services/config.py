@@ -166,6 +166,17 @@ class PipelineConfig:
     plugins: list[str] | None = setting(None, "a third-party plugin allowed to load (null: every installed one); "
                                         "only the listed ones load, since a plugin runs code with the server's "
                                         "rights", flag="--plugin", group="model")
+    # LoRA adapters (tandem/model/lora.py): a request picks one by its `model`; /v1/models lists them
+    lora_modules: dict = setting({}, "a LoRA adapter in PEFT's format every worker loads at start, "
+                                 "name=/path/to/adapter (the path on the workers' machines)", metavar="NAME=PATH",
+                                 flag="--lora-modules", group="lora")
+    max_loras: int = setting(0, "adapters a worker runs at once, in its model's slots, least recently used out "
+                             "(0: one per lora_modules entry; at least 1 with runtime_lora_dir)", min=0, group="lora")
+    max_lora_rank: int = setting(16, "the highest adapter rank a worker accepts (the slots' size)", min=1,
+                                 group="lora")
+    runtime_lora_dir: str | None = setting(None, "allow loading and unloading adapters at run time "
+                                           "(/v1/load_lora_adapter, /v1/unload_lora_adapter), from inside this "
+                                           "directory only (null: off)", group="lora")
     engine: dict = setting({}, "more EngineConfig settings: " + ", ".join(ENGINE_KEYS), schema=_engine_schema,
                            group="engine")
     # the shape of the pipeline
@@ -280,6 +291,12 @@ class PipelineConfig:
                    for v in self.gateway_resources.values()):
             raise ConfigError(f"gateway_resources must map Ray resource names to positive amounts, "
                               f"got {self.gateway_resources!r}")
+        for name, path in self.lora_modules.items():
+            if not isinstance(path, str) or not path or not name or len(name) > 128:
+                raise ConfigError(f"lora_modules: {name!r}: give each adapter a name of 1-128 characters and a "
+                                  f"path, got {path!r}")
+        if (self.lora_modules or self.runtime_lora_dir) and self.parallel.world_size > 1:
+            raise ConfigError("LoRA adapters on a model split over ranks are not supported yet")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both tls_cert and tls_key")
         internal_tls = (self.internal_tls_cert, self.internal_tls_key, self.internal_tls_ca)
@@ -400,7 +417,9 @@ class PipelineConfig:
                     plugins=self.plugins, tensor_parallel_size=self.tensor_parallel_size,
                     pipeline_parallel_size=self.pipeline_parallel_size,
                     expert_parallel_size=self.expert_parallel_size, parallel_backend=self.parallel_backend,
-                    parallel_timeout_s=self.parallel_timeout_s, **self.engine)
+                    parallel_timeout_s=self.parallel_timeout_s, lora_modules=self.lora_modules or None,
+                    max_loras=self.max_loras or (1 if self.runtime_lora_dir and not self.lora_modules else 0),
+                    max_lora_rank=self.max_lora_rank, **self.engine)
 
     def kv_namespace(self, model_path: Path, block_size: int, device: str = "cpu") -> str:
         """Names the KV layout: only workers that would compute bit-identical KV share blocks

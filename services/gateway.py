@@ -27,9 +27,11 @@ import secrets
 import time
 import uuid
 
-from tandem.errors import InvalidRequestError, QueueFullError
-from tandem.limits import (MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_RAG_K,
-                           MAX_ROLE_CHARS, check_count, check_text, check_token_ids)
+import grpc
+
+from tandem.errors import InvalidRequestError, ModelNotFoundError, QueueFullError
+from tandem.limits import (MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_PROMPT_CHARS,
+                           MAX_RAG_K, MAX_ROLE_CHARS, check_count, check_text, check_token_ids)
 from tandem.rag.prompt import canonical, rag_prompt
 from tandem.sampling_params import SamplingParams
 from tandem.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, draft_pb2_grpc, gateway_pb2, gateway_pb2_grpc,
@@ -40,10 +42,12 @@ from .common import Registration, Unavailable, bearer_key, client_channel, rpc, 
 from .config import MigrationConfig
 from .metrics import GatewayMetrics
 from .migration import Migrator, Progress
-from .routing import Disaggregation, Endpoint, Peer, Resolve, Route, Router, check_policy
+from .routing import CONTROL_TIMEOUT_S, Disaggregation, Endpoint, Peer, Resolve, Route, Router, check_policy
 
 _request_ids = itertools.count()
 DEFAULT_RAG_K = 4
+LORAS_TTL_S = 5.0  # how long the gateway trusts its list of the workers' LoRA adapters
+LORA_LOAD_TIMEOUT_S = 120.0  # loading an adapter on every worker, without a client deadline
 
 
 class Deadline:
@@ -121,6 +125,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.counters = {"requests": 0, "rejected": 0, "errors": 0}
         self.metrics = GatewayMetrics()
         self._model_card: gateway_pb2.ModelCard | None = None  # every worker serves the same model
+        self._loras: tuple[float, list[str]] = (0.0, [])  # (when asked, the workers' LoRA adapters)
         self._stats_peers = {("tokenizer", tokenizer): tokenizer_peer,
                              **{("prefill", e.origin): e for e in self.router.prefill},
                              **{("decode" if self.disaggregated else "worker", e.origin): e
@@ -154,6 +159,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         rag = request.rag if request.HasField("rag") else None
         ids = check_token_ids("prompt", request.token_ids.ids) if which == "token_ids" else None
         check_policy(request.disaggregate)
+        lora = await self.lora_of(request.model, deadline)
         admission = self.admit(params.n, "grpc", "generate")
         try:
             prompt, sources = await self.completion_prompt(request.text if which == "text" else None, ids, rag,
@@ -163,7 +169,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise
         async for response in self.generate(request.request_id, prompt, params, deadline, sources,
                                             api="grpc", endpoint="generate", admission=admission,
-                                            disaggregate=request.disaggregate):
+                                            disaggregate=request.disaggregate, lora=lora):
             yield response
 
     @rpc
@@ -172,6 +178,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         deadline = Deadline.of(context)
         messages = [common_pb2.ChatMessage(role=m.role, content=m.content) for m in request.messages]
         check_policy(request.disaggregate)
+        lora = await self.lora_of(request.model, deadline)
         admission = self.admit(params.n, "grpc", "chat")
         try:
             prompt, sources = await self.chat_prompt(messages, request.rag if request.HasField("rag") else None,
@@ -181,7 +188,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise
         async for response in self.generate(request.request_id, prompt, params, deadline, sources,
                                             api="grpc", endpoint="chat", admission=admission,
-                                            disaggregate=request.disaggregate):
+                                            disaggregate=request.disaggregate, lora=lora):
             yield response
 
     def _grpc_params(self, request, context) -> SamplingParams:
@@ -257,11 +264,87 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def model_card(self, deadline: Deadline | None = None) -> gateway_pb2.ModelCard:
         """The served model, asked of a worker once (every HTTP request checks its `model` against it)."""
         if self._model_card is None:
-            deadline = deadline if deadline is not None and deadline.at is not None else Deadline(10.0)
-            endpoint = await self.router.pick_decode(deadline.at)  # a serving one
-            info = await endpoint.stub.Info(prefill_pb2.WorkerInfoRequest(), timeout=deadline.remaining())
-            self._model_card = gateway_pb2.ModelCard(id=info.model, max_model_len=info.max_model_len)
+            await self._worker_info(deadline)
         return self._model_card
+
+    async def _worker_info(self, deadline: Deadline | None) -> prefill_pb2.WorkerInfo:
+        """A serving worker's Info, now: the model card (kept) and the LoRA adapters it has."""
+        deadline = deadline if deadline is not None and deadline.at is not None else Deadline(10.0)
+        endpoint = await self.router.pick_decode(deadline.at)  # a serving one
+        info = await endpoint.stub.Info(prefill_pb2.WorkerInfoRequest(), timeout=deadline.remaining())
+        self._model_card = gateway_pb2.ModelCard(id=info.model, max_model_len=info.max_model_len)
+        self._loras = (time.monotonic(), list(info.loras))
+        return info
+
+    async def loras(self, deadline: Deadline | None = None, fresh: bool = False) -> list[str]:
+        """The LoRA adapters the workers serve: a worker's list, asked again after LORAS_TTL_S
+        (another gateway may have loaded or unloaded one) or when fresh."""
+        at, names = self._loras
+        if fresh or time.monotonic() - at > LORAS_TTL_S:
+            names = list((await self._worker_info(deadline)).loras)
+        return names
+
+    async def models(self, deadline: Deadline | None = None) -> list[gateway_pb2.ModelCard]:
+        """The base model's card, then one per LoRA adapter (parent: the base)."""
+        base = await self.model_card(deadline)
+        return [base, *(gateway_pb2.ModelCard(id=name, max_model_len=base.max_model_len, parent=base.id)
+                        for name in await self.loras(deadline))]
+
+    async def lora_of(self, model: str, deadline: Deadline | None = None, aliases=()) -> str:
+        """The LoRA adapter a request's `model` names: "" for none, the base model's id or an
+        alias of it; ModelNotFoundError for a name that is neither the base nor an adapter."""
+        if not model:
+            return ""
+        base = await self.model_card(deadline)
+        if model == base.id or model in aliases:
+            return ""
+        if model in await self.loras(deadline) or model in await self.loras(deadline, fresh=True):
+            return model
+        raise ModelNotFoundError(f"The model `{model}` does not exist; this server serves `{base.id}`"
+                                 + "".join(f", `{n}`" for n in self._loras[1]) + ".")
+
+    async def load_lora(self, name: str, path: str, deadline: Deadline | None = None) -> None:
+        """Load a LoRA adapter on every worker, or on none: a worker that refuses (a bad adapter,
+        runtime loading off, a path outside runtime_lora_dir) or cannot be reached undoes the
+        others' load, and its error is the answer."""
+        check_text("lora_name", name, MAX_NAME_CHARS)
+        check_text("lora_path", path, MAX_PATH_CHARS)
+        if not name or not path:
+            raise InvalidRequestError("lora_name and lora_path are required")
+        base = await self.model_card(deadline)
+        if name == base.id or name in await self.loras(deadline, fresh=True):
+            raise InvalidRequestError(f"a model named {name!r} is served already; unload it first")
+        workers = [*self.router.prefill, *self.router.decode]
+        deadline = deadline if deadline is not None and deadline.at is not None else Deadline(LORA_LOAD_TIMEOUT_S)
+        results = await asyncio.gather(*(prefill_pb2_grpc.AdaptersStub(e.channel).Load(
+            prefill_pb2.LoadAdapterRequest(name=name, path=path), timeout=deadline.remaining()) for e in workers),
+            return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            loaded = [e for e, r in zip(workers, results) if not isinstance(r, BaseException)]
+            await asyncio.gather(*(prefill_pb2_grpc.AdaptersStub(e.channel).Unload(
+                prefill_pb2.UnloadAdapterRequest(name=name), timeout=CONTROL_TIMEOUT_S) for e in loaded),
+                return_exceptions=True)
+            raise failed[0]
+        self._loras = (time.monotonic(), list(results[0].names))
+
+    async def unload_lora(self, name: str, deadline: Deadline | None = None) -> None:
+        """Unload a LoRA adapter from every worker (NOT_FOUND where none has it; refused while a
+        request runs with it)."""
+        check_text("lora_name", name, MAX_NAME_CHARS)
+        deadline = deadline if deadline is not None and deadline.at is not None else Deadline(LORA_LOAD_TIMEOUT_S)
+        workers = [*self.router.prefill, *self.router.decode]
+        results = await asyncio.gather(*(prefill_pb2_grpc.AdaptersStub(e.channel).Unload(
+            prefill_pb2.UnloadAdapterRequest(name=name), timeout=deadline.remaining()) for e in workers),
+            return_exceptions=True)
+        answered = [r for r in results if not isinstance(r, BaseException)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        self._loras = (0.0, [])  # ask again
+        refused = [r for r in failed if not (isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.NOT_FOUND)]
+        if refused:  # in use, or unreachable: the others have let it go; say why this one did not
+            raise refused[0]
+        if not answered:  # NOT_FOUND everywhere (a worker that restarted lacks it: fine when others had it)
+            raise failed[0]
 
     async def render_metrics(self) -> bytes:
         """Prometheus text: the gateway's instruments and every service's Stats, asked now."""
@@ -288,11 +371,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: Deadline,
                        sources=(), api: str = "grpc", endpoint: str = "generate", admission: Admission | None = None,
-                       disaggregate: str = ""):
+                       disaggregate: str = "", lora: str = ""):
         """Run one prompt: its GenerateResponses (deltas, then the finished one with usage and
         timings). admission: its params.n samples, admitted before the prompt was prepared (None:
         admit them here); given back when the run ends. disaggregate: the request's route policy
-        ("" = the gateway's). Counting and metrics happen here, for both APIs."""
+        ("" = the gateway's). lora: the LoRA adapter it runs with ("" = the base; lora_of checked
+        the request's model). Counting and metrics happen here, for both APIs."""
         admission = admission or self.admit(params.n, api, endpoint)
         if not prompt:
             admission.release(params.n)
@@ -305,7 +389,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         clock = _Clock(time.perf_counter())
         status = "CANCELLED"
         try:
-            async for response in self._run(internal_id, prompt, params, deadline, clock, disaggregate):
+            async for response in self._run(internal_id, prompt, params, deadline, clock, disaggregate, lora):
                 response.request_id = request_id
                 if response.finished:
                     response.sources.extend(sources)
@@ -325,14 +409,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.metrics.count(api, endpoint, status)
 
     async def _run(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: Deadline,
-                   clock: _Clock, disaggregate: str = ""):
+                   clock: _Clock, disaggregate: str = "", lora: str = ""):
         sampling = with_seed(params).to_pb()
         progress, cached, prefill_s, kv_s = Progress(params.n), 0, 0.0, 0.0
-        route = await self.disaggregation.route(prompt, disaggregate, sampling.cache_salt, deadline.at)
+        route = await self.disaggregation.route(prompt, disaggregate, sampling.cache_salt, deadline.at, lora)
         self.metrics.routed.labels(route.path, route.reason).inc()
         if route.disaggregated:
             answer = await self.migrator.prefill(
-                prefill_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling), deadline.at,
+                prefill_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling, lora=lora),
+                deadline.at,
                 route.prefill, route.uncached)
             cached, prefill_s, kv_s = answer.num_cached_tokens, answer.prefill_seconds, answer.kv_transfer_seconds
             self.disaggregation.estimates.observe_prefill(len(prompt) - cached, prefill_s)
@@ -346,7 +431,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         def decode_request(attempt: int) -> decode_pb2.DecodeRequest:  # a resumed try carries what was sent
             return decode_pb2.DecodeRequest(request_id=f"{request_id}~{attempt}" if attempt else request_id,
-                                            prompt_ids=prompt, sampling=sampling, generated=progress.generated())
+                                            prompt_ids=prompt, sampling=sampling, generated=progress.generated(),
+                                            lora=lora)
 
         usage = None
         async for message in self.migrator.decode(decode_request, progress, deadline.at,
@@ -378,7 +464,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @rpc
     async def ListModels(self, request, context):
-        return gateway_pb2.ListModelsResponse(models=[await self.model_card(Deadline.of(context))])
+        return gateway_pb2.ListModelsResponse(models=await self.models(Deadline.of(context)))
 
     def stats(self) -> common_pb2.ServiceStats:
         values = {**self.counters, "inflight": self.inflight}

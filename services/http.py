@@ -1,9 +1,13 @@
 """The gateway's HTTP front door: the OpenAI-compatible API, /metrics and /health (FastAPI on
 uvicorn, on the gateway's own event loop, beside its gRPC server).
 
-    GET  /v1/models             the served model
+    GET  /v1/models             the served model, then its LoRA adapters (parent: the base)
     POST /v1/completions        text completions (prompt: a string, strings, token ids)
     POST /v1/chat/completions   chat through the model's chat template
+    POST /v1/load_lora_adapter  vLLM's runtime loading: {"lora_name", "lora_path"}; off unless the
+    POST /v1/unload_lora_adapter  operator sets runtime_lora_dir (403); {"lora_name"}
+A request's `model` is the base model's id (or served_model_name) or a LoRA adapter's name (404
+model_not_found otherwise).
     GET  /metrics               Prometheus text (docs/metrics.md); no API key needed
     GET  /health                200 while the gateway serves; 503 once it drains (then the port
                                 closes when the requests in flight are done)
@@ -26,11 +30,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from tandem.errors import ModelNotFoundError
 
 from .common import bearer_authorized, status_of
 from .gateway import Deadline, GatewayServicer
 from .openai_protocol import (HTTP_STATUS, ChatCompletionRequest, CompletionLogprobs, CompletionRequest,
+                              LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest,
                               OpenAIError, chat_logprobs, new_id, now, usage)
 
 log = logging.getLogger(__name__)
@@ -142,12 +149,14 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
         """The body's SamplingParams with its caller's cache salt."""
         return gateway.salted(body.sampling(max_tokens, logprobs), request.headers.get("authorization"))
 
-    async def model_id(requested: str | None) -> tuple[str, int]:
+    async def model_id(requested: str | None) -> tuple[str, int, str]:
+        """(the model's name for the reply, its context length, the LoRA adapter to run: "" = none)."""
         card = await gateway.model_card()
-        if requested and requested not in (card.id, options.served_model_name):
-            raise OpenAIError(404, f"The model `{requested}` does not exist; this server serves `{card.id}`.",
-                              code="model_not_found", param="model")
-        return card.id, card.max_model_len
+        try:
+            lora = await gateway.lora_of(requested or "", aliases=(options.served_model_name,))
+        except ModelNotFoundError as exc:
+            raise OpenAIError(404, str(exc), code="model_not_found", param="model") from None
+        return lora or card.id, card.max_model_len, lora
 
     @app.get("/health")
     async def health():
@@ -160,17 +169,35 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         try:
-            name, max_len = await model_id(None)
+            cards = await gateway.models()
         except Exception as exc:
             return error_response(exc)
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "tandem",
-                                            "max_model_len": max_len}]}
+        return {"object": "list", "data": [{"id": c.id, "object": "model", "created": started, "owned_by": "tandem",
+                                            "root": c.id, "parent": c.parent or None, "max_model_len": c.max_model_len}
+                                           for c in cards]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest):
+        """vLLM's runtime loading: every worker loads the adapter, or none does."""
+        try:
+            await gateway.load_lora(body.lora_name, body.lora_path)
+        except Exception as exc:
+            return error_response(exc)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
+        try:
+            await gateway.unload_lora(body.lora_name)
+        except Exception as exc:
+            return error_response(exc)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         try:
             body.check_supported()
-            name, _ = await model_id(body.model)
+            name, _, lora = await model_id(body.model)
             sampling = params(body, request, 16 if body.max_tokens is None else body.max_tokens, body.logprobs)
             deadline = Deadline(options.request_timeout_s)
             rag = body.rag.to_pb() if body.rag else None
@@ -181,7 +208,7 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
                                                            None if isinstance(p, str) else p, rag, deadline)
                            for p in texts]
                 runs = [gateway.generate("", ids, sampling, deadline, sources, api="http", endpoint="completions",
-                                         admission=admission, disaggregate=body.disaggregate or "")
+                                         admission=admission, disaggregate=body.disaggregate or "", lora=lora)
                         for ids, sources in prompts]
                 firsts = await _start(runs)
             except BaseException:
@@ -199,7 +226,7 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         try:
             body.check_supported()
-            name, max_len = await model_id(body.model)
+            name, max_len, lora = await model_id(body.model)
             limit = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
             sampling = params(body, request, 1 if limit is None else limit, body.num_logprobs())
             deadline = Deadline(options.request_timeout_s)
@@ -211,7 +238,7 @@ def create_app(gateway: GatewayServicer, options: HttpOptions) -> FastAPI:
                     sampling = dataclasses.replace(sampling, max_tokens=max(1, max_len - len(ids)))
                 runs = [gateway.generate("", ids, sampling, deadline, sources, api="http",
                                          endpoint="chat_completions", admission=admission,
-                                         disaggregate=body.disaggregate or "")]
+                                         disaggregate=body.disaggregate or "", lora=lora)]
                 firsts = await _start(runs)
             except BaseException:
                 admission.release()

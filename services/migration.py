@@ -92,7 +92,7 @@ class Migrator:
         base_id = request.request_id
         for attempt in range(self.config.max_attempts + 1):
             endpoint = first if attempt == 0 and first is not None else await self.router.pick_prefill(
-                list(request.prompt_ids), self._wait_until(deadline), tried, request.sampling.cache_salt)
+                list(request.prompt_ids), self._wait_until(deadline), tried, request.sampling.cache_salt, request.lora)
             endpoint.inflight += 1
             endpoint.queued_tokens += uncached
             if attempt:

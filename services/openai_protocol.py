@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tandem.errors import InvalidRequestError
 from tandem.limits import (MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_MESSAGE_CHARS,
-                           MAX_MESSAGES, MAX_N, MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_PROMPTS,
+                           MAX_MESSAGES, MAX_N, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_PROMPTS,
                            MAX_RAG_K, MAX_REPETITION_PENALTY, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
                            MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MAX_TOKEN_ID, MAX_TOKENS_LIMIT, MAX_TOP_K,
                            MIN_REPETITION_PENALTY, MIN_TOP_P)
@@ -195,6 +195,22 @@ class _Sampling(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter: a PEFT adapter directory on the workers' machines, inside
+    the pipeline's runtime_lora_dir (a relative path is taken from there)."""
+
+    model_config = ConfigDict(extra="ignore")  # vLLM's load_inplace and the like
+    lora_name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    lora_path: str = Field(min_length=1, max_length=MAX_PATH_CHARS)
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter."""
+
+    model_config = ConfigDict(extra="ignore")  # vLLM's lora_int_id
+    lora_name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
 
 
 class CompletionRequest(_Sampling):

@@ -191,19 +191,19 @@ class Router:
         self._watchers = []
 
     async def pick_prefill(self, prompt: list[int], deadline: float | None, avoid=(),
-                           cache_salt: str = "") -> Endpoint:
-        """cache_salt: the request's (its blocks' hash chain starts from it): without it the
-        workers would report the unsalted prefix, which salted requests never reuse."""
-        return (await self.bid_prefill(prompt, deadline, avoid, cache_salt))[0]
+                           cache_salt: str = "", lora: str = "") -> Endpoint:
+        """cache_salt, lora: the request's (its blocks' hash chain starts from them): without them
+        the workers would report the base's unsalted prefix, which such requests never reuse."""
+        return (await self.bid_prefill(prompt, deadline, avoid, cache_salt, lora=lora))[0]
 
     async def bid_prefill(self, prompt: list[int], deadline: float | None, avoid=(), cache_salt: str = "",
-                          ask_one: bool = False) -> tuple[Endpoint, int]:
+                          ask_one: bool = False, lora: str = "") -> tuple[Endpoint, int]:
         """(the prefill worker to use, the prompt tokens it holds cached). A lone candidate is
         not asked (0 cached) unless ask_one: the disaggregation policy needs the number."""
         candidates = await self._serving(self.prefill, deadline, avoid)
         if len(candidates) == 1 and not ask_one:
             return candidates[0], 0
-        request = prefill_pb2.CachedPrefixRequest(prompt_ids=prompt, cache_salt=cache_salt)
+        request = prefill_pb2.CachedPrefixRequest(prompt_ids=prompt, cache_salt=cache_salt, lora=lora)
         answers = await asyncio.gather(*(e.stub.CachedPrefix(request, timeout=PREFIX_QUERY_TIMEOUT_S)
                                          for e in candidates), return_exceptions=True)
         scored = [(a.num_cached_tokens if not isinstance(a, BaseException) else -1, -e.inflight, e)
@@ -344,7 +344,8 @@ class Disaggregation:
         self.default = check_policy(default) or "auto"
         self.estimates = Estimates()
 
-    async def route(self, prompt: list[int], policy: str, cache_salt: str, deadline: float | None) -> Route:
+    async def route(self, prompt: list[int], policy: str, cache_salt: str, deadline: float | None,
+                    lora: str = "") -> Route:
         """Where a request with this prompt and `disaggregate` value ("" = the default) runs."""
         policy = check_policy(policy) or self.default
         if not self.router.prefill:
@@ -355,7 +356,8 @@ class Disaggregation:
             return Route(False, "prefill_unavailable")
         if len(prompt) < self.min_uncached_tokens:  # short whatever is cached: no need to ask
             return Route(False, "short_prompt", uncached=len(prompt))
-        endpoint, cached = await self.router.bid_prefill(prompt, deadline, cache_salt=cache_salt, ask_one=True)
+        endpoint, cached = await self.router.bid_prefill(prompt, deadline, cache_salt=cache_salt, ask_one=True,
+                                                         lora=lora)
         uncached = len(prompt) - min(cached, len(prompt) - 1)  # the last token is always computed
         if uncached < self.min_uncached_tokens:
             return Route(False, "short_prompt", uncached=uncached)

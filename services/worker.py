@@ -15,21 +15,25 @@ exact, never approximate.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
 from contextlib import aclosing
+from pathlib import Path
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.kv_connector import StoreConnector
 from tandem.kv_store import BlockSeal
+from tandem.errors import InvalidRequestError
+from tandem.limits import MAX_NAME_CHARS, check_text
 from tandem.llm import LLM
 from tandem.outputs import RequestOutput
 from tandem.sampling_params import SamplingParams
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
-from .common import Registration, Unavailable, client_channel, rpc
+from .common import PermissionDenied, Registration, Unavailable, client_channel, rpc
 from .config import PipelineConfig
 from .metrics import rpc_tally, with_rpc_counts
 from .routing import Resolve, resolve_now
@@ -95,7 +99,20 @@ class Worker:
 
     def info(self) -> prefill_pb2.WorkerInfo:
         return prefill_pb2.WorkerInfo(model=self.llm.model_path.stem, role=self.role, block_size=self.block_size,
-                                      max_model_len=self.llm.max_model_len, kv_namespace=self.namespace)
+                                      max_model_len=self.llm.max_model_len, kv_namespace=self.namespace,
+                                      loras=self.llm.loras)
+
+    def adapter_path(self, path: str) -> Path:
+        """A runtime adapter's directory, refused unless it lies inside the pipeline's
+        runtime_lora_dir (a request chooses among what the operator put there, nothing else)."""
+        if not self.config.runtime_lora_dir:
+            raise PermissionDenied("loading LoRA adapters at run time is off: the operator enables it with "
+                                   "runtime_lora_dir (--runtime-lora-dir)")
+        root = Path(self.config.runtime_lora_dir).expanduser().resolve()
+        resolved = (root / path).resolve()  # an absolute path stays itself; a relative one is under root
+        if not resolved.is_relative_to(root):
+            raise InvalidRequestError(f"the adapter path {path!r} is outside the runtime_lora_dir")
+        return resolved
 
     async def close(self) -> None:
         self.draining = True
@@ -119,7 +136,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         prompt = list(request.prompt_ids)
         start = time.perf_counter()
         stream = await w.engine.add_request(request.request_id or f"prefill-{id(request)}", prompt, params,
-                                            prefill_only=True)
+                                            prefill_only=True, lora=request.lora or None)
         firsts: dict[int, common_pb2.SampleDelta] = {}
         output = None
         async with aclosing(stream):
@@ -137,7 +154,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     @rpc
     async def CachedPrefix(self, request, context):
         w = self.worker
-        tokens = await w.engine.run(w.llm.engine.num_cached_tokens, list(request.prompt_ids), request.cache_salt or None)
+        tokens = await w.engine.run(w.llm.engine.num_cached_tokens, list(request.prompt_ids), request.cache_salt or None,
+                                    request.lora or None)
         return prefill_pb2.CachedPrefixResponse(num_cached_tokens=tokens)
 
     @rpc
@@ -162,6 +180,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         prompt = list(request.prompt_ids)
         generated = [list(g.token_ids) for g in request.generated] or [[t] for t in request.first_token_ids]
         options = {"generated": generated} if generated else {}
+        if request.lora:
+            options["lora"] = request.lora
         stream = await w.engine.add_request(request.request_id or f"decode-{id(request)}", prompt, params, **options)
         async with aclosing(stream):  # leaving early (the caller cancelled) aborts and frees the blocks
             async for item in _unless_engine_died(stream, w.engine):
@@ -188,6 +208,33 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return self.worker.stats()
 
 
+class AdaptersServicer(prefill_pb2_grpc.AdaptersServicer):
+    """Runtime LoRA loading (the gateway asks every worker). The engine thread does it, between
+    steps: the registry and the model's slots are engine state."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self._rpc_tally = worker.rpc_tally
+
+    @rpc
+    async def Load(self, request, context):
+        w = self.worker
+        check_text("name", request.name, MAX_NAME_CHARS)
+        path = w.adapter_path(request.path)
+        adapter = await asyncio.to_thread(w.llm.read_lora, request.name, str(path))  # the file off the engine thread
+        await w.engine.run(w.llm.add_lora, adapter)
+        log.info("loaded LoRA adapter %r from %s", request.name, path)
+        return prefill_pb2.AdapterList(names=w.llm.loras)
+
+    @rpc
+    async def Unload(self, request, context):
+        w = self.worker
+        w.adapter_path(".")  # the same switch as loading
+        await w.engine.run(w.llm.unload_lora, request.name)
+        log.info("unloaded LoRA adapter %r", request.name)
+        return prefill_pb2.AdapterList(names=w.llm.loras)
+
+
 async def _unless_engine_died(stream, engine: AsyncEngine):
     """The stream's items; if the engine dies under it, UNAVAILABLE (the gateway moves the request
     elsewhere) rather than the engine's error (INTERNAL: the request's own fault)."""
@@ -209,4 +256,6 @@ def registrations(worker: Worker) -> list[Registration]:
     if worker.role in ("decode", "both"):
         regs.append(Registration(DecodeServicer(worker), decode_pb2_grpc.add_DecodeServicer_to_server,
                                  decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name))
+    regs.append(Registration(AdaptersServicer(worker), prefill_pb2_grpc.add_AdaptersServicer_to_server,
+                             prefill_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name))
     return regs

@@ -1,6 +1,7 @@
 """Exceptions users catch. Every bad-input error is a ValueError, so `except ValueError` works.
 
-Services map these to gRPC status codes in one interceptor (INVALID_ARGUMENT for all of these).
+Services map these to gRPC status codes in one interceptor (INVALID_ARGUMENT for the bad-input ones,
+NOT_FOUND for ModelNotFoundError).
 """
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ class TandemError(Exception):
 
 class InvalidRequestError(TandemError, ValueError):
     """A request's values are out of range: bad sampling parameters, empty or too-long prompt."""
+
+
+class ModelNotFoundError(InvalidRequestError):
+    """A request names a model (or LoRA adapter) this server does not serve (gRPC NOT_FOUND,
+    HTTP 404 model_not_found)."""
 
 
 class ConfigError(TandemError, ValueError):

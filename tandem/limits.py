@@ -37,6 +37,7 @@ MAX_MESSAGES = 256  # chat messages in one request
 MAX_MESSAGE_CHARS = 1 << 20
 MAX_ROLE_CHARS = 32
 MAX_NAME_CHARS = 256  # model, request_id, user, collection
+MAX_PATH_CHARS = 4096  # a runtime LoRA adapter's directory (PATH_MAX on Linux)
 MAX_RAG_K = 64  # chunks retrieved for one request
 
 

@@ -413,9 +413,18 @@ class LLM:
     # -- LoRA adapters --------------------------------------------------------------------------
     def load_lora(self, name: str, path: str) -> None:
         """Load a PEFT adapter under `name` while serving (a bad one raises ConfigError and changes nothing)."""
+        self.add_lora(self.read_lora(name, path))
+
+    def read_lora(self, name: str, path: str):
+        """load_lora's first half, which touches no engine state (a server runs it off the engine
+        thread): the adapter read and checked against this model (tandem.model.lora.LoRAAdapter)."""
         if self.lora is None:
             raise ConfigError("this LLM has no LoRA slots: create it with lora_modules or max_loras")
-        self.lora.add(name, path)
+        return self.lora.read(name, path)
+
+    def add_lora(self, adapter) -> None:
+        """load_lora's second half: the adapter read_lora returned joins the registry."""
+        self.lora.insert(adapter)
 
     def unload_lora(self, name: str) -> None:
         """Forget an adapter (refused while a request runs with it)."""

@@ -180,10 +180,11 @@ class LLMEngine:
         if lora is not None:
             if self.lora is None:
                 raise InvalidRequestError("this engine has no LoRA adapters (start it with lora_modules or max_loras)")
+            key = self.lora.cache_key(lora)
             slot = self.lora.acquire(lora)  # last: nothing to undo if it refuses
             request.lora = lora
             for seq in request.seqs:
-                seq.lora, seq.lora_slot = lora, slot
+                seq.lora, seq.lora_slot = key, slot
         self.requests[request_id] = request
         if request.spec is not None:
             self.spec.started(request)
@@ -442,9 +443,14 @@ class LLMEngine:
             self._queue(request)
         return [self._finish(request, time.monotonic()) for request in saved]
 
-    def num_cached_tokens(self, prompt_ids: list[int], cache_salt: str | None = None) -> int:
-        """How many leading tokens of a prompt this engine's prefix cache holds (whole blocks)."""
+    def num_cached_tokens(self, prompt_ids: list[int], cache_salt: str | None = None, lora: str | None = None) -> int:
+        """How many leading tokens of a prompt this engine's prefix cache holds (whole blocks), for
+        the bare base or a LoRA adapter (by name; 0 for one this engine does not have)."""
         seq = Sequence("", list(prompt_ids), len(prompt_ids), SamplingParams(cache_salt=cache_salt))
+        if lora is not None:
+            if self.lora is None or lora not in self.lora.adapters:
+                return 0
+            seq.lora = self.lora.cache_key(lora)
         size = self.config.block_size
         return self.block_manager.num_cached_prefix(self.block_manager.chain(seq)) * size
 

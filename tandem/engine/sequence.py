@@ -80,7 +80,7 @@ class Sequence:
     num_released_blocks: int = 0  # leading table entries already checked by release_dead_blocks
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted: bool = False
-    lora: str | None = None  # the LoRA adapter this sequence runs with (None: the bare base)
+    lora: str | None = None  # the LoRA adapter it runs with, its cache_key (None: the bare base): its chain's root
     lora_slot: int = -1  # its slot in the model (tandem.model.lora), held while the request lives
     attention: AttentionReceived = field(default_factory=AttentionReceived)  # kept for an evicting variant
 

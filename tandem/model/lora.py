@@ -22,6 +22,7 @@ many): each adapted projection W gets a low-rank update, y = W x + s * B (A x), 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import OrderedDict
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from tandem.config import ModelConfig
-from tandem.errors import ConfigError
+from tandem.errors import ConfigError, ModelNotFoundError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # which fused module of tandem's model each PEFT projection lives in, and its part
@@ -55,6 +56,14 @@ class LoRAAdapter:
     rank: int
     scaling: float
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, projection) -> (A (r, in), B (out, r))
+    digest: str = ""  # of its files' bytes: the same name loaded again with other weights is another adapter
+
+    @property
+    def cache_key(self) -> str:
+        """What its requests' KV is keyed by (the prefix cache's chain root, hence the KV-cache
+        store's keys): its name and its weights, so two adapters, or two versions of one name,
+        never share KV."""
+        return f"{self.name}@{self.digest}"
 
     @property
     def nbytes(self) -> int:
@@ -85,7 +94,11 @@ def load_peft_adapter(name: str, path: str | Path, config: ModelConfig, max_rank
     scaling = alpha / math.sqrt(rank) if spec.get("use_rslora") else alpha / rank
     shapes = projection_shapes(config)
     weights: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(weights_file)).items():
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as exc:  # safetensors' own error for a truncated or corrupt file
+        raise ConfigError(f"LoRA adapter {name!r}: cannot read {weights_file}: {exc}") from None
+    for key, tensor in tensors.items():
         parts = key.split(".")
         try:
             layer = int(parts[parts.index("layers") + 1])
@@ -110,7 +123,11 @@ def load_peft_adapter(name: str, path: str | Path, config: ModelConfig, max_rank
         out[(layer, projection)] = (a, b)
     if not out:
         raise ConfigError(f"LoRA adapter {name!r}: no LoRA weights in {weights_file}")
-    return LoRAAdapter(name, rank, float(scaling), out)
+    digest = hashlib.blake2b(config_file.read_bytes(), digest_size=16)
+    with open(weights_file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return LoRAAdapter(name, rank, float(scaling), out, digest.hexdigest())
 
 
 def group_by_slot(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,28 +319,36 @@ class LoRARegistry:
 
     def add(self, name: str, path: str | Path) -> LoRAAdapter:
         """Load an adapter (checked first: a bad one changes nothing)."""
+        return self.insert(self.read(name, path))
+
+    def read(self, name: str, path: str | Path) -> LoRAAdapter:
+        """An adapter read and checked, not yet added (touches no state: any thread may run it)."""
         if not isinstance(name, str) or not name or len(name) > 128:
             raise ConfigError(f"a LoRA adapter's name must be 1-128 characters, got {name!r}")
         if name in self.adapters:
             raise ConfigError(f"a LoRA adapter named {name!r} is loaded already")
-        adapter = load_peft_adapter(name, path, self.config, self.max_rank)
-        self.adapters[name] = adapter
+        return load_peft_adapter(name, path, self.config, self.max_rank)
+
+    def insert(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        if adapter.name in self.adapters:  # loaded meanwhile
+            raise ConfigError(f"a LoRA adapter named {adapter.name!r} is loaded already")
+        self.adapters[adapter.name] = adapter
         return adapter
 
     def remove(self, name: str) -> None:
         if name not in self.adapters:
-            raise ConfigError(f"no LoRA adapter named {name!r} is loaded")
+            raise ModelNotFoundError(f"no LoRA adapter named {name!r} is loaded")
         if self.slots.users.get(name):
             raise ConfigError(f"LoRA adapter {name!r} is in use by running requests")
         del self.adapters[name]
         self.slots.forget(name)
 
     def acquire(self, name: str) -> int:
-        from tandem.errors import InvalidRequestError, QueueFullError
+        from tandem.errors import QueueFullError
 
         adapter = self.adapters.get(name)
         if adapter is None:
-            raise InvalidRequestError(f"unknown LoRA adapter {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
+            raise ModelNotFoundError(f"unknown LoRA adapter {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
         try:
             return self.slots.acquire(adapter)
         except RuntimeError as exc:  # every slot busy: retry later
@@ -331,3 +356,33 @@ class LoRARegistry:
 
     def release(self, name: str) -> None:
         self.slots.release(name)
+
+    def cache_key(self, name: str) -> str:
+        """The loaded adapter's LoRAAdapter.cache_key (ModelNotFoundError: none of that name)."""
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            raise ModelNotFoundError(f"unknown LoRA adapter {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
+        return adapter.cache_key
+
+def write_random_adapter(directory: str | Path, config: ModelConfig, rank: int = 8, seed: int = 0,
+                         scale: float = 0.01, projections=PROJECTIONS) -> int:
+    """Write a LoRA adapter with random A and B (seeded, normal times `scale`) for a model of
+    `config` in PEFT's format: what tests and benchmarks serve when they need an adapter without
+    training one. Returns the weights' bytes (fp32)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_layers):
+        for projection in projections:
+            fan_in, fan_out = projection_shapes(config)[projection]
+            module = "self_attn" if FUSED[projection][0].startswith("self_attn") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{module}.{projection}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * scale
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * scale
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"r": rank, "lora_alpha": 2 * rank, "peft_type": "LORA", "target_modules": list(projections)}))
+    return sum(t.numel() * t.element_size() for t in tensors.values())

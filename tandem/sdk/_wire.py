@@ -112,7 +112,8 @@ def detokenize_request(token_ids, skip_special_tokens: bool, model: str | None):
 
 
 def model_cards(response: gateway_pb2.ListModelsResponse) -> list[dict]:
-    return [{"id": m.id, "max_model_len": m.max_model_len, "quantization": m.quantization} for m in response.models]
+    return [{"id": m.id, "max_model_len": m.max_model_len, "quantization": m.quantization, "parent": m.parent or None}
+            for m in response.models]
 
 
 def channel_credentials(tls) -> grpc.ChannelCredentials | None:

@@ -62,7 +62,8 @@ class Client:
         """Stream the completion of `prompt` (text, or token ids) as Chunks: each sample's new
         tokens and text as they come, then a last chunk with finished=True, usage and timings.
         Bad keywords raise here; the call starts when iteration does, and leaving the loop early
-        cancels it."""
+        cancels it. model: a LoRA adapter's name runs the request with it (list_models names
+        them); None or the base's id: the base model; another name: NOT_FOUND."""
         request = _wire.generate_request(prompt, model, request_id, sampling)
         return self._stream(self._stub.Generate, request, timeout)
 
@@ -96,7 +97,9 @@ class Client:
         return self._unary(self._stub.Detokenize, request, timeout).text
 
     def list_models(self, *, timeout: float | None = None) -> list[dict]:
-        """The served models: [{"id": ..., "max_model_len": ..., "quantization": ...}]."""
+        """The served models: the base model, then its LoRA adapters ("parent": the base's id):
+        [{"id": ..., "max_model_len": ..., "quantization": ..., "parent": ...}]. A request's `model`
+        picks one (None: the base)."""
         return _wire.model_cards(self._unary(self._stub.ListModels, gateway_pb2.ListModelsRequest(), timeout))
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 from tandem.v1 import prefill_pb2 as tandem_dot_v1_dot_prefill__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/decode.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\x1a\x17tandem/v1/prefill.proto\"\xc0\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x17\n\x0f\x66irst_token_ids\x18\x04 \x03(\x03\x12-\n\tgenerated\x18\x06 \x03(\x0b\x32\x1a.tandem.v1.GeneratedTokensJ\x04\x08\x05\x10\x06R\x0c\x62lock_hashes\"$\n\x0fGeneratedTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"}\n\x0e\x44\x65\x63odeResponse\x12%\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.tandem.v1.SampleDelta\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.tandem.v1.Timings2\xc1\x01\n\x06\x44\x65\x63ode\x12?\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x19.tandem.v1.DecodeResponse0\x01\x12;\n\x04Info\x12\x1c.tandem.v1.WorkerInfoRequest\x1a\x15.tandem.v1.WorkerInfo\x12\x39\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x17.tandem.v1.ServiceStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/decode.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\x1a\x17tandem/v1/prefill.proto\"\xce\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x17\n\x0f\x66irst_token_ids\x18\x04 \x03(\x03\x12-\n\tgenerated\x18\x06 \x03(\x0b\x32\x1a.tandem.v1.GeneratedTokens\x12\x0c\n\x04lora\x18\x07 \x01(\tJ\x04\x08\x05\x10\x06R\x0c\x62lock_hashes\"$\n\x0fGeneratedTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"}\n\x0e\x44\x65\x63odeResponse\x12%\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.tandem.v1.SampleDelta\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.tandem.v1.Timings2\xc1\x01\n\x06\x44\x65\x63ode\x12?\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x19.tandem.v1.DecodeResponse0\x01\x12;\n\x04Info\x12\x1c.tandem.v1.WorkerInfoRequest\x1a\x15.tandem.v1.WorkerInfo\x12\x39\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x17.tandem.v1.ServiceStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.decode_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODEREQUEST']._serialized_start=87
-  _globals['_DECODEREQUEST']._serialized_end=279
-  _globals['_GENERATEDTOKENS']._serialized_start=281
-  _globals['_GENERATEDTOKENS']._serialized_end=317
-  _globals['_DECODERESPONSE']._serialized_start=319
-  _globals['_DECODERESPONSE']._serialized_end=444
-  _globals['_DECODE']._serialized_start=447
-  _globals['_DECODE']._serialized_end=640
+  _globals['_DECODEREQUEST']._serialized_end=293
+  _globals['_GENERATEDTOKENS']._serialized_start=295
+  _globals['_GENERATEDTOKENS']._serialized_end=331
+  _globals['_DECODERESPONSE']._serialized_start=333
+  _globals['_DECODERESPONSE']._serialized_end=458
+  _globals['_DECODE']._serialized_start=461
+  _globals['_DECODE']._serialized_end=654
 # @@protoc_insertion_point(module_scope)

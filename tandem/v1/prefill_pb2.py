@@ -25,25 +25,33 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/prefill.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"e\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\"\x9f\x01\n\x0fPrefillResponse\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.tandem.v1.SampleDelta\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x03\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\x1b\n\x13kv_transfer_seconds\x18\x05 \x01(\x01J\x04\x08\x02\x10\x03R\x0c\x62lock_hashes\"=\n\x13\x43\x61\x63hedPrefixRequest\x12\x12\n\nprompt_ids\x18\x01 \x03(\x03\x12\x12\n\ncache_salt\x18\x02 \x01(\t\"1\n\x14\x43\x61\x63hedPrefixResponse\x12\x19\n\x11num_cached_tokens\x18\x01 \x01(\x03\"\x13\n\x11WorkerInfoRequest\"j\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\x03\x12\x14\n\x0ckv_namespace\x18\x05 \x01(\t2\x94\x02\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12O\n\x0c\x43\x61\x63hedPrefix\x12\x1e.tandem.v1.CachedPrefixRequest\x1a\x1f.tandem.v1.CachedPrefixResponse\x12;\n\x04Info\x12\x1c.tandem.v1.WorkerInfoRequest\x1a\x15.tandem.v1.WorkerInfo\x12\x39\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x17.tandem.v1.ServiceStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/prefill.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x0b\x41\x64\x61pterList\x12\r\n\x05names\x18\x01 \x03(\t\"s\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x0c\n\x04lora\x18\x04 \x01(\t\"\x9f\x01\n\x0fPrefillResponse\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.tandem.v1.SampleDelta\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x03\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\x1b\n\x13kv_transfer_seconds\x18\x05 \x01(\x01J\x04\x08\x02\x10\x03R\x0c\x62lock_hashes\"K\n\x13\x43\x61\x63hedPrefixRequest\x12\x12\n\nprompt_ids\x18\x01 \x03(\x03\x12\x12\n\ncache_salt\x18\x02 \x01(\t\x12\x0c\n\x04lora\x18\x03 \x01(\t\"1\n\x14\x43\x61\x63hedPrefixResponse\x12\x19\n\x11num_cached_tokens\x18\x01 \x01(\x03\"\x13\n\x11WorkerInfoRequest\"y\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\x03\x12\x14\n\x0ckv_namespace\x18\x05 \x01(\t\x12\r\n\x05loras\x18\x06 \x03(\t2\x94\x02\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12O\n\x0c\x43\x61\x63hedPrefix\x12\x1e.tandem.v1.CachedPrefixRequest\x1a\x1f.tandem.v1.CachedPrefixResponse\x12;\n\x04Info\x12\x1c.tandem.v1.WorkerInfoRequest\x1a\x15.tandem.v1.WorkerInfo\x12\x39\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x17.tandem.v1.ServiceStats2\x8c\x01\n\x08\x41\x64\x61pters\x12=\n\x04Load\x12\x1d.tandem.v1.LoadAdapterRequest\x1a\x16.tandem.v1.AdapterList\x12\x41\n\x06Unload\x12\x1f.tandem.v1.UnloadAdapterRequest\x1a\x16.tandem.v1.AdapterListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.prefill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREFILLREQUEST']._serialized_start=62
-  _globals['_PREFILLREQUEST']._serialized_end=163
-  _globals['_PREFILLRESPONSE']._serialized_start=166
-  _globals['_PREFILLRESPONSE']._serialized_end=325
-  _globals['_CACHEDPREFIXREQUEST']._serialized_start=327
-  _globals['_CACHEDPREFIXREQUEST']._serialized_end=388
-  _globals['_CACHEDPREFIXRESPONSE']._serialized_start=390
-  _globals['_CACHEDPREFIXRESPONSE']._serialized_end=439
-  _globals['_WORKERINFOREQUEST']._serialized_start=441
-  _globals['_WORKERINFOREQUEST']._serialized_end=460
-  _globals['_WORKERINFO']._serialized_start=462
-  _globals['_WORKERINFO']._serialized_end=568
-  _globals['_PREFILL']._serialized_start=571
-  _globals['_PREFILL']._serialized_end=847
+  _globals['_LOADADAPTERREQUEST']._serialized_start=62
+  _globals['_LOADADAPTERREQUEST']._serialized_end=110
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=112
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=148
+  _globals['_ADAPTERLIST']._serialized_start=150
+  _globals['_ADAPTERLIST']._serialized_end=178
+  _globals['_PREFILLREQUEST']._serialized_start=180
+  _globals['_PREFILLREQUEST']._serialized_end=295
+  _globals['_PREFILLRESPONSE']._serialized_start=298
+  _globals['_PREFILLRESPONSE']._serialized_end=457
+  _globals['_CACHEDPREFIXREQUEST']._serialized_start=459
+  _globals['_CACHEDPREFIXREQUEST']._serialized_end=534
+  _globals['_CACHEDPREFIXRESPONSE']._serialized_start=536
+  _globals['_CACHEDPREFIXRESPONSE']._serialized_end=585
+  _globals['_WORKERINFOREQUEST']._serialized_start=587
+  _globals['_WORKERINFOREQUEST']._serialized_end=606
+  _globals['_WORKERINFO']._serialized_start=608
+  _globals['_WORKERINFO']._serialized_end=729
+  _globals['_PREFILL']._serialized_start=732
+  _globals['_PREFILL']._serialized_end=1008
+  _globals['_ADAPTERS']._serialized_start=1011
+  _globals['_ADAPTERS']._serialized_end=1151
 # @@protoc_insertion_point(module_scope)

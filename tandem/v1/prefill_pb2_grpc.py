@@ -226,3 +226,130 @@ class Prefill:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdaptersStub:
+    """The LoRA adapters of a worker (prefill, decode or both): what the gateway's runtime loading
+    (the OpenAI API's /v1/load_lora_adapter and /v1/unload_lora_adapter) asks each worker. Behind the
+    pipeline's credentials like every internal service; the path is on the worker's filesystem and
+    must lie inside the pipeline's `runtime_lora_dir`.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Load = channel.unary_unary(
+                '/tandem.v1.Adapters/Load',
+                request_serializer=tandem_dot_v1_dot_prefill__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_prefill__pb2.AdapterList.FromString,
+                _registered_method=True)
+        self.Unload = channel.unary_unary(
+                '/tandem.v1.Adapters/Unload',
+                request_serializer=tandem_dot_v1_dot_prefill__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_prefill__pb2.AdapterList.FromString,
+                _registered_method=True)
+
+
+class AdaptersServicer:
+    """The LoRA adapters of a worker (prefill, decode or both): what the gateway's runtime loading
+    (the OpenAI API's /v1/load_lora_adapter and /v1/unload_lora_adapter) asks each worker. Behind the
+    pipeline's credentials like every internal service; the path is on the worker's filesystem and
+    must lie inside the pipeline's `runtime_lora_dir`.
+    """
+
+    def Load(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdaptersServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Load': grpc.unary_unary_rpc_method_handler(
+                    servicer.Load,
+                    request_deserializer=tandem_dot_v1_dot_prefill__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_prefill__pb2.AdapterList.SerializeToString,
+            ),
+            'Unload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unload,
+                    request_deserializer=tandem_dot_v1_dot_prefill__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_prefill__pb2.AdapterList.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tandem.v1.Adapters', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tandem.v1.Adapters', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Adapters:
+    """The LoRA adapters of a worker (prefill, decode or both): what the gateway's runtime loading
+    (the OpenAI API's /v1/load_lora_adapter and /v1/unload_lora_adapter) asks each worker. Behind the
+    pipeline's credentials like every internal service; the path is on the worker's filesystem and
+    must lie inside the pipeline's `runtime_lora_dir`.
+    """
+
+    @staticmethod
+    def Load(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Adapters/Load',
+            tandem_dot_v1_dot_prefill__pb2.LoadAdapterRequest.SerializeToString,
+            tandem_dot_v1_dot_prefill__pb2.AdapterList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Adapters/Unload',
+            tandem_dot_v1_dot_prefill__pb2.UnloadAdapterRequest.SerializeToString,
+            tandem_dot_v1_dot_prefill__pb2.AdapterList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -2,7 +2,8 @@
 the real default model, and the SDK against its gateway. Greedy output equals tandem.LLM's;
 streams whose decode worker is killed mid-way wait for Ray's restart and finish with the same
 text (more faults: test_serve_faults.py); Ctrl-C stops everything; internal services refuse calls without the pipeline
-token (the one in $TANDEM_INTERNAL_TOKEN here; a random one when none is set), which is never printed."""
+token (the one in $TANDEM_INTERNAL_TOKEN here; a random one when none is set), which is never printed;
+the openai client picks a LoRA adapter by `model` (one loaded at start, one at run time)."""
 from __future__ import annotations
 
 import os
@@ -74,8 +75,21 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server():
-    s = Server("--disaggregate", "always")  # the hand-off for every request (auto runs short prompts whole)
+def adapters(default_llm, tmp_path_factory):
+    """Two random LoRA adapters for the default model: "one" the server loads at start, "two" the
+    test loads at run time from the server's runtime_lora_dir."""
+    from tandem.model.lora import write_random_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    for name, seed in (("one", 1), ("two", 2)):
+        write_random_adapter(root / name, default_llm.config, rank=8, seed=seed, scale=0.05)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(adapters):
+    s = Server("--disaggregate", "always",  # the hand-off for every request (auto runs short prompts whole)
+               "--lora-modules", f"one={adapters / 'one'}", "--max-loras", "2", "--runtime-lora-dir", str(adapters))
     s.wait_ready()
     yield s
     assert s.stop() == 0, "\n".join(s.lines[-30:])
@@ -144,6 +158,35 @@ def test_the_openai_client_against_the_server(server, default_llm):
     metrics = httpx.get(f"{base}/metrics", timeout=30).text
     assert re.search(r'^tandem_requests_total\{api="http",endpoint="chat_completions",status="OK"\} 2\.0$', metrics, re.M)
     assert re.search(r'^tandem_service_up\{instance="[^"]+",service="decode"\} 1\.0$', metrics, re.M)
+
+
+def test_the_openai_client_picks_a_lora_adapter_by_model(server, adapters):
+    """Must show: the same through `tandem serve` with the openai client choosing the adapter by
+    `model`: each adapter's greedy text equals tandem.LLM's with that adapter, through the hand-off
+    (prefill worker, KV-cache store, decode worker); one loaded at run time too."""
+    import httpx
+    import openai
+
+    llm = tandem.LLM("smollm2-135m", progress=False, lora_modules={n: str(adapters / n) for n in ("one", "two")})
+    greedy = tandem.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = {name: llm.generate(PROMPTS[2], greedy, lora=name)[0].text for name in (None, "one", "two")}
+    assert len(set(want.values())) == 3  # each adapter changes the answer
+    base = f"http://127.0.0.1:{server.http_port}/v1"
+    with openai.OpenAI(base_url=base, api_key="none", timeout=120, max_retries=0) as oai:
+        models = [(m.id, getattr(m, "parent", None)) for m in oai.models.list().data]
+        assert models[1:] == [("one", models[0][0])]
+
+        def ask(model: str) -> str:
+            return oai.completions.create(model=model, prompt=PROMPTS[2], max_tokens=16, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].text
+
+        assert ask("one") == want["one"] and ask(models[0][0]) == want[None]
+        loaded = httpx.post(f"{base}/load_lora_adapter", json={"lora_name": "two", "lora_path": "two"}, timeout=120)
+        assert loaded.status_code == 200, loaded.text
+        assert ask("two") == want["two"] and ask("one") == want["one"]
+        with pytest.raises(openai.NotFoundError):
+            ask("three")
+        assert httpx.post(f"{base}/unload_lora_adapter", json={"lora_name": "two"}, timeout=120).status_code == 200
 
 
 def test_streams_whose_only_decode_worker_is_killed_wait_for_its_restart(server, default_llm):

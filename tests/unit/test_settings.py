@@ -163,9 +163,7 @@ def test_serve_flags_reach_the_config(tmp_path):
 
 
 # -- tandem.LLM, PipelineConfig.llm_kwargs and EngineConfig agree ---------------------------------
-LLM_ONLY = {"progress",  # a terminal's progress bar: a worker never shows one (llm_kwargs sets False)
-            # LoRA adapters: library mode only so far (a pipeline's requests cannot name one yet: issue 19)
-            "lora_modules", "max_loras", "max_lora_rank"}
+LLM_ONLY = {"progress"}  # a terminal's progress bar: a worker never shows one (llm_kwargs sets False)
 # Where a pipeline worker's default differs from the library's, and why.
 PIPELINE_DEFAULTS = {
     "device": "auto",  # a worker takes the GPU Ray gave it; in-process, the CPU unless asked

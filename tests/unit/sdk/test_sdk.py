@@ -227,7 +227,7 @@ def test_tokenize_detokenize_list_models(client, fake):
     assert request.HasField("add_special_tokens") and not request.add_special_tokens and request.parse_special
     assert client.detokenize([4, 2], skip_special_tokens=False) == "4,2"
     assert not sent(fake, "Detokenize").skip_special_tokens
-    assert client.list_models() == [{"id": "smol", "max_model_len": 2048, "quantization": ""}]
+    assert client.list_models() == [{"id": "smol", "max_model_len": 2048, "quantization": "", "parent": None}]
 
 
 def test_api_key_is_sent_as_bearer_metadata(fake, target):

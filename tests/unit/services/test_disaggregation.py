@@ -43,7 +43,7 @@ class FakeRouter:
     def serving_now(self, endpoints):
         return [e for e in endpoints if e.serving]
 
-    async def bid_prefill(self, prompt, deadline, avoid=(), cache_salt="", ask_one=False):
+    async def bid_prefill(self, prompt, deadline, avoid=(), cache_salt="", ask_one=False, lora=""):
         self.asked += 1
         return self.serving_now(self.prefill)[0], self.cached
 

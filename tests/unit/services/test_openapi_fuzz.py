@@ -65,7 +65,8 @@ def test_the_schema_states_the_bounds(api, pipe):
 def test_most_schema_valid_requests_are_accepted():
     """Run after the fuzzing: of the schema-valid requests it sent, most were answered 2xx (the
     schema does not allow what the server refuses)."""
-    statuses = [s for values in ACCEPTED.values() for s in values]
+    # 403: an operation the operator left off (runtime LoRA loading without runtime_lora_dir), whatever the body
+    statuses = [s for values in ACCEPTED.values() for s in values if s != 403]
     if not statuses:
         pytest.skip("run with the fuzzing test")
     accepted = sum(200 <= s < 300 for s in statuses)
