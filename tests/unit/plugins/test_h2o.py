@@ -216,3 +216,13 @@ def test_prefix_cache_shares_only_before_eviction(tiny_hf_dir, llm, prompts):
     after = {n: live for n, live in kept_cached["b"].items() if n >= BUDGET}
     assert after == {n: kept_fresh["b"][n] for n in after}  # the hit brought its queries' attention
 
+
+
+def test_preemption_recomputes_the_same_evictions(tiny_hf_dir, llm, prompts):
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    requests = [(f"p{i}", p, params) for i, p in enumerate(prompts)]
+    roomy, _ = run(llm.engine, requests)
+    tight = make_llm(tiny_hf_dir, num_kv_blocks=9)  # room for two sequences' budgets, not three
+    out, _ = run(tight.engine, requests)
+    assert tight.engine.stats()["preemptions"] > 0
+    assert {r: o.token_ids for r, o in out.items()} == {r: o.token_ids for r, o in roomy.items()}
