@@ -9,9 +9,9 @@
 //   projection (qkv: 3 parts, gate_up: 2) stacks its parts' A and keeps B^T per part: no zero
 //   block of a block-diagonal B is read or multiplied. Tokens in no run (the bare base) get nothing.
 //
-// Two passes over the thread pool: low (M, P R) = each token's x . A rows (an A row loaded once for
-// up to 4 tokens of its run), then y += scaling * low B^T by 16-column blocks, the block's B^T rows
-// loaded once for up to 4 tokens. Each output element is computed by one thread in a fixed order,
+// Two passes over the thread pool: low (M, P R) = each token's x . A rows (4 A rows by 4 tokens of a
+// run a register block), then y += scaling * low B^T by 64-column blocks of one part (4 tokens a
+// register block, each B^T load used by all 4). Each output element is computed by one thread in a fixed order,
 // whatever the split (batch invariance).
 #include <torch/extension.h>
 #include "thread_pool.h"
@@ -21,20 +21,62 @@
 
 namespace {
 
-constexpr int64_t kTokens = 4;  // tokens sharing each weight load (a decode run of one adapter is ~1-8)
+// Register blocks (Zen 4 loads one zmm a cycle and fmas one: a block's loads must feed several fmas)
+constexpr int kTokens = 4;  // tokens sharing each weight load (a decode run of one adapter is ~1-8)
+constexpr int kRows = 4;    // A rows sharing each x load (pass 1: 8 loads feed 16 fmas)
+constexpr int kVecs = 4;    // 16-column vectors of B^T a pass-2 block spans (4 loads, 4 broadcasts: 16 fmas)
 
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
-// low[t * ld] = x_t . a over K, for the T <= kTokens tokens xs (an fma chain of 16 lanes, then one reduce)
-inline void dot_rows(const float* const* xs, int64_t T, const float* a, int64_t K, float* low, int64_t ld) {
-  __m512 acc[kTokens];
-  for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = tail_mask(K - k);
-    const __m512 av = _mm512_maskz_loadu_ps(m, a + k);
-    for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xs[t] + k), av, acc[t]);
+// low[t * ld + j] = x_t . a_j over K for kTokens tokens xs and kRows rows as (an fma chain of 16
+// lanes, then one reduce); only t < T, j < J are stored (the others repeat a token or row)
+inline void dot_block(const float* const* xs, int64_t T, const float* const* as, int64_t J, int64_t K, float* low,
+                      int64_t ld) {
+  __m512 acc[kTokens][kRows];
+  for (int t = 0; t < kTokens; ++t)
+    for (int j = 0; j < kRows; ++j) acc[t][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 av[kRows];
+    for (int j = 0; j < kRows; ++j) av[j] = _mm512_loadu_ps(as[j] + k);
+    for (int t = 0; t < kTokens; ++t) {
+      const __m512 xv = _mm512_loadu_ps(xs[t] + k);
+      for (int j = 0; j < kRows; ++j) acc[t][j] = _mm512_fmadd_ps(xv, av[j], acc[t][j]);
+    }
   }
-  for (int64_t t = 0; t < T; ++t) low[t * ld] = _mm512_reduce_add_ps(acc[t]);
+  if (k < K) {
+    const __mmask16 m = tail_mask(K - k);
+    __m512 av[kRows];
+    for (int j = 0; j < kRows; ++j) av[j] = _mm512_maskz_loadu_ps(m, as[j] + k);
+    for (int t = 0; t < kTokens; ++t) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, xs[t] + k);
+      for (int j = 0; j < kRows; ++j) acc[t][j] = _mm512_fmadd_ps(xv, av[j], acc[t][j]);
+    }
+  }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < J; ++j) low[t * ld + j] = _mm512_reduce_add_ps(acc[t][j]);
+}
+
+// y_t[c:c + 16 kVecs] += scale * sum_r l_t[r] b[r * ldb + c...] for kTokens tokens (masks: each
+// vector's columns; only t < T stored), r in order
+inline void expand_block(const float* const* l, int64_t T, const float* b, int64_t ldb, int64_t R,
+                         const __mmask16* m, __m512 scale, float* const* ys) {
+  __m512 acc[kTokens][kVecs];
+  for (int t = 0; t < kTokens; ++t)
+    for (int v = 0; v < kVecs; ++v) acc[t][v] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < R; ++r) {
+    __m512 bv[kVecs];
+    for (int v = 0; v < kVecs; ++v) bv[v] = _mm512_maskz_loadu_ps(m[v], b + r * ldb + 16 * v);
+    for (int t = 0; t < kTokens; ++t) {
+      const __m512 lv = _mm512_set1_ps(l[t][r]);
+      for (int v = 0; v < kVecs; ++v) acc[t][v] = _mm512_fmadd_ps(lv, bv[v], acc[t][v]);
+    }
+  }
+  for (int64_t t = 0; t < T; ++t)
+    for (int v = 0; v < kVecs; ++v) {
+      float* y = ys[t] + 16 * v;
+      _mm512_mask_storeu_ps(y, m[v], _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], y), _mm512_mul_ps(acc[t][v], scale)));
+    }
 }
 
 }  // namespace
@@ -71,51 +113,50 @@ void lora_add(torch::Tensor y, const torch::Tensor& x, const torch::Tensor& a, c
   float* Y = y.data_ptr<float>();
   const int64_t PR = P * R;
 
-  // pass 1: low[i, j] = x[order[i]] . a[slot, j], one item per (run, A row)
+  // pass 1: low[i, j] = x[order[i]] . a[slot, j], one item per (run, kRows rows of A)
   std::vector<float> low(M * PR);
-  tandem::parallel_for(G * PR, 8, [&](int64_t w0, int64_t w1) {
+  const int64_t row_blocks = (PR + kRows - 1) / kRows;
+  tandem::parallel_for(G * row_blocks, 2, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t g = w / PR, j = w % PR, end = run[3 * g + 2];
-      const float* row = A + (run[3 * g] * PR + j) * K;
+      const int64_t g = w / row_blocks, j0 = (w % row_blocks) * kRows, J = std::min<int64_t>(kRows, PR - j0);
+      const int64_t end = run[3 * g + 2];
+      const float* as[kRows];
+      for (int64_t j = 0; j < kRows; ++j) as[j] = A + (run[3 * g] * PR + j0 + std::min(j, J - 1)) * K;
       for (int64_t i = run[3 * g + 1]; i < end; i += kTokens) {
-        const int64_t T = std::min(kTokens, end - i);
+        const int64_t T = std::min<int64_t>(kTokens, end - i);
         const float* xs[kTokens];
         for (int64_t t = 0; t < kTokens; ++t) xs[t] = X + ord[i + std::min(t, T - 1)] * K;
-        dot_rows(xs, T, row, K, low.data() + i * PR + j, PR);
+        dot_block(xs, T, as, J, K, low.data() + i * PR + j0, PR);
       }
     }
   });
 
   // pass 2: y[order[i], c] += scaling[slot] * low[i, p R:(p + 1) R] . bt[slot, :, c], one item per
-  // (run, 16-column block of one part)
+  // (run, block of 16 kVecs columns of one part)
+  constexpr int64_t width = 16 * kVecs;
   std::vector<int64_t> block_col, block_part;
   for (int64_t p = 0, c = 0; p < P; ++p)
-    for (; c < part_ends[p]; c += std::min<int64_t>(16, part_ends[p] - c)) {
+    for (; c < part_ends[p]; c += std::min<int64_t>(width, part_ends[p] - c)) {
       block_col.push_back(c);
       block_part.push_back(p);
     }
   const int64_t B = (int64_t)block_col.size();
-  tandem::parallel_for(G * B, 4, [&](int64_t w0, int64_t w1) {
+  tandem::parallel_for(G * B, 2, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t g = w / B, blk = w % B, slot = run[3 * g], end = run[3 * g + 2];
       const int64_t c = block_col[blk], p = block_part[blk];
-      const __mmask16 m = tail_mask(part_ends[p] - c);
-      const float* b = BT + slot * R * O + c;
+      __mmask16 m[kVecs];
+      for (int v = 0; v < kVecs; ++v) m[v] = tail_mask(part_ends[p] - c - 16 * v);
       const __m512 s = _mm512_set1_ps(scale[slot]);
       for (int64_t i = run[3 * g + 1]; i < end; i += kTokens) {
-        const int64_t T = std::min(kTokens, end - i);
+        const int64_t T = std::min<int64_t>(kTokens, end - i);
         const float* l[kTokens];
-        for (int64_t t = 0; t < kTokens; ++t) l[t] = low.data() + (i + std::min(t, T - 1)) * PR + p * R;
-        __m512 acc[kTokens];
-        for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
-        for (int64_t r = 0; r < R; ++r) {
-          const __m512 bv = _mm512_maskz_loadu_ps(m, b + r * O);
-          for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(l[t][r]), bv, acc[t]);
+        float* ys[kTokens];
+        for (int64_t t = 0; t < kTokens; ++t) {
+          l[t] = low.data() + (i + std::min(t, T - 1)) * PR + p * R;
+          ys[t] = Y + ord[i + std::min(t, T - 1)] * O + c;
         }
-        for (int64_t t = 0; t < T; ++t) {
-          float* yr = Y + ord[i + t] * O + c;
-          _mm512_mask_storeu_ps(yr, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, yr), _mm512_mul_ps(acc[t], s)));
-        }
+        expand_block(l, T, BT + slot * R * O + c, O, R, m, s, ys);
       }
     }
   });
