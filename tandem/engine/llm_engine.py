@@ -82,7 +82,8 @@ class LLMEngine:
         ev = self.eviction
         self.block_manager = BlockManager(blocks, block_size, caching,
                                           None if ev is None else (ev.first_eviction - 1) // block_size)
-        self.scheduler = Scheduler(self.config, self.block_manager, None if ev is None else ev.step_end)
+        self.scheduler = Scheduler(self.config, self.block_manager, None if ev is None else ev.step_end,
+                                   self._lora_slot if lora is not None else None)
         self.runner = runner_factory(blocks) if runner_factory is not None \
             else ModelRunner(model, c, blocks, block_size, kv_format, variant, backend)
         if ev is not None:
@@ -180,11 +181,10 @@ class LLMEngine:
         if lora is not None:
             if self.lora is None:
                 raise InvalidRequestError("this engine has no LoRA adapters (start it with lora_modules or max_loras)")
-            key = self.lora.cache_key(lora)
-            slot = self.lora.acquire(lora)  # last: nothing to undo if it refuses
+            key = self.lora.hold(lora)  # last: nothing to undo if it refuses
             request.lora = lora
-            for seq in request.seqs:
-                seq.lora, seq.lora_slot = key, slot
+            for seq in request.seqs:  # a slot when the scheduler first admits one of them (_lora_slot)
+                seq.lora = key
         self.requests[request_id] = request
         if request.spec is not None:
             self.spec.started(request)
@@ -227,8 +227,27 @@ class LLMEngine:
 
     def _release_lora(self, request: Request) -> None:
         if request.lora is not None:
-            self.lora.release(request.lora)
-            request.lora = None  # once
+            if request.lora_slot >= 0:
+                self.lora.release(request.lora)
+            self.lora.unhold(request.lora)
+            request.lora, request.lora_slot = None, -1  # once
+
+    def _lora_slot(self, seq: Sequence) -> bool:
+        """The scheduler's question before it admits a waiting sequence: whether it may run now.
+        A sequence with a LoRA adapter needs the adapter in one of the model's slots; its request
+        takes one (least recently used out) the first time, and holds it until it ends. While
+        every slot is held by running requests it waits, and those behind it may go first."""
+        if seq.lora is None or seq.lora_slot >= 0:
+            return True
+        request = self.requests[seq.request_id]
+        if request.lora_slot < 0:
+            slot = self.lora.try_acquire(request.lora)
+            if slot is None:
+                return False
+            request.lora_slot = slot
+        for s in request.seqs:
+            s.lora_slot = request.lora_slot
+        return True
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self.kv and self.kv.saving)

@@ -32,11 +32,14 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager,
-                 step_end: Callable[[int], int] | None = None):
-        """step_end(num_computed): how far a sequence's next step may compute (exclusive), or None: any length."""
+                 step_end: Callable[[int], int] | None = None, may_run: Callable[[Sequence], bool] | None = None):
+        """step_end(num_computed): how far a sequence's next step may compute (exclusive), or None: any length.
+        may_run(seq): asked before a waiting sequence is admitted; False leaves it waiting and the
+        ones behind it may go (the engine's LoRA slots: a sequence waits for its adapter's)."""
         self.config = config
         self.blocks = block_manager
         self.step_end = step_end
+        self.may_run = may_run
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the newest
         self.num_preemptions = 0
@@ -84,11 +87,15 @@ class Scheduler:
                 budget -= num
                 kept.append(seq)
         self.running = kept
-        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        i = 0  # the first waiting sequence that may run
+        while i < len(self.waiting) and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[i]
+            if self.may_run is not None and not self.may_run(seq):
+                i += 1
+                continue
             if not self.blocks.can_allocate(seq, budget):
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
             self.blocks.allocate(seq, budget)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

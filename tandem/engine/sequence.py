@@ -135,7 +135,8 @@ class Request:
     num_local_blocks: int = 0  # leading prompt blocks this engine's prefix cache held at admission
     saving: bool = False
     resaved: bool = False  # blocks the store had lost were sent again (once per request)
-    lora: str | None = None  # the LoRA adapter it runs with, while it holds the adapter's slot
+    lora: str | None = None  # the LoRA adapter it runs with (its name), held until it ends
+    lora_slot: int = -1  # the adapter's slot in the model, from its first admission (-1: none yet)
 
     def generator(self, index: int, ahead: int = 0) -> torch.Generator:
         """Sample `index`'s generator for the draw of its next token (`ahead` tokens further)."""

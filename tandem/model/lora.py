@@ -257,7 +257,8 @@ def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoRAContext:
 
 class LoRASlots:
     """Adapters in the model's slots, least recently used out (a slot in use by a running request
-    is never taken: `acquire` raises when every slot is busy)."""
+    is never taken: `acquire` raises when every slot is busy; the engine then keeps the request
+    waiting until one is released)."""
 
     def __init__(self, model: nn.Module, context: LoRAContext, max_loras: int):
         self.model, self.context, self.max_loras = model, context, max_loras
@@ -316,6 +317,7 @@ class LoRARegistry:
         model.lora_context = self.context
         self.slots = LoRASlots(model, self.context, max_loras)
         self.adapters: dict[str, LoRAAdapter] = {}
+        self.holders: dict[str, int] = {}  # requests (waiting or running) that name each adapter
 
     def add(self, name: str, path: str | Path) -> LoRAAdapter:
         """Load an adapter (checked first: a bad one changes nothing)."""
@@ -338,8 +340,8 @@ class LoRARegistry:
     def remove(self, name: str) -> None:
         if name not in self.adapters:
             raise ModelNotFoundError(f"no LoRA adapter named {name!r} is loaded")
-        if self.slots.users.get(name):
-            raise ConfigError(f"LoRA adapter {name!r} is in use by running requests")
+        if self.slots.users.get(name) or self.holders.get(name):
+            raise ConfigError(f"LoRA adapter {name!r} is in use by requests")
         del self.adapters[name]
         self.slots.forget(name)
 
@@ -354,8 +356,26 @@ class LoRARegistry:
         except RuntimeError as exc:  # every slot busy: retry later
             raise QueueFullError(str(exc)) from None
 
+    def try_acquire(self, name: str) -> int | None:
+        """acquire, or None while every slot is held by running requests (the caller waits)."""
+        try:
+            return self.slots.acquire(self.adapters[name])
+        except RuntimeError:
+            return None
+
     def release(self, name: str) -> None:
+        """Give back a slot acquire / try_acquire gave."""
         self.slots.release(name)
+
+    def hold(self, name: str) -> str:
+        """A request names the adapter: it stays loaded (unload is refused) until unhold; returns
+        its cache_key. ModelNotFoundError for an adapter that is not loaded."""
+        key = self.cache_key(name)
+        self.holders[name] = self.holders.get(name, 0) + 1
+        return key
+
+    def unhold(self, name: str) -> None:
+        self.holders[name] = max(0, self.holders.get(name, 0) - 1)
 
     def cache_key(self, name: str) -> str:
         """The loaded adapter's LoRAAdapter.cache_key (ModelNotFoundError: none of that name)."""
@@ -363,6 +383,7 @@ class LoRARegistry:
         if adapter is None:
             raise ModelNotFoundError(f"unknown LoRA adapter {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
         return adapter.cache_key
+
 
 def write_random_adapter(directory: str | Path, config: ModelConfig, rank: int = 8, seed: int = 0,
                          scale: float = 0.01, projections=PROJECTIONS) -> int:

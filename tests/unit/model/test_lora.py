@@ -142,3 +142,23 @@ def test_adapters_never_share_kv_and_load_unload_at_run_time(served, adapters, t
     served.unload_lora("two")
     served.load_lora("two", str(adapters["two"][0]))
     assert served.generate(prompt, greedy, lora="two")[0].token_ids == other.token_ids
+
+
+def test_more_adapters_than_slots_wait_for_a_slot_instead_of_failing(tiny_hf_dir, adapters):
+    """max_loras=1 and a batch naming two adapters and the base: the second adapter's request waits
+    until the first one's slot is free (the base runs beside both), and every row gets its own
+    tokens; an adapter named by a waiting or running request cannot be unloaded."""
+    llm = tandem.LLM(str(tiny_hf_dir), dtype="float32", progress=False, num_kv_blocks=128, block_size=4,
+                     lora_modules={name: str(path) for name, (path, _) in adapters.items()}, max_loras=1,
+                     max_lora_rank=8)
+    prompt = list(range(30, 50))
+    greedy = tandem.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    alone = {name: llm.generate(prompt, greedy, lora=name)[0].token_ids for name in ("one", "two", None)}
+    mixed = llm.generate([prompt] * 4, greedy, lora=["one", "two", None, "one"])
+    assert [o.token_ids for o in mixed] == [alone["one"], alone["two"], alone[None], alone["one"]]
+    llm.engine.add_request("held", prompt, greedy, lora="two")
+    with pytest.raises(ConfigError, match="in use by requests"):
+        llm.unload_lora("two")
+    llm.engine.abort("held")
+    assert llm.lora.holders == {"one": 0, "two": 0} and llm.lora.slots.users == {"one": 0, "two": 0}
+    llm.unload_lora("two")
