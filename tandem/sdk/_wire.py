@@ -59,15 +59,43 @@ def disaggregate_option(value) -> str:
     return value
 
 
-def generate_request(prompt, model: str | None, request_id: str | None, sampling: dict) -> gateway_pb2.GenerateRequest:
-    """GenerateRequest of a text prompt (str) or a token-id prompt (list of ints). sampling may
-    carry rag= (see rag_options) and disaggregate= (see disaggregate_option) besides
-    SamplingParams' fields."""
+def with_structured_output(sampling: dict) -> dict:
+    """sampling with structured_output= folded into logits_processors: the keyword is an alias of
+    logits_processors={"structured_output": {...}}, the built-in processor's own arguments
+    (plugins/structured.py): exactly one of {"json_schema": {...}}, {"json_object": True},
+    {"regex": "..."}, {"choice": ["yes", "no"]} or {"grammar": "<Lark>"}. The server checks the
+    argument (a bad kind, or a schema that does not compile: INVALID_ARGUMENT); here only that it
+    is a dict and is not given twice."""
+    structured = sampling.pop("structured_output", None)
+    if structured is None:
+        return sampling
+    if not isinstance(structured, dict) or not structured:
+        raise _invalid("structured_output", 'a dict such as {"json_schema": {...}}, {"regex": "..."} or '
+                       '{"choice": [...]}', structured)
+    processors = dict(sampling.get("logits_processors") or {})
+    if "structured_output" in processors:
+        raise InvalidArgumentError("give structured_output= or logits_processors={'structured_output': ...}, "
+                                   "not both")
+    processors["structured_output"] = structured
+    return {**sampling, "logits_processors": processors}
+
+
+def request_options(sampling: dict) -> tuple[common_pb2.SamplingParams, gateway_pb2.RagOptions | None, str]:
+    """A call's keywords as (SamplingParams, RagOptions, disaggregate): SamplingParams' fields plus
+    rag= (see rag_options), disaggregate= (see disaggregate_option) and structured_output= (see
+    with_structured_output)."""
     sampling = dict(sampling)
     rag = rag_options(sampling.pop("rag", None))
     disaggregate = disaggregate_option(sampling.pop("disaggregate", None))
+    return sampling_to_pb(with_structured_output(sampling)), rag, disaggregate
+
+
+def generate_request(prompt, model: str | None, request_id: str | None, sampling: dict) -> gateway_pb2.GenerateRequest:
+    """GenerateRequest of a text prompt (str) or a token-id prompt (list of ints); sampling: the
+    call's keywords (see request_options)."""
+    sampling_pb, rag, disaggregate = request_options(sampling)
     request = gateway_pb2.GenerateRequest(model=model or "", request_id=request_id or "",
-                                          sampling=sampling_to_pb(sampling), rag=rag, disaggregate=disaggregate)
+                                          sampling=sampling_pb, rag=rag, disaggregate=disaggregate)
     if isinstance(prompt, str):
         request.text = prompt
         return request
@@ -83,16 +111,15 @@ def generate_request(prompt, model: str | None, request_id: str | None, sampling
 
 
 def chat_request(messages, model: str | None, request_id: str | None, sampling: dict) -> gateway_pb2.ChatRequest:
-    """ChatRequest of [{"role": ..., "content": ...}, ...]; sampling may carry rag= and disaggregate=."""
-    sampling = dict(sampling)
-    rag = rag_options(sampling.pop("rag", None))
-    disaggregate = disaggregate_option(sampling.pop("disaggregate", None))
+    """ChatRequest of [{"role": ..., "content": ...}, ...]; sampling: the call's keywords (see
+    request_options)."""
+    sampling_pb, rag, disaggregate = request_options(sampling)
     try:
         pb_messages = [common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
     except (TypeError, ValueError, KeyError) as e:
         raise _invalid("messages", 'a list of {"role": str, "content": str} dicts', messages, e) from e
     return gateway_pb2.ChatRequest(model=model or "", messages=pb_messages, request_id=request_id or "",
-                                   sampling=sampling_to_pb(sampling), rag=rag, disaggregate=disaggregate)
+                                   sampling=sampling_pb, rag=rag, disaggregate=disaggregate)
 
 
 def tokenize_request(text: str, add_special_tokens: bool, parse_special: bool, model: str | None):

@@ -27,6 +27,8 @@ class Client:
             for chunk in client.generate("Once upon a time", max_tokens=64, stop="\\n"):
                 print(chunk.text, end="", flush=True)
             reply = client.chat([{"role": "user", "content": "Hi!"}], max_tokens=32)
+            person = client.chat([{"role": "user", "content": "A person as JSON."}], max_tokens=64,
+                                 structured_output={"json_schema": {"type": "object", ...}})
             ids = client.tokenize("Hello")
 
     target: "host:port". api_key: sent as "authorization: Bearer KEY" on every call. tls: None or
@@ -40,10 +42,14 @@ class Client:
     Sampling keywords are tandem.SamplingParams's fields (max_tokens, n, temperature, top_k,
     top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed, stop,
     stop_token_ids, ignore_eos, skip_special_tokens, logits_processors); those left out take the
-    server's defaults. generate, complete and chat also take rag= (retrieval) and disaggregate=
-    ("auto", "always" or "never": where the server runs the prompt; None: its setting). Failures
-    raise TandemRpcError subclasses (InvalidArgumentError, UnavailableError, ...), whose `code()`
-    is the grpc.StatusCode.
+    server's defaults. structured_output= constrains the answer token by token to one of
+    {"json_schema": {...}} (a JSON Schema), {"json_object": True} (any JSON object), {"regex":
+    "..."}, {"choice": ["yes", "no"]} or {"grammar": "<Lark grammar>"}: an alias of
+    logits_processors={"structured_output": {...}} (plugins/structured.py; a kind or schema the
+    server cannot compile is INVALID_ARGUMENT). generate, complete and chat also take rag=
+    (retrieval) and disaggregate= ("auto", "always" or "never": where the server runs the prompt;
+    None: its setting). Failures raise TandemRpcError subclasses (InvalidArgumentError,
+    UnavailableError, ...), whose `code()` is the grpc.StatusCode.
     """
 
     def __init__(self, target: str, api_key: str | None = None, tls=None, timeout: float | None = None,

@@ -3,7 +3,8 @@ the service pipeline (in-process services, HTTP gateway), the openai client aski
 response_format json_schema for each of 20 schemas (tests/data/json_schemas.json: nested objects,
 arrays, enums, numbers with bounds, optional fields, anyOf, nullable), greedy and at temperature 1.
 Every answer parses and validates. Also json_object, and vLLM's structured_outputs regex and
-choice; a schema that does not compile is a 400."""
+choice; a schema that does not compile is a 400. The same through tandem's SDK (gRPC), whose
+structured_output= keyword is the processor's own argument."""
 from __future__ import annotations
 
 import json
@@ -18,15 +19,20 @@ SCHEMAS = json.loads((Path(__file__).parents[1] / "data" / "json_schemas.json").
 
 
 @pytest.fixture(scope="module")
-def client():
-    openai = pytest.importorskip("openai")
+def pipeline():
     from tandem.orchestration.local import InProcessPipeline
     from tandem.services.config import PipelineConfig
 
     config = PipelineConfig(grpc_port=0, http_port=0, mode="aggregated", replicas={"decode": 1},
                             kv_cache_memory=256 << 20)
     with InProcessPipeline(config) as pipe:
-        yield openai.OpenAI(base_url=f"http://{pipe.http_address}/v1", api_key="unused", max_retries=0, timeout=300)
+        yield pipe
+
+
+@pytest.fixture(scope="module")
+def client(pipeline):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"http://{pipeline.http_address}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 def _ask(client, name: str, schema: dict, temperature: float):
@@ -66,3 +72,21 @@ def test_json_object_regex_choice_and_a_bad_schema(client):
         client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "x"}],
                                        response_format={"type": "json_schema",
                                                         "json_schema": {"name": "bad", "schema": {"type": 3}}})
+
+
+def test_the_sdk_structured_output_keyword(pipeline):
+    from tandem.sdk import Client, InvalidArgumentError
+
+    name, schema = next(iter(SCHEMAS.items()))
+    with Client(pipeline.address, timeout=300, max_retries=0) as sdk:
+        reply = sdk.chat([{"role": "user", "content": f"Give me a {name.replace('_', ' ')} as JSON."}],
+                         temperature=0, max_tokens=300, structured_output={"json_schema": schema})
+        assert reply.finish_reason == "stop", reply.text
+        jsonschema.validate(json.loads(reply.text), schema)
+        out = sdk.complete("Call me at", max_tokens=20, temperature=1.0, seed=3,
+                           structured_output={"regex": r" [0-9]{3}-[0-9]{4}"})
+        assert re.fullmatch(r" [0-9]{3}-[0-9]{4}", out.text) and out.finish_reason == "stop"
+        out = sdk.complete("Is the sky blue?", max_tokens=5, structured_output={"choice": [" yes", " no"]})
+        assert out.text in (" yes", " no")
+        with pytest.raises(InvalidArgumentError, match="cannot compile the json_schema"):
+            sdk.complete("x", max_tokens=4, structured_output={"json_schema": {"type": 3}})

@@ -168,6 +168,24 @@ def test_unknown_keyword_raises_type_error_naming_the_allowed_ones(client, fake)
     assert fake.calls == []
 
 
+def test_structured_output_is_an_alias_of_its_logits_processor(client, fake):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    client.complete("x", structured_output={"json_schema": schema}, logits_processors={"typical_p": {"mass": 0.9}})
+    assert json.loads(sent(fake).sampling.logits_processors_json) == {
+        "typical_p": {"mass": 0.9}, "structured_output": {"json_schema": schema}}
+    client.chat([{"role": "user", "content": "y"}], structured_output={"choice": ["yes", "no"]})
+    assert json.loads(sent(fake, "Chat").sampling.logits_processors_json) == {
+        "structured_output": {"choice": ["yes", "no"]}}
+    client.complete("x", structured_output=None)
+    assert sent(fake).sampling == common_pb2.SamplingParams()
+    calls = len(fake.calls)
+    with pytest.raises(InvalidArgumentError, match="structured_output must be a dict"):
+        client.generate("x", structured_output='{"regex": "a+"}')
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        client.generate("x", structured_output={"regex": "a+"}, logits_processors={"structured_output": {}})
+    assert len(fake.calls) == calls
+
+
 @pytest.mark.parametrize("prompt, sampling, name", [
     ("x", {"max_tokens": 1.5}, "max_tokens"),
     ("x", {"max_tokens": True}, "max_tokens"),
