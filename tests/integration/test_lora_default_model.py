@@ -4,8 +4,8 @@ tandem (quantization="none": the GGUF dequantized to fp32, the weights transform
 makes) the logits and greedy tokens transformers + PEFT give on the same weights, and one batch
 mixing both adapters and the bare base gives each row what it gets alone.
 
-The references are computed once, then transformers' model is freed; the file runs in about
-40 s on 2 cores, most of it loading the two models."""
+The references are computed once (one left-padded greedy batch per adapter), then transformers'
+model is freed. The file takes about 40 s of CPU time, most of it loading the two models."""
 from __future__ import annotations
 
 import gc
