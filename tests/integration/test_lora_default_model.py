@@ -54,7 +54,9 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_default")
     model.save_pretrained(str(root))  # one directory per adapter: root/one, root/two
     tokens, logits = {}, {}
-    width = max(map(len, prompts))  # the prompts left-padded into one batch per adapter
+    # the prompts left-padded into one batch per adapter (measured: the tokens and teacher-forced
+    # logits of one prompt at a time, exactly)
+    width = max(map(len, prompts))
     batch = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
