@@ -483,20 +483,31 @@ class LLM:
 
     # -- scoring --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def score(self, token_ids: Sequence[int]) -> ScoreOutput:
-        """Teacher-forced log-probabilities of token_ids[1:] and the argmax at each position."""
+    def score(self, token_ids: Sequence[int], lora: str | None = None) -> ScoreOutput:
+        """Teacher-forced log-probabilities of token_ids[1:] and the argmax at each position
+        (lora: through that LoRA adapter; None: the bare base)."""
         if self._group is not None:
             raise ConfigError("score() runs the whole model in this process: not on a parallel group")
         ids = list(token_ids)
         self.tokenizer.check_ids(ids)
         if not 2 <= len(ids) <= self.max_model_len:
             raise InvalidRequestError(f"score needs 2 to {self.max_model_len} tokens, got {len(ids)}")
+        if lora is not None and self.lora is None:
+            raise InvalidRequestError("this LLM has no LoRA adapters (create it with lora_modules or max_loras)")
+        slot = None if lora is None else self.lora.acquire(lora)
         cache = KVCache(self.config, len(ids), self.dtype, self.device, variant=self.variant, backend=self.backend)
         logprobs, argmax = [], []
-        for start in range(0, len(ids) - 1, PREFILL_CHUNK):
-            chunk = ids[start:start + PREFILL_CHUNK]
-            targets = torch.tensor(ids[start + 1:start + 1 + len(chunk)], device=self.device)
-            logits = self.model.compute_logits(self._forward(chunk, cache)[0, :len(targets)])
-            logprobs += logits.log_softmax(-1).gather(-1, targets.unsqueeze(1)).squeeze(1).tolist()
-            argmax += logits.argmax(-1).tolist()
+        try:
+            for start in range(0, len(ids) - 1, PREFILL_CHUNK):
+                chunk = ids[start:start + PREFILL_CHUNK]
+                targets = torch.tensor(ids[start + 1:start + 1 + len(chunk)], device=self.device)
+                if slot is not None:  # every token of this forward through the adapter's slot
+                    self.model.lora_context.set_slots(torch.full((len(chunk),), slot))
+                logits = self.model.compute_logits(self._forward(chunk, cache)[0, :len(targets)])
+                logprobs += logits.log_softmax(-1).gather(-1, targets.unsqueeze(1)).squeeze(1).tolist()
+                argmax += logits.argmax(-1).tolist()
+        finally:
+            if slot is not None:
+                self.model.lora_context.set_slots(None)
+                self.lora.release(lora)
         return ScoreOutput(logprobs, argmax)

@@ -162,3 +162,18 @@ def test_more_adapters_than_slots_wait_for_a_slot_instead_of_failing(tiny_hf_dir
     llm.engine.abort("held")
     assert llm.lora.holders == {"one": 0, "two": 0} and llm.lora.slots.users == {"one": 0, "two": 0}
     llm.unload_lora("two")
+
+
+def test_score_through_an_adapter_gives_its_generated_tokens_logprobs(served):
+    """LLM.score(ids, lora=name): the teacher-forced log-probabilities of a greedy continuation
+    generated with the adapter equal generate's own (and differ from the base's score)."""
+    prompt = list(range(60, 75))
+    out = served.generate(prompt, tandem.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0),
+                          lora="one")[0]
+    scored = served.score(prompt + out.token_ids, lora="one")
+    want = [entry.logprob for entry in out.outputs[0].logprobs]
+    assert scored.argmax_ids[-6:] == out.token_ids
+    assert torch.allclose(torch.tensor(scored.logprobs[-6:]), torch.tensor(want), atol=1e-4)
+    base = served.score(prompt + out.token_ids)
+    assert not torch.allclose(torch.tensor(base.logprobs[-6:]), torch.tensor(want), atol=1e-2)
+    assert served.lora.slots.users.get("one") == 0
