@@ -9,7 +9,8 @@ many): each adapted projection W gets a low-rank update, y = W x + s * B (A x), 
   `LoRAProjection` that holds `max_loras` slots of stacked, zero-padded A and B^T. A fused
   projection (qkv, gate_up) stacks its parts' A (parts x R rows) and keeps B^T per part: B^T's
   columns are the fused output's, each multiplying its own part's R columns of x A^T (no zero
-  blocks of a block-diagonal B stored or multiplied; the slots cost the adapters' own size).
+  blocks of a block-diagonal B stored or multiplied; the slots cost the adapters' own size, half
+  of it where the base is kept in GGML blocks: `slot_dtype`).
 - `LoRASlots` puts adapters in slots, least recently used out, and `LoRAContext.set_slots` tells
   every projection which slot each token of the next forward uses (-1: the bare base), grouping
   the tokens by slot once for the whole forward.
@@ -166,12 +167,12 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, part_outs: li
     for tokens in no group. x (N, in), a (S, P R, in), bt (S, R, out), part_outs: the parts'
     widths (sum: out) -> (N, out) in x's dtype."""
     out = x.new_zeros(x.shape[0], bt.shape[2])
-    rank = bt.shape[1]
+    rank, dtype = bt.shape[1], torch.promote_types(a.dtype, torch.float32)  # fp16 slots compute in fp32
     for slot, rows in groups:
-        low = x[rows].to(a.dtype) @ a[slot].T  # (n, P R)
+        low = x[rows].to(dtype) @ a[slot].to(dtype).T  # (n, P R)
         parts, start = [], 0
         for part, width in enumerate(part_outs):
-            parts.append(low[:, part * rank:(part + 1) * rank] @ bt[slot, :, start:start + width])
+            parts.append(low[:, part * rank:(part + 1) * rank] @ bt[slot, :, start:start + width].to(dtype))
             start += width
         out[rows] = ((parts[0] if len(parts) == 1 else torch.cat(parts, 1)) * scaling[slot]).to(x.dtype)
     return out
@@ -180,15 +181,16 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, part_outs: li
 class LoRAProjection(nn.Module):
     """A base projection plus `slots` adapter slots: forward(x) = base(x) + lora_delta over the
     tokens' slots (LoRAContext, set for each forward). lora_a (slots, parts x R, in) stacks the
-    parts' A; lora_bt (slots, R, out) holds each part's B^T on that part's output columns."""
+    parts' A; lora_bt (slots, R, out) holds each part's B^T on that part's output columns; both in
+    `dtype` (slot_dtype)."""
 
     def __init__(self, base: nn.Module, fan_in: int, part_outs: list[int], slots: int, max_rank: int,
-                 context: LoRAContext):
+                 context: LoRAContext, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.base, self.part_outs, self.max_rank, self.context = base, part_outs, max_rank, context
         parts = len(part_outs)
-        self.register_buffer("lora_a", torch.zeros(slots, parts * max_rank, fan_in), persistent=False)
-        self.register_buffer("lora_bt", torch.zeros(slots, max_rank, sum(part_outs)), persistent=False)
+        self.register_buffer("lora_a", torch.zeros(slots, parts * max_rank, fan_in, dtype=dtype), persistent=False)
+        self.register_buffer("lora_bt", torch.zeros(slots, max_rank, sum(part_outs), dtype=dtype), persistent=False)
 
     def set_slot(self, slot: int, parts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write an adapter's (A, B) for some of this projection's parts into a slot (others zero)."""
@@ -235,23 +237,36 @@ class LoRAContext:
             self.groups = [(slot, order[begin:end]) for slot, begin, end in runs.tolist()]
 
 
+def slot_dtype(model: nn.Module) -> torch.dtype:
+    """What the slots store: fp16 where every base projection is kept in GGML blocks (a 4-8 bit
+    base on the CPU extension, whose fused layer streams the step's adapters from memory: fp16
+    halves those bytes, and its rounding, 5e-4 of each weight, is far below the base's own), else
+    fp32. The updates are computed in fp32 either way."""
+    from tandem.kernels.ggml_cpu import GGMLLinear
+
+    projections = [m for layer in model.model.layers
+                   for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                             layer.mlp.down_proj)]
+    return torch.float16 if all(isinstance(m, GGMLLinear) for m in projections) else torch.float32
+
+
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoRAContext:
     """Wrap every adaptable projection of a loaded, fused model in a LoRAProjection, in place."""
     c = model.config
     shapes = projection_shapes(c)
     context = LoRAContext(max_loras)
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if not hasattr(mlp, "gate_up_proj") or attn.qkv_proj is None:
+        if not hasattr(layer.mlp, "gate_up_proj") or layer.self_attn.qkv_proj is None:
             raise ConfigError("LoRA adapters need a dense model with fused projections (not an MoE model)")
-        attn.qkv_proj = LoRAProjection(attn.qkv_proj, c.hidden_size, [shapes[p][1] for p in ("q_proj", "k_proj",
-                                                                                                "v_proj")],
-                                       max_loras, max_rank, context)
-        attn.o_proj = LoRAProjection(attn.o_proj, shapes["o_proj"][0], [c.hidden_size], max_loras, max_rank, context)
-        mlp.gate_up_proj = LoRAProjection(mlp.gate_up_proj, c.hidden_size, [c.intermediate_size] * 2, max_loras,
-                                          max_rank, context)
-        mlp.down_proj = LoRAProjection(mlp.down_proj, c.intermediate_size, [c.hidden_size], max_loras, max_rank,
-                                       context)
+    dtype = slot_dtype(model)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        slots = (max_loras, max_rank, context, dtype)
+        attn.qkv_proj = LoRAProjection(attn.qkv_proj, c.hidden_size,
+                                       [shapes[p][1] for p in ("q_proj", "k_proj", "v_proj")], *slots)
+        attn.o_proj = LoRAProjection(attn.o_proj, shapes["o_proj"][0], [c.hidden_size], *slots)
+        mlp.gate_up_proj = LoRAProjection(mlp.gate_up_proj, c.hidden_size, [c.intermediate_size] * 2, *slots)
+        mlp.down_proj = LoRAProjection(mlp.down_proj, c.intermediate_size, [c.hidden_size], *slots)
     return context
 
 

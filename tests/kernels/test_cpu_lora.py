@@ -16,15 +16,17 @@ REASON = cpu.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"tandem's CPU kernels are unavailable: {REASON}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("part_outs", [[40], [24, 9, 9], [130, 130]])
 @pytest.mark.parametrize("fan_in", [16, 37, 200])
-def test_lora_add_matches_lora_delta(part_outs, fan_in):
+def test_lora_add_matches_lora_delta(part_outs, fan_in, dtype):
     """Runs longer than the kernel's 4-token blocks and of one token, a slot holding a lower rank
-    (zero-padded), base tokens between; widths off the 16 lanes. Base rows are left bit for bit."""
+    (zero-padded), base tokens between; widths off the 16 lanes; fp32 or fp16 slots (both computed
+    in fp32, the same tolerance). Base rows are left bit for bit."""
     g = torch.Generator().manual_seed(fan_in)
     num_slots, rank, out = 3, 8, sum(part_outs)
-    a = torch.randn(num_slots, len(part_outs) * rank, fan_in, generator=g)
-    bt = torch.randn(num_slots, rank, out, generator=g)
+    a = torch.randn(num_slots, len(part_outs) * rank, fan_in, generator=g).to(dtype)
+    bt = torch.randn(num_slots, rank, out, generator=g).to(dtype)
     a[1].view(len(part_outs), rank, fan_in)[:, 5:] = 0  # slot 1 holds a rank-5 adapter
     bt[1, 5:] = 0
     slots = torch.tensor([2] * 9 + [-1] * 3 + [0, 2, -1] + [0] * 5 + [1, 1])
@@ -48,6 +50,8 @@ def test_lora_add_refuses_bad_input():
         add(y, x, a, bt, [8], torch.tensor([3]), torch.tensor([[0, 0, 1]]), scaling)
     with pytest.raises(RuntimeError, match="last part end 8"):
         add(y, x, a, bt, [4, 6], torch.tensor([0]), torch.tensor([[0, 0, 1]]), scaling)
+    with pytest.raises(RuntimeError, match="both float32 or both float16"):
+        add(y, x, a.half(), bt, [8], torch.tensor([0]), torch.tensor([[0, 0, 1]]), scaling)
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +103,10 @@ def _run(llm, steps, fused: bool, monkeypatch) -> tuple[list[torch.Tensor], int]
 def test_fused_layer_with_adapters_matches_the_eager_layers(lora_q4_llm, monkeypatch):
     """Logits of every row agree to 1e-5 of their largest magnitude (rtol 1e-5): the base
     projections are the same kernels, the LoRA updates add the same products in another order
-    (measured: 2.4e-7 of the largest logit). Rows of the bare base are those of a step without adapters
+    (measured: 2.6e-7 of the largest logit). Rows of the bare base are those of a step without adapters
     bit for bit; rows of either adapter differ from them by far more than the tolerance."""
     llm = lora_q4_llm
+    assert llm.model.model.layers[0].mlp.down_proj.lora_bt.dtype == torch.float16  # GGML blocks: fp16 slots
     one, two = llm.lora.acquire("one"), llm.lora.acquire("two")
     try:
         steps = _steps(one, two)
