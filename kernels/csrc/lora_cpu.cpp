@@ -8,6 +8,7 @@
 //   p is output column c's part (part_ends: each part's end column, the last one O). A fused
 //   projection (qkv: 3 parts, gate_up: 2) stacks its parts' A and keeps B^T per part: no zero
 //   block of a block-diagonal B is read or multiplied. Tokens in no run (the bare base) get nothing.
+//   a and bt are both fp32 or both fp16 (tandem.model.lora.slot_dtype), x, y and the sums fp32.
 //
 // Two passes over the thread pool: low (M, P R) = each token's x . A rows (4 A rows by 4 tokens of a
 // run a register block), then y += scaling * low B^T by 64-column blocks of one part (4 tokens a

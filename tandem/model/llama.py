@@ -203,7 +203,7 @@ class LlamaForCausalLM(nn.Module):
         attention the backend computes over the pools in one call (PagedAttention.flat_rows), RoPE,
         and every projection kept in GGML blocks without a bias. Prefill chunks and decode tokens
         alike, with the step's LoRA adapters if any (their low-rank updates inside the layer, tokens
-        grouped by adapter once a step: LoRAContext.runs). The eager layers are its reference (the
+        grouped by adapter once a step: LoRAContext.fused_args). The eager layers are its reference (the
         same kernels, op for op; the LoRA updates in another summation order)."""
         flat_rows = getattr(attn, "flat_rows", None)
         if not self.fused_layers or flat_rows is None or not attn.variant.rotary or x.dtype != torch.float32:
@@ -214,8 +214,8 @@ class LlamaForCausalLM(nn.Module):
             return None
         kernels, c, slots = cpu_ops(), self.config, attn.meta.slots
         lora = getattr(self, "lora_context", None)
-        runs = lora.runs if lora is not None else []  # empty unless some token of the step runs an adapter
-        adapters = self._lora_layer_args() if runs else [[]] * len(layers)
+        step_lora = lora.fused_args if lora is not None else []  # empty unless a token of the step runs an adapter
+        adapters = self._lora_layer_args() if step_lora else [[]] * len(layers)
 
         def run(positions: torch.Tensor) -> torch.Tensor:
             h = x[0]
@@ -224,7 +224,7 @@ class LlamaForCausalLM(nn.Module):
                 i = layer.self_attn.layer_idx  # the pools are the whole model's layers (a stage holds some)
                 h = kernels.fused_layer(h, *args, cos, sin, attn.k_pools[i].data, attn.v_pools[i].data, slots,
                                          *rows.args(), c.num_heads, c.num_kv_heads,
-                                         runs + slot_weights if runs else slot_weights)
+                                         step_lora + slot_weights)
             return h.unsqueeze(0)
         return run
 

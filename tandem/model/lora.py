@@ -222,18 +222,18 @@ class LoRAContext:
     def __init__(self, slots: int):
         self.slots: torch.Tensor | None = None
         self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, rows): the eager layers' grouping
-        self.runs: list[torch.Tensor] = []  # [order, runs, scaling]: the fused layer's (group_by_slot)
+        self.fused_args: list[torch.Tensor] = []  # [order, runs, scaling]: the fused layer's (group_by_slot)
         self.scaling = torch.zeros(slots)
 
     def set_slots(self, slots: torch.Tensor | None) -> None:
         """The next forward's per-token slots (None, or none >= 0: the bare base), grouped once
         for every projection of the forward."""
-        self.slots, self.groups, self.runs = None, [], []
+        self.slots, self.groups, self.fused_args = None, [], []
         if slots is None:
             return
         order, runs = group_by_slot(slots)
         if len(runs):
-            self.slots, self.runs = slots, [order, runs, self.scaling]
+            self.slots, self.fused_args = slots, [order, runs, self.scaling]
             self.groups = [(slot, order[begin:end]) for slot, begin, end in runs.tolist()]
 
 
