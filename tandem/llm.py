@@ -288,6 +288,10 @@ class LLM:
             from tandem.model.lora import LoRARegistry
 
             self.lora = LoRARegistry(self.model, max_loras or max(1, len(lora_modules or {})), max_lora_rank)
+            if self.device.type == "cuda":  # the gathered low-rank matmul as one Triton kernel a part
+                from tandem.kernels.lora_bgmv import lora_delta_triton
+
+                self.lora.context.kernel = lora_delta_triton
             for name, path in (lora_modules or {}).items():
                 self.lora.add(name, path)
         group_options = {}

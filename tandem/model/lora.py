@@ -210,8 +210,7 @@ class LoRAProjection(nn.Module):
         context = self.context
         if context.slots is None:
             return out
-        flat = x.reshape(-1, x.shape[-1])
-        delta = lora_delta(flat, self.lora_a, self.lora_bt, self.part_outs, context.scaling, context.groups)
+        delta = context.delta(x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_bt, self.part_outs)
         return out + delta.view(*out.shape[:-1], -1).to(out.dtype)
 
 
@@ -224,11 +223,24 @@ class LoRAContext:
         self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, rows): the eager layers' grouping
         self.fused_args: list[torch.Tensor] = []  # [order, runs, scaling]: the fused layer's (group_by_slot)
         self.scaling = torch.zeros(slots)
+        # lora_delta's contract on a GPU kernel, kernel(x, a, bt, part_outs, scaling, slots):
+        # tandem.LLM installs tandem.kernels.lora_bgmv.lora_delta_triton on a CUDA model
+        self.kernel = None
+        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, scaling) where the kernel runs
+
+    def delta(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, part_outs: list[int]) -> torch.Tensor:
+        """A projection's low-rank update for this forward's tokens: the installed kernel, or
+        lora_delta (the tokens grouped by slot, one matmul pair per adapter and part)."""
+        if self.kernel is not None:
+            if self._on_device is None:  # once a forward, not once a projection
+                self._on_device = (self.slots.to(x.device), self.scaling.to(x.device))
+            return self.kernel(x, a, bt, part_outs, self._on_device[1], self._on_device[0])
+        return lora_delta(x, a, bt, part_outs, self.scaling, self.groups)
 
     def set_slots(self, slots: torch.Tensor | None) -> None:
         """The next forward's per-token slots (None, or none >= 0: the bare base), grouped once
         for every projection of the forward."""
-        self.slots, self.groups, self.fused_args = None, [], []
+        self.slots, self.groups, self.fused_args, self._on_device = None, [], [], None
         if slots is None:
             return
         order, runs = group_by_slot(slots)
