@@ -13,28 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
 
 import tandem
-from tandem.model.lora import projection_shapes
-
-
-def write_adapter(directory: Path, config, rank: int, seed: int) -> int:
-    """A random PEFT-format adapter for `config`; returns its weights' bytes (fp32)."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config.num_layers):
-        for projection, (fan_in, fan_out) in projection_shapes(config).items():
-            module = "self_attn" if projection in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{module}.{projection}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.01
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.01
-    directory.mkdir(parents=True)
-    save_file(tensors, str(directory / "adapter_model.safetensors"))
-    (directory / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 2 * rank,
-                                                               "peft_type": "LORA"}))
-    return sum(t.numel() * 4 for t in tensors.values())
+from tandem.model.lora import write_random_adapter
 
 
 def rss() -> int:
@@ -54,7 +35,7 @@ def main() -> None:
         paths, weight_bytes = {}, 0
         for i in range(8):
             paths[f"a{i}"] = Path(tmp) / f"a{i}"
-            weight_bytes += write_adapter(paths[f"a{i}"], config, 16, i)
+            weight_bytes += write_random_adapter(paths[f"a{i}"], config, rank=16, seed=i)
         llm = tandem.LLM("smollm2-135m", progress=False, num_kv_blocks=1024, max_loras=8, max_lora_rank=16)
         before = rss()
         for name, path in paths.items():
