@@ -1,5 +1,6 @@
 """tandem.plugins: the plugin API. Third parties add attention variants and backends, samplers
-(logits processors), weight quantizers, KV-cache formats, draft proposers and embedders by
+(logits processors), weight quantizers, KV-cache formats, draft proposers, embedders and LoRA
+adapter formats by
 installing a package that declares an entry point in the group "tandem":
 
     [project.entry-points.tandem]
@@ -29,12 +30,14 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 from tandem.draft import DraftProposer  # noqa: E402  (the markers above must exist before the built-ins import them)
 from tandem.model.attention import AttentionBackend, AttentionMask, AttentionVariant, KVRetention  # noqa: E402
 from tandem.model.kv_pool import DenseKVPool, KVCacheFormat  # noqa: E402
+from tandem.model.lora import AdapterFormat, LoRAAdapter  # noqa: E402
 from tandem.model.quantization import Quantizer  # noqa: E402
 from tandem.plugins.manager import (CATEGORIES, DEFAULT_PLUGINS, PluginInfo, PluginManager,  # noqa: E402
                                     get_plugin_manager)
 from tandem.sampling import LogitsProcessor, SamplingBatch  # noqa: E402
 
-__all__ = ["API_VERSION", "CATEGORIES", "DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PROJECT_NAME", "AttentionBackend",
+__all__ = ["API_VERSION", "CATEGORIES", "DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PROJECT_NAME", "AdapterFormat",
+           "AttentionBackend",
            "AttentionMask", "AttentionVariant", "DenseKVPool", "DraftProposer", "KVCacheFormat", "KVRetention",
-           "LogitsProcessor", "PluginInfo", "PluginManager", "Quantizer", "SamplingBatch", "get_plugin_manager",
+           "LoRAAdapter", "LogitsProcessor", "PluginInfo", "PluginManager", "Quantizer", "SamplingBatch", "get_plugin_manager",
            "hookimpl", "hookspec"]

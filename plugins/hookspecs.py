@@ -219,3 +219,39 @@ def tandem_embedders(api_version: int) -> list[type]:
 
     .. versionadded:: 1
     """
+
+
+@hookspec
+def tandem_adapter_formats(api_version: int) -> list[type]:
+    """Register on-disk formats of LoRA adapters (multi-LoRA serving reads adapters through them).
+
+    Called once when the plugin loads, in the prefill and decode workers and library mode.
+
+    :param api_version: the running tandem's plugin API version.
+    :returns: a list of `tandem.plugins.AdapterFormat` subclasses with unique names, instantiated
+        without options. When an adapter is loaded (`lora_modules`, `LLM.load_lora`,
+        /v1/load_lora_adapter), each format's `detect(path)` is asked in name order, the built-in
+        "peft" last; the first that claims the path `load`s it into a `tandem.model.lora.LoRAAdapter`
+        (rank, scaling, {(layer, projection): (A, B)}, a digest of its bytes: the adapter's KV is
+        keyed by it). tandem then checks every shape against the base model and the rank against
+        max_lora_rank, whatever the format; a ConfigError from `load` reaches the caller as is (a
+        400), any other exception as a PluginError naming the plugin.
+
+    Not firstresult. Example: the built-in "peft" in `tandem.plugins.lora`; a format storing A
+    and B in one .npz::
+
+        class NpzFormat(AdapterFormat):
+            name = "npz"
+
+            def detect(self, path):
+                return path.suffix == ".npz"
+
+            def load(self, name, path, config, max_rank):
+                ...  # read, then LoRAAdapter(name, rank, scaling, weights, digest)
+
+        @hookimpl
+        def tandem_adapter_formats():
+            return [NpzFormat]
+
+    .. versionadded:: 1
+    """

@@ -35,6 +35,7 @@ from tandem.rag.embedding import Embedder
 from tandem.errors import ConfigError, PluginError
 from tandem.model.attention import AttentionBackend, AttentionVariant, mask_problem
 from tandem.model.kv_pool import KVCacheFormat
+from tandem.model.lora import AdapterFormat
 from tandem.model.quantization import Quantizer
 from tandem.plugins import API_VERSION, ENTRY_POINT_GROUP, PROJECT_NAME, hookspecs
 from tandem.sampling import LogitsProcessor, SamplerPipeline
@@ -50,6 +51,7 @@ CATEGORIES: dict[str, tuple[str, type]] = {
     "kv_cache_format": ("tandem_kv_cache_formats", KVCacheFormat),
     "draft_proposer": ("tandem_draft_proposers", DraftProposer),
     "embedder": ("tandem_embedders", Embedder),
+    "adapter_format": ("tandem_adapter_formats", AdapterFormat),
 }
 
 DEFAULT_PLUGINS = (
@@ -62,6 +64,7 @@ DEFAULT_PLUGINS = (
     "tandem.plugins.kv_cache",
     "tandem.plugins.draft",
     "tandem.plugins.embedders",
+    "tandem.plugins.lora",
 )
 BUILTIN_SOURCE = "built-in"
 

@@ -15,11 +15,15 @@ processors turned on with `example_args` (per-request keyword arguments); both d
 """
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 
 from tandem.draft import DraftProposer
 from tandem.model.attention import AttentionBackend, AttentionMask, AttentionVariant, fresh_causal_mask, mask_problem
 from tandem.model.kv_pool import KVCacheFormat
+from tandem.model.lora import AdapterFormat, LoRAAdapter, check_adapter
 from tandem.model.quantization import Quantizer
 from tandem.plugins.manager import PluginManager, get_plugin_manager
 from tandem.sampling import LogitsProcessor, SamplerPipeline, SamplingBatch, make_generator
@@ -245,6 +249,24 @@ def check_draft_proposer(component, seed: int = 0) -> None:
         _require(proposer.propose(tokens, num) == out, f"{proposer.name}: not deterministic")
 
 
+def check_adapter_format(component, adapter_path: str | Path | None = None, config=None, max_rank: int = 64) -> None:
+    """detect() answers a bool, without raising, for a missing path and an empty directory; given an
+    adapter of the format (adapter_path) and its base model's ModelConfig, detect claims it and
+    load returns a LoRAAdapter of that name that fits the model (tandem.model.lora.check_adapter)."""
+    fmt = _instance(component, AdapterFormat)
+    with tempfile.TemporaryDirectory() as empty:
+        for path in (Path(empty), Path(empty) / "missing"):
+            answer = fmt.detect(path)
+            _require(isinstance(answer, bool), f"{fmt.name}: detect({path}) returned {answer!r}, not a bool")
+    if adapter_path is not None:
+        path = Path(adapter_path)
+        _require(fmt.detect(path), f"{fmt.name}: detect does not claim {path}")
+        adapter = fmt.load("checked", path, config, max_rank)
+        _require(isinstance(adapter, LoRAAdapter) and adapter.name == "checked",
+                 f"{fmt.name}: load returned {adapter!r}, not the LoRAAdapter named 'checked'")
+        check_adapter(adapter, config, max_rank)
+
+
 CHECKS = {
     "logits_processor": check_logits_processor,
     "attention_variant": check_attention_variant,
@@ -252,6 +274,7 @@ CHECKS = {
     "quantizer": check_quantizer,
     "kv_cache_format": check_kv_cache_format,
     "draft_proposer": check_draft_proposer,
+    "adapter_format": check_adapter_format,
 }
 
 

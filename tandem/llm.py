@@ -287,7 +287,8 @@ class LLM:
                 raise ConfigError("LoRA adapters on a model split over ranks are not supported yet")
             from tandem.model.lora import LoRARegistry
 
-            self.lora = LoRARegistry(self.model, max_loras or max(1, len(lora_modules or {})), max_lora_rank)
+            formats = [self.plugins.create("adapter_format", n) for n in self.plugins.names("adapter_format")]
+            self.lora = LoRARegistry(self.model, max_loras or max(1, len(lora_modules or {})), max_lora_rank, formats)
             if self.device.type == "cuda":  # the gathered low-rank matmul as one Triton kernel a part
                 from tandem.kernels.lora_bgmv import lora_delta_triton
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from tandem.config import ModelConfig
-from tandem.errors import ConfigError, ModelNotFoundError
+from tandem.errors import ConfigError, ModelNotFoundError, PluginError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # which fused module of tandem's model each PEFT projection lives in, and its part
@@ -71,6 +71,51 @@ class LoRAAdapter:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
 
+class AdapterFormat:
+    """Base class of adapter-format plugins (hook `tandem_adapter_formats`): reads one on-disk
+    format of LoRA adapters into a LoRAAdapter. tandem checks what `load` returns against the base
+    model (check_adapter) whatever the format, and keys the adapter's KV by its `digest`."""
+
+    name: str = "adapter_format"
+    api_version: int = 1  # the tandem.plugins.API_VERSION it was written for
+
+    def detect(self, path: Path) -> bool:
+        """Whether the directory (or file) at path is in this format (cheap: look, do not load)."""
+        raise NotImplementedError
+
+    def load(self, name: str, path: Path, config: ModelConfig, max_rank: int) -> LoRAAdapter:
+        """The adapter at path for a base model of `config`; ConfigError naming what is wrong.
+        weights: {(layer, projection): (A (r, in), B (out, r))}, projection one of PROJECTIONS;
+        digest: a hash of everything that makes its outputs (its files' bytes)."""
+        raise NotImplementedError
+
+
+def check_adapter(adapter: LoRAAdapter, config: ModelConfig, max_rank: int) -> LoRAAdapter:
+    """An adapter's rank, layers and every A and B shape against the base model and the slots'
+    rank; ConfigError naming the first fault. Whatever format it came from."""
+    name, rank = adapter.name, adapter.rank
+    if not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"LoRA adapter {name!r}: r must be a positive integer, got {rank!r}")
+    if rank > max_rank:
+        raise ConfigError(f"LoRA adapter {name!r}: rank {rank} exceeds max_lora_rank {max_rank}")
+    if not adapter.weights:
+        raise ConfigError(f"LoRA adapter {name!r}: no LoRA weights")
+    if not adapter.digest:
+        raise ConfigError(f"LoRA adapter {name!r}: no digest (its KV would be shared with another's)")
+    shapes = projection_shapes(config)
+    for (layer, projection), (a, b) in adapter.weights.items():
+        if projection not in shapes:
+            raise ConfigError(f"LoRA adapter {name!r}: {projection} is not an adaptable projection ({PROJECTIONS})")
+        if not 0 <= layer < config.num_layers:
+            raise ConfigError(f"LoRA adapter {name!r}: layer {layer} {projection}; the base model has "
+                              f"{config.num_layers} layers")
+        fan_in, fan_out = shapes[projection]
+        if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
+            raise ConfigError(f"LoRA adapter {name!r}: layer {layer} {projection} has A {tuple(a.shape)} and B "
+                              f"{tuple(b.shape)}; this base model needs A ({rank}, {fan_in}) and B ({fan_out}, {rank})")
+    return adapter
+
+
 def load_peft_adapter(name: str, path: str | Path, config: ModelConfig, max_rank: int) -> LoRAAdapter:
     """A PEFT LoRA adapter directory, checked against the base model; ConfigError says what is wrong."""
     from safetensors.torch import load_file
@@ -88,12 +133,11 @@ def load_peft_adapter(name: str, path: str | Path, config: ModelConfig, max_rank
     rank, alpha = spec.get("r"), spec.get("lora_alpha", spec.get("r"))
     if not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"LoRA adapter {name!r}: r must be a positive integer, got {rank!r}")
-    if rank > max_rank:
+    if rank > max_rank:  # before reading the weights
         raise ConfigError(f"LoRA adapter {name!r}: rank {rank} exceeds max_lora_rank {max_rank}")
     if spec.get("use_dora"):
         raise ConfigError(f"LoRA adapter {name!r}: DoRA adapters are not supported")
     scaling = alpha / math.sqrt(rank) if spec.get("use_rslora") else alpha / rank
-    shapes = projection_shapes(config)
     weights: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         tensors = load_file(str(weights_file))
@@ -108,27 +152,32 @@ def load_peft_adapter(name: str, path: str | Path, config: ModelConfig, max_rank
         except (ValueError, StopIteration):
             raise ConfigError(f"LoRA adapter {name!r}: unexpected tensor {key} (adapters on q, k, v, o, gate, up "
                               "and down projections only)") from None
-        if not 0 <= layer < config.num_layers:
-            raise ConfigError(f"LoRA adapter {name!r}: {key} names layer {layer}; the base model has "
-                              f"{config.num_layers}")
         weights.setdefault((layer, projection), {})[which] = tensor.float()
     out: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for (layer, projection), pair in weights.items():
         if set(pair) != {"lora_A", "lora_B"}:
             raise ConfigError(f"LoRA adapter {name!r}: layer {layer} {projection} lacks lora_A or lora_B")
-        a, b = pair["lora_A"], pair["lora_B"]
-        fan_in, fan_out = shapes[projection]
-        if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
-            raise ConfigError(f"LoRA adapter {name!r}: layer {layer} {projection} has A {tuple(a.shape)} and B "
-                              f"{tuple(b.shape)}; this base model needs A ({rank}, {fan_in}) and B ({fan_out}, {rank})")
-        out[(layer, projection)] = (a, b)
+        out[(layer, projection)] = (pair["lora_A"], pair["lora_B"])
     if not out:
         raise ConfigError(f"LoRA adapter {name!r}: no LoRA weights in {weights_file}")
     digest = hashlib.blake2b(config_file.read_bytes(), digest_size=16)
     with open(weights_file, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return LoRAAdapter(name, rank, float(scaling), out, digest.hexdigest())
+    return check_adapter(LoRAAdapter(name, rank, float(scaling), out, digest.hexdigest()), config, max_rank)
+
+
+class PEFTFormat(AdapterFormat):
+    """PEFT's format (adapter_config.json + adapter_model.safetensors): the built-in, and the one
+    tried last, so it names what a directory no format claims lacks."""
+
+    name = "peft"
+
+    def detect(self, path: Path) -> bool:
+        return (path / "adapter_config.json").is_file()
+
+    def load(self, name: str, path: Path, config: ModelConfig, max_rank: int) -> LoRAAdapter:
+        return load_peft_adapter(name, path, config, max_rank)
 
 
 def group_by_slot(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,7 +383,9 @@ class LoRARegistry:
     """The adapters an engine may run, by name, and their slots: what `tandem.LLM(lora_modules=...)`
     builds and the engine asks when a request names an adapter."""
 
-    def __init__(self, model: nn.Module, max_loras: int, max_rank: int):
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, formats: list[AdapterFormat] | None = None):
+        """formats: the adapter formats to read (the plugins' AdapterFormats; default: PEFT's),
+        asked in order which one a path is in; PEFT's is always asked last."""
         if not (isinstance(max_loras, int) and max_loras >= 1):
             raise ConfigError(f"max_loras must be a positive integer, got {max_loras!r}")
         if not (isinstance(max_rank, int) and max_rank >= 1):
@@ -345,6 +396,8 @@ class LoRARegistry:
         self.slots = LoRASlots(model, self.context, max_loras)
         self.adapters: dict[str, LoRAAdapter] = {}
         self.holders: dict[str, int] = {}  # requests (waiting or running) that name each adapter
+        formats = [f for f in formats or [] if f.name != PEFTFormat.name]
+        self.formats = [*formats, PEFTFormat()]
 
     def add(self, name: str, path: str | Path) -> LoRAAdapter:
         """Load an adapter (checked first: a bad one changes nothing)."""
@@ -356,7 +409,23 @@ class LoRARegistry:
             raise ConfigError(f"a LoRA adapter's name must be 1-128 characters, got {name!r}")
         if name in self.adapters:
             raise ConfigError(f"a LoRA adapter named {name!r} is loaded already")
-        return load_peft_adapter(name, path, self.config, self.max_rank)
+        path = Path(path)
+        fmt = self.formats[-1]  # PEFT's: it names what a directory no format claims lacks
+        try:
+            for candidate in self.formats:
+                fmt = candidate
+                if candidate.detect(path):
+                    break
+            adapter = fmt.load(name, path, self.config, self.max_rank)
+        except ConfigError:
+            raise
+        except Exception as exc:  # a plugin's bug, not the adapter's fault
+            raise PluginError(f"adapter format {fmt.name!r} failed on LoRA adapter {name!r}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(adapter, LoRAAdapter) or adapter.name != name:
+            raise ConfigError(f"adapter format {fmt.name!r} returned {type(adapter).__name__} for {name!r}, "
+                              "not its LoRAAdapter")
+        return check_adapter(adapter, self.config, self.max_rank)
 
     def insert(self, adapter: LoRAAdapter) -> LoRAAdapter:
         if adapter.name in self.adapters:  # loaded meanwhile

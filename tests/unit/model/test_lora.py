@@ -12,7 +12,7 @@ import torch
 
 import tandem
 from tandem.errors import ConfigError
-from tandem.model.lora import LoRASlots, attach_lora, bgmv, load_peft_adapter
+from tandem.model.lora import AdapterFormat, LoRAAdapter, LoRASlots, attach_lora, bgmv, load_peft_adapter
 from tests.tiny_models import write_peft_adapter
 
 
@@ -177,3 +177,74 @@ def test_score_through_an_adapter_gives_its_generated_tokens_logprobs(served):
     base = served.score(prompt + out.token_ids)
     assert not torch.allclose(torch.tensor(base.logprobs[-6:]), torch.tensor(want), atol=1e-2)
     assert served.lora.slots.users.get("one") == 0
+
+
+class _OneFileFormat(AdapterFormat):
+    """A third-party format for the tests: every A and B in one safetensors file, lora.safetensors,
+    keyed "LAYER.PROJECTION.A" / ".B", rank 8, alpha 16."""
+
+    name = "one_file"
+
+    def detect(self, path):
+        return (path / "lora.safetensors").is_file()
+
+    def load(self, name, path, config, max_rank):
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path / "lora.safetensors"))
+        weights = {}
+        for key in tensors:
+            layer, projection, which = key.split(".")
+            if which == "A":
+                weights[(int(layer), projection)] = (tensors[key], tensors[f"{layer}.{projection}.B"])
+        return LoRAAdapter(name, 8, 2.0, weights, "one-file:" + str(sum(float(t.sum()) for t in tensors.values())))
+
+
+class _Broken(AdapterFormat):
+    name = "broken"
+
+    def detect(self, path):
+        return (path / "broken").exists()
+
+    def load(self, name, path, config, max_rank):
+        raise KeyError("a bug")
+
+
+def test_a_plugins_adapter_format_loads_like_peft_and_is_checked(tiny_hf_dir, adapters, tmp_path):
+    """An adapter format from a plugin (hook tandem_adapter_formats) is asked before PEFT's; the
+    same weights in its format give PEFT's tokens; what it loads is checked against the model
+    (a wrong shape is a ConfigError) and its bugs are PluginErrors naming it."""
+    from safetensors.torch import save_file
+
+    from tandem.errors import PluginError
+    from tandem.plugins import PluginManager, hookimpl
+    from tandem.plugins.testing import check_adapter_format
+
+    class Plugin:
+        @hookimpl
+        def tandem_adapter_formats(self):
+            return [_OneFileFormat, _Broken]
+
+    manager = PluginManager(entry_points=False)
+    manager.register(Plugin(), "formats")
+    assert manager.names("adapter_format") == ["broken", "one_file", "peft"]
+    peft_dir, _ = adapters["one"]
+    llm = tandem.LLM(str(tiny_hf_dir), dtype="float32", progress=False, num_kv_blocks=64, plugins=manager,
+                     lora_modules={"peft": str(peft_dir)}, max_loras=2, max_lora_rank=8)
+    peft = llm.lora.adapters["peft"]
+    save_file({f"{layer}.{projection}.{which}": t.contiguous() for (layer, projection), pair in peft.weights.items()
+               for which, t in zip("AB", pair)}, str(tmp_path / "lora.safetensors"))
+    llm.load_lora("mine", str(tmp_path))
+    prompt, greedy = list(range(10, 30)), tandem.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    assert llm.generate(prompt, greedy, lora="mine")[0].token_ids == llm.generate(prompt, greedy, lora="peft")[0].token_ids
+    check_adapter_format(_OneFileFormat, tmp_path, llm.config, max_rank=8)
+    check_adapter_format(manager.get("adapter_format", "peft"), peft_dir, llm.config, max_rank=8)
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    save_file({"0.q_proj.A": torch.zeros(8, 3), "0.q_proj.B": torch.zeros(5, 8)}, str(wrong / "lora.safetensors"))
+    with pytest.raises(ConfigError, match="layer 0 q_proj has A"):
+        llm.load_lora("wrong", str(wrong))
+    (tmp_path / "broken").touch()
+    with pytest.raises(PluginError, match="adapter format 'broken' failed on LoRA adapter 'bug'"):
+        llm.load_lora("bug", str(tmp_path))
+    assert llm.loras == ["peft", "mine"]

@@ -33,12 +33,13 @@ def manager():
 def test_builtins_load_and_cover_every_category(manager):
     assert [p for p in manager.plugins] == list(DEFAULT_PLUGINS)
     assert all(info.loaded and info.source == "built-in" for info in manager.plugins.values())
-    assert manager.names("attention_variant") == ["alibi", "causal", "local_global", "sinks", "sliding_window"]
+    assert manager.names("attention_variant") == ["alibi", "causal", "h2o", "local_global", "sinks", "sliding_window"]
     assert manager.names("attention_backend") == ["naive", "sdpa", "triton"]
     assert manager.names("quantizer") == ["fp8", "int4", "int4_triton", "int8", "int8_triton", "nf4"]
     assert manager.names("kv_cache_format") == ["auto", "int8"]
     assert manager.names("draft_proposer") == ["draft_model", "ngram", "remote"]
     assert manager.names("embedder") == ["all-MiniLM-L6-v2"]
+    assert manager.names("adapter_format") == ["peft"]
     assert set(manager.names("logits_processor")) == {"logit_bias", "repetition_penalty", "presence_frequency_penalty",
                                                       "temperature", "top_k", "top_p", "min_p", "structured_output"}
 
