@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import hmac
 import itertools
+import logging
 import secrets
 import time
 import uuid
@@ -44,6 +45,7 @@ from .metrics import GatewayMetrics
 from .migration import Migrator, Progress
 from .routing import CONTROL_TIMEOUT_S, Disaggregation, Endpoint, Peer, Resolve, Route, Router, check_policy
 
+log = logging.getLogger(__name__)
 _request_ids = itertools.count()
 DEFAULT_RAG_K = 4
 LORAS_TTL_S = 5.0  # how long the gateway trusts its list of the workers' LoRA adapters
@@ -126,6 +128,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.metrics = GatewayMetrics()
         self._model_card: gateway_pb2.ModelCard | None = None  # every worker serves the same model
         self._loras: tuple[float, list[str]] = (0.0, [])  # (when asked, the workers' LoRA adapters)
+        self.runtime_loras: dict[str, str] = {}  # name -> path: what this gateway loaded at run time
+        self.router.on_return = self._restore_loras
         self._stats_peers = {("tokenizer", tokenizer): tokenizer_peer,
                              **{("prefill", e.origin): e for e in self.router.prefill},
                              **{("decode" if self.disaggregated else "worker", e.origin): e
@@ -327,6 +331,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 return_exceptions=True)
             raise failed[0]
         self._loras = (time.monotonic(), list(results[0].names))
+        self.runtime_loras[name] = path
+
+    async def _restore_loras(self, endpoint: Endpoint) -> None:
+        """A worker is back after being down (a restart comes back with lora_modules only): load
+        the adapters this gateway loaded at run time into it before it is picked again."""
+        stub = prefill_pb2_grpc.AdaptersStub(endpoint.channel)
+        for name, path in list(self.runtime_loras.items()):
+            try:
+                await stub.Load(prefill_pb2.LoadAdapterRequest(name=name, path=path), timeout=LORA_LOAD_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                if "loaded already" not in (exc.details() or ""):  # it did not restart after all
+                    log.warning("could not give LoRA adapter %r back to %s: %s", name, endpoint.target, exc.details())
 
     async def unload_lora(self, name: str, deadline: Deadline | None = None) -> None:
         """Unload a LoRA adapter from every worker (NOT_FOUND where none has it; refused while a
@@ -343,6 +359,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         refused = [r for r in failed if not (isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.NOT_FOUND)]
         if refused:  # in use, or unreachable: the others have let it go; say why this one did not
             raise refused[0]
+        self.runtime_loras.pop(name, None)
         if not answered:  # NOT_FOUND everywhere (a worker that restarted lacks it: fine when others had it)
             raise failed[0]
 

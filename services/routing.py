@@ -55,7 +55,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -174,6 +174,9 @@ class Router:
 
     def __init__(self, prefill: list[Endpoint], decode: list[Endpoint]):
         self.prefill, self.decode = prefill, decode
+        # awaited before a worker that was down counts as serving again (it restarted): the
+        # gateway gives it back the LoRA adapters loaded at run time
+        self.on_return: Callable[[Endpoint], Awaitable[None]] | None = None
         self._rr = itertools.count()
         self._changed = asyncio.Event()
         self._watchers: list[asyncio.Task] = []
@@ -251,7 +254,10 @@ class Router:
             try:
                 endpoint._watch = health_pb2_grpc.HealthStub(endpoint.channel).Watch(request)
                 async for answer in endpoint._watch:
-                    self._set(endpoint, answer.status == health_pb2.HealthCheckResponse.SERVING)
+                    serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+                    if serving and not endpoint.serving and self.on_return is not None:
+                        await self.on_return(endpoint)
+                    self._set(endpoint, serving)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     self._set(endpoint, False)

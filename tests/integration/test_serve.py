@@ -160,33 +160,43 @@ def test_the_openai_client_against_the_server(server, default_llm):
     assert re.search(r'^tandem_service_up\{instance="[^"]+",service="decode"\} 1\.0$', metrics, re.M)
 
 
-def test_the_openai_client_picks_a_lora_adapter_by_model(server, adapters):
+@pytest.fixture(scope="module")
+def lora_answers(adapters) -> dict:
+    """tandem.LLM's greedy text of PROMPTS[2] with each adapter (None: the base)."""
+    llm = tandem.LLM("smollm2-135m", progress=False, lora_modules={n: str(adapters / n) for n in ("one", "two")})
+    greedy = tandem.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    return {name: llm.generate(PROMPTS[2], greedy, lora=name)[0].text for name in (None, "one", "two")}
+
+
+def _ask_openai(server, model: str) -> str:
+    import openai
+
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="none", timeout=120,
+                       max_retries=0) as oai:
+        return oai.completions.create(model=model, prompt=PROMPTS[2], max_tokens=16, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+
+
+def test_the_openai_client_picks_a_lora_adapter_by_model(server, lora_answers):
     """Must show: the same through `tandem serve` with the openai client choosing the adapter by
     `model`: each adapter's greedy text equals tandem.LLM's with that adapter, through the hand-off
-    (prefill worker, KV-cache store, decode worker); one loaded at run time too."""
+    (prefill worker, KV-cache store, decode worker); one loaded at run time too (it stays loaded:
+    the restart test below needs it)."""
     import httpx
     import openai
 
-    llm = tandem.LLM("smollm2-135m", progress=False, lora_modules={n: str(adapters / n) for n in ("one", "two")})
-    greedy = tandem.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    want = {name: llm.generate(PROMPTS[2], greedy, lora=name)[0].text for name in (None, "one", "two")}
+    want = lora_answers
     assert len(set(want.values())) == 3  # each adapter changes the answer
     base = f"http://127.0.0.1:{server.http_port}/v1"
     with openai.OpenAI(base_url=base, api_key="none", timeout=120, max_retries=0) as oai:
         models = [(m.id, getattr(m, "parent", None)) for m in oai.models.list().data]
         assert models[1:] == [("one", models[0][0])]
-
-        def ask(model: str) -> str:
-            return oai.completions.create(model=model, prompt=PROMPTS[2], max_tokens=16, temperature=0,
-                                          extra_body={"ignore_eos": True}).choices[0].text
-
-        assert ask("one") == want["one"] and ask(models[0][0]) == want[None]
-        loaded = httpx.post(f"{base}/load_lora_adapter", json={"lora_name": "two", "lora_path": "two"}, timeout=120)
-        assert loaded.status_code == 200, loaded.text
-        assert ask("two") == want["two"] and ask("one") == want["one"]
-        with pytest.raises(openai.NotFoundError):
-            ask("three")
-        assert httpx.post(f"{base}/unload_lora_adapter", json={"lora_name": "two"}, timeout=120).status_code == 200
+    assert _ask_openai(server, "one") == want["one"] and _ask_openai(server, models[0][0]) == want[None]
+    loaded = httpx.post(f"{base}/load_lora_adapter", json={"lora_name": "two", "lora_path": "two"}, timeout=120)
+    assert loaded.status_code == 200, loaded.text
+    assert _ask_openai(server, "two") == want["two"] and _ask_openai(server, "one") == want["one"]
+    with pytest.raises(openai.NotFoundError):
+        _ask_openai(server, "three")
 
 
 def test_streams_whose_only_decode_worker_is_killed_wait_for_its_restart(server, default_llm):
@@ -210,3 +220,10 @@ def test_streams_whose_only_decode_worker_is_killed_wait_for_its_restart(server,
         got_http += list(http)
     assert "".join(got_sdk) == want and "".join(got_http) == want
     assert int(decode_stats(server)["pid"]) != pid  # a new process, restarted by Ray
+
+
+def test_the_restarted_decode_worker_has_both_adapters_again(server, lora_answers):
+    """After the kill above, Ray's new decode worker loaded `lora_modules` ("one") at its start, and
+    the gateway gave it back "two", loaded at run time, before routing to it."""
+    assert _ask_openai(server, "two") == lora_answers["two"]
+    assert _ask_openai(server, "one") == lora_answers["one"]

@@ -135,3 +135,17 @@ def test_runtime_loading_is_off_unless_the_operator_allows_it(tiny_hf_dir, adapt
         assert answer.status_code == 403 and "runtime_lora_dir" in answer.json()["error"]["message"]
         assert httpx.post(f"{http}/unload_lora_adapter", json={"lora_name": "one"}, timeout=60).status_code == 403
         assert [m["id"] for m in httpx.get(f"{http}/models", timeout=30).json()["data"]][1:] == ["one"]
+
+
+def test_a_restarted_worker_gets_the_runtime_adapters_back(pipe, library):
+    """A worker restarts with lora_modules only; the gateway that loaded an adapter at run time
+    loads it into the worker again before routing to it, so requests for it keep working."""
+    http = f"http://{pipe.http_address}/v1"
+    loaded = httpx.post(f"{http}/load_lora_adapter", json={"lora_name": "two", "lora_path": "two"}, timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    pipe.kill("decode-0")
+    pipe.restart("decode-0")
+    with Client(pipe.address, timeout=60) as client:
+        assert _complete(client, "two").token_ids == library["two"]  # waits for the worker, then runs there
+        assert _complete(client, "one").token_ids == library["one"]  # lora_modules: loaded at its start
+    assert httpx.post(f"{http}/unload_lora_adapter", json={"lora_name": "two"}, timeout=60).status_code == 200
