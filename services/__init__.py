@@ -85,7 +85,8 @@ def build(name: str, config: PipelineConfig, port: int = 0, peers: dict | None =
                 peers.get("draft"), migration=config.migration, resolve=resolve,
                 credentials=credentials or None, salt_per_key=bool(public.api_keys),
                 disaggregate=config.disaggregate,
-                disaggregate_min_uncached_tokens=config.disaggregate_min_uncached_tokens)
+                disaggregate_min_uncached_tokens=config.disaggregate_min_uncached_tokens,
+                model_aliases=(config.model,))
             return [gateway.registration(holder["servicer"])]
 
         frontend = None

@@ -99,14 +99,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                  max_inflight: int = 256, max_message_bytes: int = 16 << 20, retrieval: str | None = None,
                  kvstore: str | None = None, draft: str | None = None, salt_per_key: bool = False,
                  credentials=None, migration: MigrationConfig | None = None, resolve: Resolve | None = None,
-                 disaggregate: str = "auto", disaggregate_min_uncached_tokens: int = 64):
+                 disaggregate: str = "auto", disaggregate_min_uncached_tokens: int = 64, model_aliases=()):
         """tokenizer, decode, prefill, retrieval, kvstore, draft: targets (host:port) of the
         services. Without prefill targets the pipeline is aggregated: decode workers run whole
         requests. kvstore and draft are only asked for their Stats (/metrics). salt_per_key (API
         keys are configured): each key's requests get a prefix cache of their own. migration: how
         streams move between workers; resolve: where a service that moved listens now
         (services.routing). disaggregate, disaggregate_min_uncached_tokens: the requests' default
-        route policy and auto's threshold (services.routing)."""
+        route policy and auto's threshold (services.routing). model_aliases: names a request's
+        `model` may give the base model by, besides its id (the config's `model`: smollm2-135m)."""
         if not decode:
             raise ValueError("the gateway needs at least one decode (or aggregated) worker")
         # credentials: the pipeline's (services.credentials), presented on every internal call
@@ -129,6 +130,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._model_card: gateway_pb2.ModelCard | None = None  # every worker serves the same model
         self._loras: tuple[float, list[str]] = (0.0, [])  # (when asked, the workers' LoRA adapters)
         self.runtime_loras: dict[str, str] = {}  # name -> path: what this gateway loaded at run time
+        self.model_aliases = tuple(model_aliases)
         self.router.on_return = self._restore_loras
         self._stats_peers = {("tokenizer", tokenizer): tokenizer_peer,
                              **{("prefill", e.origin): e for e in self.router.prefill},
@@ -300,7 +302,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not model:
             return ""
         base = await self.model_card(deadline)
-        if model == base.id or model in aliases:
+        if model == base.id or model in aliases or model in self.model_aliases:
             return ""
         if model in await self.loras(deadline) or model in await self.loras(deadline, fresh=True):
             return model
@@ -316,7 +318,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not name or not path:
             raise InvalidRequestError("lora_name and lora_path are required")
         base = await self.model_card(deadline)
-        if name == base.id or name in await self.loras(deadline, fresh=True):
+        if name == base.id or name in self.model_aliases or name in await self.loras(deadline, fresh=True):
             raise InvalidRequestError(f"a model named {name!r} is served already; unload it first")
         workers = [*self.router.prefill, *self.router.decode]
         deadline = deadline if deadline is not None and deadline.at is not None else Deadline(LORA_LOAD_TIMEOUT_S)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.kv_connector import StoreConnector
-from tandem.kv_store import BlockSeal
 from tandem.errors import InvalidRequestError
+from tandem.kv_store import BlockSeal
 from tandem.limits import MAX_NAME_CHARS, check_text
 from tandem.llm import LLM
 from tandem.outputs import RequestOutput

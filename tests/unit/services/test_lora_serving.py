@@ -61,6 +61,7 @@ def test_the_model_field_picks_the_adapter_sdk_and_openai_api(pipe, library, tin
         assert _complete(client, "one").token_ids == library["one"] != library[None]
         base_id = client.list_models()[0]["id"]
         assert _complete(client, base_id).token_ids == library[None]
+        assert _complete(client, str(tiny_hf_dir)).token_ids == library[None]  # the config's name for it
         assert [(m["id"], m["parent"]) for m in client.list_models()] == [(base_id, None), ("one", base_id)]
         with pytest.raises(NotFoundError, match="`nope` does not exist"):
             _complete(client, "nope")
