@@ -74,6 +74,14 @@ SERVICE_METRICS = {
                           "layers summed (a token counts top_k times a layer).", "counter"),
     "moe_expert_imbalance": ("moe_expert_imbalance", "The busiest expert's routed tokens over the mean (1.0: "
                              "perfectly even), since the worker started.", "gauge"),
+    # a worker with LoRA adapters (tandem/model/lora.py LoRARegistry.stats)
+    "lora_adapters_loaded": ("lora_adapters_loaded", "LoRA adapters the worker has loaded.", "gauge"),
+    "lora_slots_total": ("lora_slots_total", "The worker's LoRA slots (max_loras).", "gauge"),
+    "lora_slots_in_use": ("lora_slots_in_use", "LoRA slots held by running requests.", "gauge"),
+    "lora_slot_loads": ("lora_slot_loads", "Adapters written into a slot (misses of the slots' LRU).", "counter"),
+    "lora_requests_waiting_for_slot": ("lora_requests_waiting_for_slot",
+                                       "Requests waiting for a LoRA slot (every slot held by running requests).",
+                                       "gauge"),
 }
 # a per-expert value: moe_tokens_expert_<e> -> tandem_moe_expert_tokens{expert="<e>"}
 EXPERT_PREFIX = "moe_tokens_expert_"

@@ -509,4 +509,7 @@ class LLMEngine:
             "finished_requests": self.num_finished_requests,
             **(self.kv.stats() if self.kv is not None else {}),
             **router_stats(self.runner.model),
+            **({} if self.lora is None else {
+                **self.lora.stats(), "lora_requests_waiting_for_slot": len({
+                    s.request_id for s in self.scheduler.waiting if s.lora is not None and s.lora_slot < 0})}),
         }

@@ -340,6 +340,7 @@ class LoRASlots:
         self.model, self.context, self.max_loras = model, context, max_loras
         self.slot_of: OrderedDict[str, int] = OrderedDict()
         self.users: dict[str, int] = {}
+        self.num_loads = 0  # adapters written into a slot (a miss of the slots' LRU)
 
     def acquire(self, adapter: LoRAAdapter) -> int:
         """The adapter's slot, written into the model if it was not there."""
@@ -355,6 +356,7 @@ class LoRASlots:
                 free = [self.slot_of.pop(idle)]
             self._write(free[0], adapter)
             self.slot_of[adapter.name] = free[0]
+            self.num_loads += 1
         self.users[adapter.name] = self.users.get(adapter.name, 0) + 1
         return self.slot_of[adapter.name]
 
@@ -462,6 +464,12 @@ class LoRARegistry:
     def release(self, name: str) -> None:
         """Give back a slot acquire / try_acquire gave."""
         self.slots.release(name)
+
+    def stats(self) -> dict:
+        """What a worker's Stats (and /metrics) report of its adapters."""
+        return {"lora_adapters_loaded": len(self.adapters), "lora_slots_total": self.slots.max_loras,
+                "lora_slots_in_use": sum(1 for n in self.slots.slot_of if self.slots.users.get(n)),
+                "lora_slot_loads": self.slots.num_loads}
 
     def hold(self, name: str) -> str:
         """A request names the adapter: it stays loaded (unload is refused) until unhold; returns

@@ -157,6 +157,9 @@ def test_more_adapters_than_slots_wait_for_a_slot_instead_of_failing(tiny_hf_dir
     mixed = llm.generate([prompt] * 4, greedy, lora=["one", "two", None, "one"])
     assert [o.token_ids for o in mixed] == [alone["one"], alone["two"], alone[None], alone["one"]]
     llm.engine.add_request("held", prompt, greedy, lora="two")
+    stats = llm.engine.stats()
+    assert (stats["lora_adapters_loaded"], stats["lora_slots_total"], stats["lora_requests_waiting_for_slot"]) == (2, 1, 1)
+    assert stats["lora_slot_loads"] >= 4  # one, two, one again (LRU of one slot), two
     with pytest.raises(ConfigError, match="in use by requests"):
         llm.unload_lora("two")
     llm.engine.abort("held")

@@ -8,6 +8,7 @@ adapter loaded under an old name; runtime loading is off (403) unless the operat
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import httpx
@@ -73,6 +74,9 @@ def test_the_model_field_picks_the_adapter_sdk_and_openai_api(pipe, library, tin
     assert reply["model"] == "one" and reply["usage"]["completion_tokens"] == 8
     missing = httpx.post(f"{http}/completions", json={"model": "nope", "prompt": PROMPT}, timeout=60)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    metrics = httpx.get(f"http://{pipe.http_address}/metrics", timeout=30).text
+    assert re.search(r'^tandem_lora_slots_total\{instance="[^"]+",service="decode"\} 2\.0$', metrics, re.M)
+    assert re.search(r'^tandem_lora_adapters_loaded\{instance="[^"]+",service="prefill"\} 1\.0$', metrics, re.M)
 
 
 def test_runtime_load_and_unload_on_every_worker(pipe, library, adapters, tmp_path):
