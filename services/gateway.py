@@ -321,16 +321,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if name == base.id or name in self.model_aliases or name in await self.loras(deadline, fresh=True):
             raise InvalidRequestError(f"a model named {name!r} is served already; unload it first")
         workers = [*self.router.prefill, *self.router.decode]
-        deadline = deadline if deadline is not None and deadline.at is not None else Deadline(LORA_LOAD_TIMEOUT_S)
-        results = await asyncio.gather(*(prefill_pb2_grpc.AdaptersStub(e.channel).Load(
-            prefill_pb2.LoadAdapterRequest(name=name, path=path), timeout=deadline.remaining()) for e in workers),
-            return_exceptions=True)
+        results = await _on_workers(workers, "Load", prefill_pb2.LoadAdapterRequest(name=name, path=path), deadline)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             loaded = [e for e, r in zip(workers, results) if not isinstance(r, BaseException)]
-            await asyncio.gather(*(prefill_pb2_grpc.AdaptersStub(e.channel).Unload(
-                prefill_pb2.UnloadAdapterRequest(name=name), timeout=CONTROL_TIMEOUT_S) for e in loaded),
-                return_exceptions=True)
+            await _on_workers(loaded, "Unload", prefill_pb2.UnloadAdapterRequest(name=name), Deadline(CONTROL_TIMEOUT_S))
             raise failed[0]
         self._loras = (time.monotonic(), list(results[0].names))
         self.runtime_loras[name] = path
@@ -350,11 +345,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Unload a LoRA adapter from every worker (NOT_FOUND where none has it; refused while a
         request runs with it)."""
         check_text("lora_name", name, MAX_NAME_CHARS)
-        deadline = deadline if deadline is not None and deadline.at is not None else Deadline(LORA_LOAD_TIMEOUT_S)
-        workers = [*self.router.prefill, *self.router.decode]
-        results = await asyncio.gather(*(prefill_pb2_grpc.AdaptersStub(e.channel).Unload(
-            prefill_pb2.UnloadAdapterRequest(name=name), timeout=deadline.remaining()) for e in workers),
-            return_exceptions=True)
+        results = await _on_workers([*self.router.prefill, *self.router.decode], "Unload",
+                                    prefill_pb2.UnloadAdapterRequest(name=name), deadline)
         answered = [r for r in results if not isinstance(r, BaseException)]
         failed = [r for r in results if isinstance(r, BaseException)]
         self._loras = (0.0, [])  # ask again
@@ -489,6 +481,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         values = {**self.counters, "inflight": self.inflight}
         return common_pb2.ServiceStats(service="gateway", draining=self.draining,
                                        values={k: float(v) for k, v in values.items()})
+
+
+async def _on_workers(workers: list[Endpoint], method: str, request, deadline: Deadline | None) -> list:
+    """Each worker's answer to one Adapters call (or its exception), asked of all at once within the
+    deadline (LORA_LOAD_TIMEOUT_S without one)."""
+    deadline = deadline if deadline is not None and deadline.at is not None else Deadline(LORA_LOAD_TIMEOUT_S)
+    return await asyncio.gather(*(getattr(prefill_pb2_grpc.AdaptersStub(e.channel), method)(
+        request, timeout=deadline.remaining()) for e in workers), return_exceptions=True)
 
 
 class _Clock:
