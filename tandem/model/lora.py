@@ -3,23 +3,29 @@ many): each adapted projection W gets a low-rank update, y = W x + s * B (A x), 
 (alpha / sqrt(r) with rsLoRA), and each token of a batch picks its own adapter, or none.
 
 - `load_peft_adapter(path, config, max_rank)` reads PEFT's format (adapter_config.json and
-  adapter_model.safetensors) for the projections q, k, v, o, gate, up and down, checks every
-  shape against the base model and the rank against the limit, and names what is wrong.
+  adapter_model.safetensors) for the projections q, k, v, o, gate, up and down; `PEFTFormat` is
+  its `AdapterFormat`, the built-in of the `tandem_adapter_formats` plugins (others read other
+  formats). `check_adapter` checks whatever a format loads: every shape against the base model
+  and the rank against the limit, naming what is wrong. An adapter's KV is keyed by its
+  `cache_key` (name and a digest of its files).
 - `attach_lora(model, max_loras, max_rank)` wraps every projection of the (fused) model in a
   `LoRAProjection` that holds `max_loras` slots of stacked, zero-padded A and B^T. A fused
   projection (qkv, gate_up) stacks its parts' A (parts x R rows) and keeps B^T per part: B^T's
   columns are the fused output's, each multiplying its own part's R columns of x A^T (no zero
   blocks of a block-diagonal B stored or multiplied; the slots cost the adapters' own size, half
   of it where the base is kept in GGML blocks: `slot_dtype`).
-- `LoRASlots` puts adapters in slots, least recently used out, and `LoRAContext.set_slots` tells
-  every projection which slot each token of the next forward uses (-1: the bare base), grouping
-  the tokens by slot once for the whole forward.
+- `LoRASlots` puts adapters in slots, least recently used out (the engine keeps a request waiting
+  while every slot is held by running ones), and `LoRAContext.set_slots` tells every projection
+  which slot each token of the next forward uses (-1: the bare base), grouping the tokens by slot
+  once for the whole forward. `LoRARegistry` holds the loaded adapters by name, for tandem.LLM.
 - `lora_delta(x, A, B^T, parts, scaling, groups)` is the projections' low-rank update in torch,
   one x A^T and one matmul per part for each adapter present, never a loop over tokens: the
   eager layers run it, and it is the reference of the CPU extension's `lora_add`, which the fused
   C++ layer runs (tandem.kernels.cpu; tandem/model/llama.py's `_fused_layers`).
 - `bgmv(x, A, B, slots, scaling)` is the gathered low-rank matmul of one part (Punica's BGMV
-  shape); tandem.kernels has its Triton kernel for GPU workers with this as the reference.
+  shape); tandem.kernels.lora_bgmv has its Triton kernel for GPU workers with this as the
+  reference, and `lora_delta_triton` (lora_delta's contract, one launch a part), which tandem.LLM
+  installs as a CUDA model's `LoRAContext.kernel`.
 """
 from __future__ import annotations
 
