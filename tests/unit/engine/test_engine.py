@@ -39,9 +39,10 @@ def check(engine) -> None:
 
 
 def drive(engine, requests: list[tuple[str, list[int], SamplingParams]], arrive_every: int = 0,
-          max_steps: int = 5000) -> dict[str, tandem.RequestOutput]:
+          max_steps: int = 5000, on_step=None) -> dict[str, tandem.RequestOutput]:
     """Add requests (all at once, or one every `arrive_every` steps), step to completion checking
-    the block accounting after every step; return the finished outputs by request id."""
+    the block accounting after every step (and calling on_step(engine), when given); return the
+    finished outputs by request id."""
     pending, outputs, steps = list(requests), {}, 0
     while pending or engine.has_unfinished():
         if pending and (arrive_every == 0 or steps % arrive_every == 0):
@@ -52,6 +53,8 @@ def drive(engine, requests: list[tuple[str, list[int], SamplingParams]], arrive_
         for out in engine.step()[1]:
             outputs[out.request_id] = out
         check(engine)
+        if on_step is not None:
+            on_step(engine)
         steps += 1
         assert steps < max_steps, "the engine made no progress"
     assert engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]

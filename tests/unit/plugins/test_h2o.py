@@ -18,6 +18,7 @@ from tandem.engine.sequence import Sequence
 from tandem.errors import ConfigError, InvalidRequestError
 from tandem.model.attention import AttentionVariant
 from tandem.plugins.attention import H2O, H2OEviction
+from tests.unit.engine.test_engine import drive, live_seqs
 
 BLOCK, BUDGET, RECENT = 4, 16, 8  # 4 blocks of KV at most: 2 recent, 1-2 heavy hitters, 1 being written
 
@@ -93,30 +94,19 @@ def reference_greedy(llm, prompt: list[int], steps: int) -> tuple[list[int], dic
     return out, ref.history
 
 
-def live_seqs(engine) -> list:
-    return [s for r in engine.requests.values() for s in r.seqs]
-
-
 def run(engine, requests, arrive_every: int = 0) -> tuple[dict, dict]:
-    """Step to the end, checking the block accounting and the KV budget after every step; returns
-    the outputs and, per request, its live blocks at each computed length."""
-    pending, outputs, kept, steps = list(requests), {}, {}, 0
-    while pending or engine.has_unfinished():
-        if pending and (arrive_every == 0 or steps % arrive_every == 0):
-            batch = pending if arrive_every == 0 else pending[:1]
-            for request_id, prompt, params in batch:
-                engine.add_request(request_id, prompt, params)
-            pending = pending[len(batch):]
-        for out in engine.step()[1]:
-            outputs[out.request_id] = out
+    """Step to the end (test_engine's drive: the block accounting checked after every step), checking
+    the KV budget after every step; returns the outputs and, per request, its live blocks at each
+    computed length."""
+    kept = {}
+
+    def record(engine) -> None:
         for seq in live_seqs(engine):
             live = engine.block_manager.live_blocks(seq)
             assert len(live) <= BUDGET // BLOCK
             kept.setdefault(seq.request_id, {})[seq.num_computed_tokens] = live
-        engine.block_manager.check_invariants(live_seqs(engine))
-        steps += 1
-    assert engine.stats()["kv_blocks_used"] == 0  # every block back in the pool
-    return outputs, kept
+
+    return drive(engine, requests, arrive_every, on_step=record), kept
 
 
 @pytest.fixture(scope="module")
